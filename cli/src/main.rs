@@ -1,0 +1,338 @@
+//! The `mover` command: parses flags, validates them into engine requests, and maps every
+//! outcome to a documented exit code.
+
+mod demo;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use mover::config::{validate_dataset_name, AgentConfig, ClusterConfig};
+use mover::controller::{NodeDataset, SendRequest};
+use mover_protocol::Topology;
+
+/// Exit codes, documented in the README and in `--help`.
+pub mod exit {
+    /// Every target committed.
+    pub const OK: u8 = 0;
+    /// Nothing was transferred: bad config, certificates, or the source could not be reached.
+    pub const ERROR: u8 = 1;
+    /// Bad command-line usage (from clap).
+    pub const USAGE: u8 = 2;
+    /// Partial: some targets committed, some failed (named in the summary).
+    pub const PARTIAL: u8 = 3;
+    /// No target committed.
+    pub const FAILED: u8 = 4;
+    /// The demo's verification found a target that differs from the source.
+    pub const MISMATCH: u8 = 5;
+}
+
+const AFTER_HELP: &str = "\
+Exit status: 0 every target committed; 1 error before any transfer (config, certificates,
+unreachable source); 2 bad usage; 3 partial (some targets failed); 4 no target committed;
+5 the demo found a difference between a target and the source.";
+
+/// Rebuild database nodes fast: stream a data directory from one node to many, verified.
+#[derive(Parser)]
+#[command(name = "mover", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// More log output (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a cluster certificate authority and certificates for nodes and the controller.
+    #[command(
+        after_help = "Example:\n  mover certs init --out certs --nodes west1,east1,east2,east3"
+    )]
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Run an agent: send, receive and relay transfers for this host's datasets.
+    #[command(
+        after_help = "Example:\n  mover agent --config /etc/mover/agent.toml\n\nStops cleanly on SIGINT or SIGTERM."
+    )]
+    Agent {
+        /// Agent config file (TOML; see the README).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Copy a dataset from one node to one or more targets, verified, committed atomically.
+    #[command(
+        after_help = "Examples:\n  mover send --cluster cluster.toml --from west1:mysql --to east1,east2,east3\n  mover send --cluster cluster.toml --from west1:mysql --to east1:restore --topology star --json\n\nExit status: 0 all committed, 1 not started, 3 partial, 4 none committed."
+    )]
+    Send(SendArgs),
+    /// Run a local example: four agents on loopback, a generated data directory, a chained
+    /// transfer west1 -> east1 -> east2 -> east3, and a check of every target.
+    #[command(after_help = "Example:\n  mover demo --size 256M")]
+    Demo(demo::DemoArgs),
+    /// Generate a sample data directory (as the demo does), for benchmarks and tests.
+    #[command(hide = true)]
+    Sample {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value_t = 4000)]
+        small_files: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write ca.pem/ca.key, NODE.pem/NODE.key for each node, and controller.pem/key.
+    Init {
+        /// Directory to write into (created; existing files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated node names (lowercase letters, digits, '-').
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct SendArgs {
+    /// Cluster file: the controller's certificate and every node's address.
+    #[arg(long, value_name = "FILE")]
+    cluster: PathBuf,
+    /// Source as NODE:DATASET.
+    #[arg(long, value_name = "NODE:DATASET")]
+    from: String,
+    /// Targets, comma-separated, as NODE or NODE:DATASET (the dataset defaults to the source's).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        value_name = "NODE[:DATASET],..."
+    )]
+    to: Vec<String>,
+    #[command(flatten)]
+    tuning: Tuning,
+    /// Print the summary as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Transfer tuning shared by `send` and `demo`.
+#[derive(Args, Clone)]
+pub(crate) struct Tuning {
+    /// chain (each target relays to the next), star (all from the source), or tree:K.
+    #[arg(long, default_value = "chain")]
+    topology: Topology,
+    /// Chunk size, a power of two from 64K to 64M.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    chunk_size: u64,
+    /// zstd level per chunk (1-19), or off. Chunks that do not shrink go raw.
+    #[arg(long, default_value = "1", value_parser = parse_compress)]
+    compress: u8,
+    /// QUIC connections per hop (default: one per core).
+    #[arg(long)]
+    connections: Option<u8>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4M, 1G or 65536"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_compress(s: &str) -> Result<u8, String> {
+    match s {
+        "off" | "0" => Ok(0),
+        _ => match s.parse::<u8>() {
+            Ok(l @ 1..=19) => Ok(l),
+            _ => Err(format!("{s:?}: use off or a zstd level from 1 to 19")),
+        },
+    }
+}
+
+fn parse_node_dataset(s: &str, default_dataset: Option<&str>) -> anyhow::Result<NodeDataset> {
+    let (node, dataset) = match s.split_once(':') {
+        Some((n, d)) => (n, d),
+        None => match default_dataset {
+            Some(d) => (s, d),
+            None => bail!("{s:?} must be NODE:DATASET, for example west1:mysql"),
+        },
+    };
+    mover::certs::validate_node_name(node).with_context(|| format!("in {s:?}"))?;
+    validate_dataset_name(dataset).map_err(anyhow::Error::msg)?;
+    Ok(NodeDataset {
+        node: node.to_owned(),
+        dataset: dataset.to_owned(),
+    })
+}
+
+impl Tuning {
+    /// Validates the flags into a request; the engine never sees clap types.
+    fn request(
+        &self,
+        source: NodeDataset,
+        targets: Vec<NodeDataset>,
+    ) -> anyhow::Result<SendRequest> {
+        let chunk_size = u32::try_from(self.chunk_size)
+            .ok()
+            .and_then(|c| mover_protocol::check_chunk_size(c).ok())
+            .with_context(|| {
+                format!(
+                    "--chunk-size {} must be a power of two from 64K to 64M",
+                    self.chunk_size
+                )
+            })?;
+        let connections = match self.connections {
+            Some(0) => bail!("--connections must be at least 1"),
+            Some(n) if n > mover_protocol::MAX_CONNECTIONS => {
+                bail!(
+                    "--connections must be at most {}",
+                    mover_protocol::MAX_CONNECTIONS
+                )
+            }
+            Some(n) => n,
+            None => mover::cores().clamp(1, 8) as u8,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for t in &targets {
+            if !seen.insert(&t.node) {
+                bail!("target {} is listed twice in --to", t.node);
+            }
+        }
+        Ok(SendRequest {
+            source,
+            targets,
+            topology: self.topology,
+            chunk_size,
+            compress: self.compress,
+            connections,
+        })
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,mover=info",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Certs {
+            command: CertsCommand::Init { out, nodes },
+        } => {
+            let files = mover::certs::init(&out, &nodes)?;
+            for f in files {
+                report::line(&f.display().to_string());
+            }
+            Ok(exit::OK)
+        }
+        Command::Agent { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            runtime()?.block_on(mover::agent::run(cfg, shutdown_signal()))?;
+            Ok(exit::OK)
+        }
+        Command::Send(args) => {
+            let cluster = ClusterConfig::load(&args.cluster)?;
+            let source = parse_node_dataset(&args.from, None).context("--from")?;
+            let targets = args
+                .to
+                .iter()
+                .map(|t| parse_node_dataset(t, Some(&source.dataset)))
+                .collect::<anyhow::Result<Vec<_>>>()
+                .context("--to")?;
+            let req = args.tuning.request(source, targets)?;
+            let summary =
+                runtime()?.block_on(report::send_with_progress(&cluster, &req, args.json))?;
+            report::print_summary(&summary, args.json);
+            Ok(report::exit_code(&summary))
+        }
+        Command::Demo(args) => demo::run(args),
+        Command::Sample {
+            out,
+            size,
+            small_files,
+        } => {
+            let n = mover::sample::generate(
+                &out,
+                mover::sample::SampleSpec {
+                    size,
+                    small_files,
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("generate sample data in {}", out.display()))?;
+            report::line(&format!("wrote {n} files to {}", out.display()));
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The agent: one long-running process per database host that sends, receives and relays
+//! transfers for the datasets its own configuration names.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mover_protocol::{manifest_frame_budget, Message};
+use quinn::RecvStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::config::AgentConfig;
+use crate::frame::read_message;
+use crate::link::close;
+use crate::tls::{Identity, Peer};
+
+/// How long shutdown waits for in-flight transfers to clean up their staging areas.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the agent could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Net(#[from] crate::net::NetError),
+    #[error("certificate {cert} names {cert_name}, but the config says node = {node:?}: use the certificate made for {node}")]
+    NameMismatch {
+        cert: String,
+        cert_name: String,
+        node: String,
+    },
+    #[error("create state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A receiver waiting for its parent's data streams.
+pub(crate) struct Registration {
+    pub parent: String,
+    pub streams: mpsc::Sender<RecvStream>,
+}
+
+/// What every task of this agent shares.
+pub(crate) struct Ctx {
+    pub node: String,
+    pub cfg: AgentConfig,
+    pub endpoint: quinn::Endpoint,
+    pub registry: Mutex<HashMap<u64, Registration>>,
+}
+
+/// Runs the agent until `shutdown` completes, then closes every connection (in-flight
+/// transfers fail on their controllers with "agent shutting down") and waits, bounded, for
+/// transfers to remove their staging areas.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let identity = Identity::load(&cfg.tls)?;
+    if identity.name() != cfg.node {
+        return Err(AgentError::NameMismatch {
+            cert: cfg.tls.cert.display().to_string(),
+            cert_name: identity.name().to_owned(),
+            node: cfg.node.clone(),
+        });
+    }
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+        path: cfg.state_dir.display().to_string(),
+        source,
+    })?;
+    let transport = Arc::new(crate::net::transport_config());
+    let server = crate::tls::server_config(&identity, transport.clone())?;
+    let client = crate::tls::client_config(&identity, transport)?;
+    let mut endpoint = crate::net::server_endpoint(cfg.listen, server)?;
+    endpoint.set_default_client_config(client);
+    tracing::info!(node = %cfg.node, listen = %cfg.listen, "agent listening");
+    let ctx = Arc::new(Ctx {
+        node: cfg.node.clone(),
+        cfg,
+        endpoint: endpoint.clone(),
+        registry: Mutex::new(HashMap::new()),
+    });
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => { tasks.spawn(serve_connection(ctx.clone(), incoming)); }
+                None => break,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("agent shutting down");
+    endpoint.close(close::SHUTDOWN.into(), b"agent shutting down");
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a connection");
+            return;
+        }
+    };
+    let peer = match crate::tls::peer_of(&conn) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a peer without a usable certificate");
+            conn.close(close::FAILED.into(), b"unusable certificate");
+            return;
+        }
+    };
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => { tasks.spawn(serve_control(ctx.clone(), peer.clone(), send, recv)); }
+                Err(_) => break,
+            },
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => { tasks.spawn(serve_data(ctx.clone(), peer.clone(), recv)); }
+                Err(_) => break,
+            },
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn serve_control(
+    ctx: Arc<Ctx>,
+    peer: Peer,
+    mut send: quinn::SendStream,
+    mut recv: RecvStream,
+) {
+    let first = match read_message(&mut recv, manifest_frame_budget()).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "bad first frame on a control stream");
+            return;
+        }
+    };
+    match (first, peer) {
+        (Message::Start(start), Peer::Controller) => {
+            if start.plan.source().name != ctx.node {
+                refuse(
+                    &mut send,
+                    &ctx.node,
+                    format!(
+                        "this agent is {}, not the plan's source {}",
+                        ctx.node,
+                        start.plan.source().name
+                    ),
+                )
+                .await;
+                return;
+            }
+            tracing::info!(transfer = start.transfer_id, dataset = %start.plan.source().dataset, "starting transfer as source");
+            let (up_tx, up_rx) = mpsc::channel(1024);
+            let pump = tokio::spawn(crate::link::pump_up(up_rx, send));
+            crate::source::run(ctx, start, up_tx).await;
+            let _ = pump.await;
+        }
+        (Message::Open(open), Peer::Node(parent)) => {
+            tracing::info!(transfer = open.transfer_id, %parent, "receiving transfer");
+            crate::receiver::run(ctx, open, parent, send, recv).await;
+        }
+        (m, p) => {
+            refuse(
+                &mut send,
+                &ctx.node,
+                format!("{p} may not send {} here", m.name()),
+            )
+            .await;
+        }
+    }
+}
+
+async fn refuse(send: &mut quinn::SendStream, node: &str, reason: String) {
+    tracing::warn!(%reason, "refused a request");
+    let _ = crate::frame::write_message(
+        send,
+        &Message::Report {
+            node: node.to_owned(),
+            outcome: mover_protocol::Outcome::Failed {
+                reason,
+                retryable: false,
+            },
+        },
+    )
+    .await;
+    let _ = send.finish();
+}
+
+async fn serve_data(ctx: Arc<Ctx>, peer: Peer, mut recv: RecvStream) {
+    let transfer_id = match read_message(&mut recv, 64).await {
+        Ok(Message::Attach { transfer_id }) => transfer_id,
+        Ok(m) => {
+            tracing::warn!(%peer, got = m.name(), "data stream did not start with attach");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "bad data stream");
+            return;
+        }
+    };
+    let tx = {
+        let reg = ctx.registry.lock().unwrap_or_else(|p| p.into_inner());
+        match reg.get(&transfer_id) {
+            Some(r) if Peer::Node(r.parent.clone()) == peer => Some(r.streams.clone()),
+            _ => None,
+        }
+    };
+    match tx {
+        Some(tx) => {
+            let _ = tx.send(recv).await;
+        }
+        None => {
+            tracing::warn!(%peer, transfer_id, "refused a data stream for a transfer it does not feed");
+            let _ = recv.stop(close::FAILED.into());
+        }
+    }
+}

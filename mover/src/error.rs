@@ -1,0 +1,102 @@
+//! Errors of the transfer engine.
+
+use mover_protocol::{ChunkError, DecodeError, ManifestError};
+
+/// A stream or connection to a peer failed, or the peer broke the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("peer closed the stream early")]
+    Closed,
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("write to peer: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("read from peer: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("stream already closed")]
+    ClosedStream(#[from] quinn::ClosedStream),
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    #[error("peer sent {got} where {expected} was expected")]
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error("{0}")]
+    Net(#[from] crate::net::NetError),
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout { what: &'static str, secs: u64 },
+}
+
+impl From<quinn::ReadExactError> for LinkError {
+    fn from(e: quinn::ReadExactError) -> Self {
+        match e {
+            quinn::ReadExactError::FinishedEarly(_) => Self::Closed,
+            quinn::ReadExactError::ReadError(e) => Self::Read(e),
+        }
+    }
+}
+
+/// A chunk's bytes did not decode to what its frame promised.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkCodecError {
+    #[error("decompress chunk at offset {offset}: {reason}")]
+    Decompress { offset: u64, reason: String },
+    #[error("decode chunk at offset {offset}: {len} bytes, expected {expected}")]
+    Length {
+        offset: u64,
+        len: usize,
+        expected: u32,
+    },
+    #[error("verify chunk at offset {offset}: BLAKE3 hash mismatch (corrupted in transit or by a broken peer)")]
+    HashMismatch { offset: u64 },
+}
+
+/// Why one node's part of a transfer failed. The message goes into the summary as the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{0}")]
+    Link(#[from] LinkError),
+    #[error("{0}")]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Chunk(#[from] ChunkError),
+    #[error("{path}: {source}")]
+    ChunkCodec {
+        path: String,
+        source: ChunkCodecError,
+    },
+    #[error("{0}")]
+    Staging(#[from] crate::staging::StagingError),
+    #[error("{0}")]
+    Scan(#[from] crate::scan::ScanError),
+    #[error("read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("source file {path} changed while it was being sent ({detail}); stop the database or use a snapshot, then run again")]
+    SourceChanged { path: String, detail: String },
+    #[error("unknown dataset {dataset:?} on {node}: add [datasets.{dataset}] to its agent config")]
+    UnknownDataset { node: String, dataset: String },
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("transfer incomplete: {missing} chunks never arrived")]
+    Incomplete { missing: u64 },
+    #[error("tree digest mismatch: what this node holds differs from what the source sent")]
+    DigestMismatch,
+    #[error("agent is shutting down")]
+    Shutdown,
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl TransferError {
+    /// Whether running the same transfer again may succeed without changing anything.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Link(_) | Self::Shutdown | Self::Incomplete { .. } | Self::SourceChanged { .. }
+        )
+    }
+}

@@ -1,0 +1,64 @@
+//! Reading and writing protocol frames on QUIC streams.
+
+use bytes::{Bytes, BytesMut};
+use mover_protocol::{DecodeError, FrameHeader, Message, FRAME_HEADER_LEN};
+use quinn::{RecvStream, SendStream};
+
+use crate::error::LinkError;
+
+/// One frame as it arrived: the raw bytes (to forward untouched) and its header.
+pub struct RawFrame {
+    pub header: FrameHeader,
+    /// Header and body, exactly as received.
+    pub bytes: Bytes,
+}
+
+impl RawFrame {
+    pub fn decode(&self) -> Result<Message, DecodeError> {
+        let mut body = self.bytes.slice(FRAME_HEADER_LEN..);
+        Message::decode(self.header.kind, &mut body)
+    }
+}
+
+/// Reads the next frame, or `None` at a clean end of stream. `max_len` bounds the body before
+/// anything is allocated for it.
+pub async fn read_frame(
+    recv: &mut RecvStream,
+    max_len: u32,
+) -> Result<Option<RawFrame>, LinkError> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    match recv.read(&mut head[..1]).await? {
+        None => return Ok(None),
+        Some(0) => return Err(LinkError::Closed),
+        Some(_) => {}
+    }
+    recv.read_exact(&mut head[1..]).await?;
+    let header = FrameHeader::decode(&mut &head[..], max_len)?;
+    let mut buf = BytesMut::zeroed(FRAME_HEADER_LEN + header.len as usize);
+    buf[..FRAME_HEADER_LEN].copy_from_slice(&head);
+    recv.read_exact(&mut buf[FRAME_HEADER_LEN..]).await?;
+    Ok(Some(RawFrame {
+        header,
+        bytes: buf.freeze(),
+    }))
+}
+
+/// Reads and decodes the next message; the end of the stream is an error here.
+pub async fn read_message(recv: &mut RecvStream, max_len: u32) -> Result<Message, LinkError> {
+    match read_frame(recv, max_len).await? {
+        Some(f) => Ok(f.decode()?),
+        None => Err(LinkError::Closed),
+    }
+}
+
+pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), LinkError> {
+    send.write_all(&msg.to_frame()).await?;
+    Ok(())
+}
+
+/// Writes pre-encoded pieces of one frame without copying them together.
+pub async fn write_parts(send: &mut SendStream, parts: &[Bytes]) -> Result<(), LinkError> {
+    let mut chunks: Vec<Bytes> = parts.to_vec();
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(())
+}

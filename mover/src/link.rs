@@ -1,0 +1,280 @@
+//! Links to children in a transfer plan: dialing, the control stream, data streams, and the
+//! events that flow back up.
+//!
+//! The source and every relay use the same code to send downstream: open the connections,
+//! send `Open` and the manifest, wait for `Ready`, attach one data stream per connection, and
+//! forward each child's progress and reports upstream. When a child's link fails, every node
+//! below it that has not reported is reported failed, by name, and the rest go on.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mover_protocol::manifest::Manifest;
+use mover_protocol::{manifest_frame_budget, Message, Open, Outcome, Plan};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+
+use crate::error::{LinkError, TransferError};
+use crate::frame::{read_message, write_message, write_parts};
+
+/// How long a child may take to prepare its staging area (and its own children) before it
+/// says `Ready`. Creating millions of files takes a while.
+const READY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Bytes of manifest per part, well under the frame bound.
+const MANIFEST_PART_BYTES: usize = 1 << 20;
+
+/// Connection close codes.
+pub(crate) mod close {
+    pub const DONE: u32 = 0;
+    pub const SHUTDOWN: u32 = 1;
+    pub const FAILED: u32 = 2;
+}
+
+/// An open link to one child, ready for data.
+pub(crate) struct Downlink {
+    pub node: String,
+    pub idx: usize,
+    conns: Vec<quinn::Connection>,
+    pub control: SendStream,
+    pub events: Option<RecvStream>,
+    pub data: Vec<SendStream>,
+}
+
+/// Where upstream messages go: the parent's control stream or the controller's.
+pub(crate) type Up = mpsc::Sender<Message>;
+
+impl Downlink {
+    /// Dials child `idx` of `open.plan`, hands it the transfer and the manifest, and waits
+    /// until it is ready for data.
+    pub async fn open(
+        endpoint: &quinn::Endpoint,
+        open: &Open,
+        idx: usize,
+        manifest: &Manifest,
+    ) -> Result<Self, TransferError> {
+        let node = &open.plan.nodes()[idx];
+        let addr = crate::config::resolve_address(&node.address)
+            .await
+            .map_err(|e| {
+                TransferError::Refused(format!(
+                    "resolve address {} of {}: {e}",
+                    node.address, node.name
+                ))
+            })?;
+        let dials = (0..open.connections).map(|_| crate::net::connect(endpoint, addr, &node.name));
+        let conns = futures_join_all(dials).await.map_err(LinkError::from)?;
+        let (mut control, mut events) = conns[0].open_bi().await.map_err(LinkError::from)?;
+        write_message(&mut control, &Message::Open(open.clone())).await?;
+        send_manifest(&mut control, manifest).await?;
+        let ready = tokio::time::timeout(
+            READY_TIMEOUT,
+            read_message(&mut events, manifest_frame_budget()),
+        )
+        .await
+        .map_err(|_| LinkError::Timeout {
+            what: "the child to prepare its staging area",
+            secs: READY_TIMEOUT.as_secs(),
+        })??;
+        match ready {
+            Message::Ready => {}
+            Message::Report {
+                outcome: Outcome::Failed { reason, .. },
+                ..
+            } => return Err(TransferError::Refused(reason)),
+            other => {
+                return Err(LinkError::Unexpected {
+                    got: other.name(),
+                    expected: "ready",
+                }
+                .into())
+            }
+        }
+        let mut data = Vec::with_capacity(conns.len());
+        for c in &conns {
+            let mut s = c.open_uni().await.map_err(LinkError::from)?;
+            write_message(
+                &mut s,
+                &Message::Attach {
+                    transfer_id: open.transfer_id,
+                },
+            )
+            .await?;
+            data.push(s);
+        }
+        Ok(Self {
+            node: node.name.clone(),
+            idx,
+            conns,
+            control,
+            events: Some(events),
+            data,
+        })
+    }
+
+    /// Closes every connection of this link.
+    pub fn close(&self, code: u32, reason: &str) {
+        for c in &self.conns {
+            c.close(code.into(), reason.as_bytes());
+        }
+    }
+}
+
+async fn futures_join_all<F, T, E>(futs: impl Iterator<Item = F>) -> Result<Vec<T>, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let handles: Vec<F> = futs.collect();
+    let mut out = Vec::with_capacity(handles.len());
+    // Dials are few (one per connection) and cheap to run one after the other: each is a
+    // single round trip on a LAN.
+    for h in handles {
+        out.push(h.await?);
+    }
+    Ok(out)
+}
+
+/// Sends the manifest in parts of bounded size, then its totals.
+pub(crate) async fn send_manifest(send: &mut SendStream, m: &Manifest) -> Result<(), LinkError> {
+    let mut part = Vec::new();
+    let mut bytes = 0;
+    for e in &m.entries {
+        let len = e.encoded_len();
+        if !part.is_empty()
+            && (bytes + len > MANIFEST_PART_BYTES
+                || part.len() >= mover_protocol::message::MAX_PART_ENTRIES as usize)
+        {
+            write_message(send, &Message::ManifestPart(std::mem::take(&mut part))).await?;
+            bytes = 0;
+        }
+        bytes += len;
+        part.push(e.clone());
+    }
+    if !part.is_empty() {
+        write_message(send, &Message::ManifestPart(part)).await?;
+    }
+    write_message(
+        send,
+        &Message::ManifestEnd {
+            entries: m.entries.len() as u64,
+            total_bytes: m.total_bytes(),
+        },
+    )
+    .await
+}
+
+/// Reports every node in `nodes` as failed with `reason`.
+pub(crate) async fn report_failed(
+    up: &Up,
+    plan: &Plan,
+    nodes: &[usize],
+    reason: &str,
+    retryable: bool,
+) {
+    for &i in nodes {
+        let _ = up
+            .send(Message::Report {
+                node: plan.nodes()[i].name.clone(),
+                outcome: Outcome::Failed {
+                    reason: reason.to_owned(),
+                    retryable,
+                },
+            })
+            .await;
+    }
+}
+
+/// Forwards a child's progress and reports upstream until its stream ends. Nodes of its
+/// subtree that never reported are then reported failed. Returns the nodes that committed.
+pub(crate) async fn relay_events(
+    mut events: RecvStream,
+    plan: Arc<Plan>,
+    child: usize,
+    up: Up,
+) -> HashSet<String> {
+    let mut subtree = vec![child];
+    subtree.extend(plan.descendants(child));
+    let names: HashSet<&str> = subtree
+        .iter()
+        .map(|&i| plan.nodes()[i].name.as_str())
+        .collect();
+    let mut reported = HashSet::new();
+    let mut committed = HashSet::new();
+    let end = loop {
+        match read_message(&mut events, manifest_frame_budget()).await {
+            Ok(Message::Progress { node, bytes, files }) if names.contains(node.as_str()) => {
+                // Progress is advisory: drop it rather than wait when the controller is slow.
+                let _ = up.try_send(Message::Progress { node, bytes, files });
+            }
+            Ok(Message::Report { node, outcome }) if names.contains(node.as_str()) => {
+                if matches!(outcome, Outcome::Committed { .. }) {
+                    committed.insert(node.clone());
+                }
+                reported.insert(node.clone());
+                let _ = up.send(Message::Report { node, outcome }).await;
+            }
+            Ok(other) => {
+                break format!(
+                    "protocol error: {} sent an unexpected {} message",
+                    plan.nodes()[child].name,
+                    other.name()
+                )
+            }
+            Err(LinkError::Closed) => break "stream closed before it reported".to_owned(),
+            Err(e) => break e.to_string(),
+        }
+        if reported.len() == subtree.len() {
+            return committed;
+        }
+    };
+    let child_name = &plan.nodes()[child].name;
+    let missing: Vec<usize> = subtree
+        .iter()
+        .copied()
+        .filter(|&i| !reported.contains(&plan.nodes()[i].name))
+        .collect();
+    for i in missing {
+        let reason = if i == child {
+            format!("link to {child_name} failed: {end}")
+        } else {
+            format!("upstream relay {child_name} failed: {end}")
+        };
+        report_failed(&up, &plan, &[i], &reason, true).await;
+    }
+    committed
+}
+
+/// Writes one frame to every live child's data stream; a child whose write fails is dropped
+/// (its events task reports it) and the others go on.
+pub(crate) async fn forward(parts: &[Bytes], streams: &mut [Option<(String, SendStream)>]) {
+    for slot in streams.iter_mut() {
+        if let Some((node, s)) = slot {
+            if let Err(e) = write_parts(s, parts).await {
+                tracing::warn!(%node, error = %e, "dropping child after a failed write");
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Finishes every live data stream.
+pub(crate) fn finish_all(streams: &mut [Option<(String, SendStream)>]) {
+    for (_, s) in streams.iter_mut().flatten() {
+        let _ = s.finish();
+    }
+}
+
+/// Writes messages from `rx` to `send` until every sender is gone, then finishes the stream.
+pub(crate) async fn pump_up(mut rx: mpsc::Receiver<Message>, mut send: SendStream) {
+    while let Some(m) = rx.recv().await {
+        if let Err(e) = write_message(&mut send, &m).await {
+            tracing::warn!(error = %e, "upstream link failed; events are lost");
+            return;
+        }
+    }
+    let _ = send.finish();
+    // Wait until the peer has everything so that closing the connection loses nothing.
+    let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
+}

@@ -1,0 +1,493 @@
+//! QUIC endpoints tuned for bulk transfer: transport settings, UDP sockets and connecting.
+//!
+//! Agents listen with [`server_endpoint`]; whoever dials (the controller, or an agent pushing
+//! to another) uses [`client_endpoint`] and [`connect`]. TLS settings come from `tls`.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Largest UDP payload we send or accept. Loopback carries 64 KiB packets; on real networks
+/// MTU discovery settles at what the path carries (1452 on plain Ethernet, ~8952 with jumbo
+/// frames).
+const MAX_UDP_PAYLOAD: u16 = 65_000;
+
+/// UDP socket buffers we ask the kernel for; the defaults (~200 KiB) drop packets at
+/// multi-gigabit rates.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// How long [`connect`] waits for the handshake. Shorter than the idle timeout so a dead or
+/// filtered address is reported quickly.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(
+        "bind udp socket to {addr}: the address is already in use (is another agent running?)"
+    )]
+    AddrInUse { addr: SocketAddr },
+    #[error("{op} for {addr}: {source}")]
+    Socket {
+        op: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to node {node} at {addr}: {source}")]
+    Connect {
+        node: String,
+        addr: SocketAddr,
+        source: quinn::ConnectError,
+    },
+    #[error("connect to node {node} at {addr}: {source}")]
+    Handshake {
+        node: String,
+        addr: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    #[error(
+        "connect to node {node} at {addr}: no answer within {}s (is the agent running and \
+         the UDP port open?)",
+        after.as_secs()
+    )]
+    HandshakeTimeout {
+        node: String,
+        addr: SocketAddr,
+        after: Duration,
+    },
+}
+
+impl NetError {
+    /// Whether trying again later can help (the peer may come up or the network recover);
+    /// false for errors that need a fix, such as a rejected certificate.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            NetError::HandshakeTimeout { .. } => true,
+            NetError::Handshake { source, .. } => matches!(
+                source,
+                quinn::ConnectionError::TimedOut
+                    | quinn::ConnectionError::Reset
+                    | quinn::ConnectionError::CidsExhausted
+            ),
+            NetError::AddrInUse { .. } | NetError::Socket { .. } | NetError::Connect { .. } => {
+                false
+            }
+        }
+    }
+}
+
+/// Transport settings for moving large files over fast networks.
+pub fn transport_config() -> TransportConfig {
+    let mut config = TransportConfig::default();
+    // Default 1.25 MB caps a stream near 100 Mbit/s at 100 ms; a stream needs bandwidth x RTT.
+    config.stream_receive_window(VarInt::from_u32(16 << 20));
+    // Default is unlimited; bound what a peer can make us buffer, yet leave room for 4 streams.
+    config.receive_window(VarInt::from_u32(64 << 20));
+    // Default ~10 MB would throttle several parallel full-window streams.
+    config.send_window(64 << 20);
+    // Fewer than the default 100: data streams are few and large, and each costs state.
+    config.max_concurrent_uni_streams(VarInt::from_u32(64));
+    config.max_concurrent_bidi_streams(VarInt::from_u32(16));
+    // Default is none; keep firewall/NAT state alive while a peer is busy with its disk.
+    config.keep_alive_interval(Some(Duration::from_secs(5)));
+    // Default 30 s; ride out a minute of network trouble before dropping a long transfer.
+    config.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(60_000))));
+    // Default upper bound 1452 would keep loopback and jumbo-frame LANs at small packets.
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    config.mtu_discovery_config(Some(mtu));
+    // Default 333 ms is for the internet; on a LAN it makes early loss recovery very slow.
+    config.initial_rtt(Duration::from_millis(10));
+    config
+}
+
+/// An endpoint that accepts connections on `addr`. Must be called inside a tokio runtime.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    config: quinn::ServerConfig,
+) -> Result<quinn::Endpoint, NetError> {
+    let socket = udp_socket(addr)?;
+    quinn::Endpoint::new(
+        endpoint_config(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| NetError::Socket {
+        op: "start quic endpoint",
+        addr,
+        source,
+    })
+}
+
+/// An endpoint bound to `bind` that dials out with `config`. Must be called inside a tokio
+/// runtime.
+pub fn client_endpoint(
+    bind: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Endpoint, NetError> {
+    let socket = udp_socket(bind)?;
+    let mut endpoint = quinn::Endpoint::new(
+        endpoint_config(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| NetError::Socket {
+        op: "start quic endpoint",
+        addr: bind,
+        source,
+    })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// Connects to the agent `node` at `addr`; the handshake fails unless the server's certificate
+/// names `node`.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    node: &str,
+) -> Result<quinn::Connection, NetError> {
+    let connecting = endpoint
+        .connect(addr, node)
+        .map_err(|source| NetError::Connect {
+            node: node.to_owned(),
+            addr,
+            source,
+        })?;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(source)) => Err(NetError::Handshake {
+            node: node.to_owned(),
+            addr,
+            source,
+        }),
+        Err(_) => Err(NetError::HandshakeTimeout {
+            node: node.to_owned(),
+            addr,
+            after: HANDSHAKE_TIMEOUT,
+        }),
+    }
+}
+
+fn endpoint_config() -> EndpointConfig {
+    let mut config = EndpointConfig::default();
+    // Accept the large packets MTU discovery may find; the default (1472) would cap it. quinn
+    // reserves receive buffers of this size, but the kernel only fills what arrives.
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("MAX_UDP_PAYLOAD is within quinn's bounds");
+    config
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, NetError> {
+    let socket_error = |op| move |source| NetError::Socket { op, addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(socket_error("create udp socket"))?;
+    grow_buffers(&socket, addr);
+    socket.bind(&addr.into()).map_err(|source| {
+        if source.kind() == ErrorKind::AddrInUse {
+            NetError::AddrInUse { addr }
+        } else {
+            NetError::Socket {
+                op: "bind udp socket",
+                addr,
+                source,
+            }
+        }
+    })?;
+    // tokio requires a non-blocking socket.
+    socket
+        .set_nonblocking(true)
+        .map_err(socket_error("make udp socket non-blocking"))?;
+    Ok(socket.into())
+}
+
+/// Asks for [`SOCKET_BUFFER`]-sized buffers; the kernel may cap them, which costs speed only.
+fn grow_buffers(socket: &Socket, addr: SocketAddr) {
+    // Errors are ignored: a smaller buffer still works, and the sizes are checked below.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    #[cfg(target_os = "linux")]
+    {
+        // As root, the *FORCE options exceed net.core.{r,w}mem_max.
+        if socket.recv_buffer_size().is_ok_and(|n| n < SOCKET_BUFFER) {
+            let _ = force_buffer_size(socket, libc::SO_RCVBUFFORCE);
+        }
+        if socket.send_buffer_size().is_ok_and(|n| n < SOCKET_BUFFER) {
+            let _ = force_buffer_size(socket, libc::SO_SNDBUFFORCE);
+        }
+    }
+    let recv = socket.recv_buffer_size().unwrap_or(0);
+    let send = socket.send_buffer_size().unwrap_or(0);
+    if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
+        tracing::warn!(
+            %addr,
+            recv,
+            send,
+            wanted = SOCKET_BUFFER,
+            "udp socket buffers are smaller than wanted; transfers may be slower; raise \
+             net.core.rmem_max and net.core.wmem_max to fix"
+        );
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn force_buffer_size(socket: &Socket, option: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the fd belongs to `socket`, which outlives the call; the value is a c_int and its
+    // exact size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::certs;
+    use crate::tls::{self, Identity, Peer, TlsPaths};
+
+    /// Upper bound of every wait in these tests.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn loopback() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    fn cluster(nodes: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        certs::init(dir.path(), &nodes).expect("init certs");
+        dir
+    }
+
+    fn paths(dir: &Path, stem: &str) -> TlsPaths {
+        TlsPaths {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{stem}.pem")),
+            key: dir.join(format!("{stem}.key")),
+        }
+    }
+
+    fn listener(paths: &TlsPaths) -> quinn::Endpoint {
+        let id = Identity::load(paths).expect("load server identity");
+        let config = tls::server_config(&id, Arc::new(transport_config())).expect("server config");
+        server_endpoint(loopback(), config).expect("server endpoint")
+    }
+
+    fn dialer(paths: &TlsPaths) -> quinn::Endpoint {
+        let id = Identity::load(paths).expect("load client identity");
+        let config = tls::client_config(&id, Arc::new(transport_config())).expect("client config");
+        client_endpoint(loopback(), config).expect("client endpoint")
+    }
+
+    /// Accepts one connection and returns the handshake's result with the peer it names.
+    fn accept_one(
+        server: &quinn::Endpoint,
+    ) -> tokio::task::JoinHandle<Option<Result<(quinn::Connection, Peer), String>>> {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let incoming = server.accept().await?;
+            Some(match incoming.await {
+                Ok(conn) => match tls::peer_of(&conn) {
+                    Ok(peer) => Ok((conn, peer)),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn controller_and_node_see_each_other() {
+        let dir = cluster(&["east1", "east2"]);
+        let server = listener(&paths(dir.path(), "east1"));
+        let addr = server.local_addr().expect("server addr");
+        let client = dialer(&paths(dir.path(), "controller"));
+        let accepted = accept_one(&server);
+
+        let conn = timeout(WAIT, connect(&client, addr, "east1"))
+            .await
+            .expect("connect in time")
+            .expect("handshake succeeds");
+        assert_eq!(
+            tls::peer_of(&conn).expect("server peer"),
+            Peer::Node("east1".into())
+        );
+        let (server_conn, peer) = timeout(WAIT, accepted)
+            .await
+            .expect("accept in time")
+            .expect("accept task")
+            .expect("an incoming connection")
+            .expect("server handshake succeeds");
+        assert_eq!(peer, Peer::Controller);
+
+        // The connection carries data both ways.
+        let (mut send, mut recv) = timeout(WAIT, conn.open_bi())
+            .await
+            .expect("open in time")
+            .expect("open stream");
+        send.write_all(b"ping").await.expect("write ping");
+        send.finish().expect("finish");
+        let (mut server_send, mut server_recv) = timeout(WAIT, server_conn.accept_bi())
+            .await
+            .expect("accept stream in time")
+            .expect("accept stream");
+        let got = timeout(WAIT, server_recv.read_to_end(64))
+            .await
+            .expect("read in time")
+            .expect("read ping");
+        assert_eq!(got, b"ping");
+        server_send.write_all(b"pong").await.expect("write pong");
+        server_send.finish().expect("finish");
+        let got = timeout(WAIT, recv.read_to_end(64))
+            .await
+            .expect("read in time")
+            .expect("read pong");
+        assert_eq!(got, b"pong");
+    }
+
+    #[tokio::test]
+    async fn mtu_discovery_finds_large_loopback_packets() {
+        let dir = cluster(&["east1"]);
+        let server = listener(&paths(dir.path(), "east1"));
+        let addr = server.local_addr().expect("server addr");
+        let client = dialer(&paths(dir.path(), "controller"));
+        let accepted = accept_one(&server);
+        let conn = timeout(WAIT, connect(&client, addr, "east1"))
+            .await
+            .expect("connect in time")
+            .expect("handshake succeeds");
+        let _server_conn = timeout(WAIT, accepted).await.expect("accept in time");
+
+        // Both endpoints must accept large datagrams for discovery to climb past Ethernet size.
+        let climbed = timeout(WAIT, async {
+            while conn.stats().path.current_mtu <= 1500 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let mtu = conn.stats().path.current_mtu;
+        assert!(climbed.is_ok(), "mtu stayed at {mtu}");
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_of_another_ca() {
+        let ours = cluster(&["east1"]);
+        let theirs = cluster(&[]);
+        // The intruder trusts both CAs, so it accepts our server; only the server can refuse.
+        let both = theirs.path().join("both.pem");
+        let mut pem = std::fs::read(ours.path().join("ca.pem")).expect("read ca");
+        pem.extend(std::fs::read(theirs.path().join("ca.pem")).expect("read other ca"));
+        std::fs::write(&both, pem).expect("write combined ca");
+        let mut intruder = paths(theirs.path(), "controller");
+        intruder.ca = both;
+
+        let server = listener(&paths(ours.path(), "east1"));
+        let addr = server.local_addr().expect("server addr");
+        let client = dialer(&intruder);
+        let accepted = accept_one(&server);
+
+        // With TLS 1.3 the client may finish its side before the server checks its cert, so the
+        // refusal shows either as a failed connect or as the connection closing.
+        match timeout(WAIT, connect(&client, addr, "east1"))
+            .await
+            .expect("connect in time")
+        {
+            Err(e) => assert!(!e.is_retryable(), "{e}"),
+            Ok(conn) => {
+                let opened = async {
+                    let mut send = conn.open_uni().await?;
+                    send.write_all(b"hello").await?;
+                    conn.accept_uni().await?;
+                    Ok::<_, Box<dyn std::error::Error>>(())
+                };
+                let res = timeout(WAIT, opened).await.expect("stream fails in time");
+                assert!(res.is_err(), "the stream must fail");
+            }
+        }
+        let server_side = timeout(WAIT, accepted)
+            .await
+            .expect("server done in time")
+            .expect("accept task")
+            .expect("an incoming connection");
+        let err = server_side
+            .map(|(_, peer)| peer)
+            .expect_err("server must refuse");
+        assert!(err.contains("certificate") || err.contains("CA"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_of_another_ca() {
+        let ours = cluster(&["east1"]);
+        let theirs = cluster(&["east1"]);
+        let server = listener(&paths(ours.path(), "east1"));
+        let addr = server.local_addr().expect("server addr");
+        let client = dialer(&paths(theirs.path(), "controller"));
+        let accepted = accept_one(&server);
+
+        let err = timeout(WAIT, connect(&client, addr, "east1"))
+            .await
+            .expect("connect in time")
+            .expect_err("client must refuse");
+        assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+        let server_side = timeout(WAIT, accepted)
+            .await
+            .expect("server done in time")
+            .expect("accept task")
+            .expect("an incoming connection");
+        assert!(server_side.is_err(), "server must not get a connection");
+    }
+
+    #[tokio::test]
+    async fn connect_fails_when_server_is_another_node() {
+        let dir = cluster(&["east1", "east2"]);
+        let server = listener(&paths(dir.path(), "east1"));
+        let addr = server.local_addr().expect("server addr");
+        let client = dialer(&paths(dir.path(), "controller"));
+        let _accepted = accept_one(&server);
+
+        let err = timeout(WAIT, connect(&client, addr, "east2"))
+            .await
+            .expect("connect in time")
+            .expect_err("wrong node must fail");
+        let text = err.to_string();
+        assert!(text.contains("east2"), "{text}");
+        assert!(text.contains(&addr.to_string()), "{text}");
+        assert!(text.contains("certificate"), "{text}");
+        assert!(!err.is_retryable(), "{text}");
+    }
+
+    #[tokio::test]
+    async fn second_listener_on_same_address_names_it() {
+        let dir = cluster(&["east1"]);
+        let first = listener(&paths(dir.path(), "east1"));
+        let addr = first.local_addr().expect("first addr");
+        let id = Identity::load(&paths(dir.path(), "east1")).expect("load identity");
+        let config = tls::server_config(&id, Arc::new(transport_config())).expect("config");
+        let err = server_endpoint(addr, config).expect_err("address is taken");
+        assert!(matches!(err, NetError::AddrInUse { .. }), "{err:?}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+}

@@ -1,0 +1,347 @@
+//! Scanning a dataset directory into a manifest, without ever following a symlink.
+//!
+//! The walk is depth-first, parents before children, children in the byte order of their
+//! names, so the same tree always gives the same manifest. Every entry is `lstat`ed: a symlink
+//! becomes a `Symlink` entry holding its raw target bytes (even when it points outside the
+//! tree or nowhere), and no directory is entered through a link. Sockets, FIFOs and device
+//! nodes cannot be copied as data, so they are left out and listed in [`Scan::skipped`].
+//! Hard links are not detected: each name is scanned (and later copied) as its own file.
+//!
+//! The source is expected to be quiet (a stopped database or a snapshot); an entry that
+//! vanishes or changes kind while the walk runs is reported as an error, not skipped.
+
+use std::ffi::OsStr;
+use std::fs::{self, Metadata};
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use mover_protocol::manifest::{Entry, EntryKind, Manifest, ManifestError};
+
+/// What a scan found.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    /// Every directory, regular file and symlink under the root, root first.
+    pub manifest: Manifest,
+    /// Sockets, FIFOs and device nodes that were left out, as full paths.
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Why a directory could not be scanned. Retrying helps only once the cause is fixed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("scan {}: it does not exist", path.display())]
+    NotFound { path: PathBuf },
+    #[error("scan {}: it is {found}, not a directory", path.display())]
+    NotADirectory { path: PathBuf, found: &'static str },
+    #[error("scan {}: permission denied", path.display())]
+    PermissionDenied { path: PathBuf },
+    #[error("scan {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("scan {}: {source}", root.display())]
+    Manifest {
+        root: PathBuf,
+        source: ManifestError,
+    },
+}
+
+impl ScanError {
+    fn from_io(path: &Path, source: io::Error) -> Self {
+        let path = path.to_path_buf();
+        match source.kind() {
+            io::ErrorKind::NotFound => Self::NotFound { path },
+            io::ErrorKind::PermissionDenied => Self::PermissionDenied { path },
+            io::ErrorKind::NotADirectory => Self::NotADirectory {
+                path,
+                found: "not a directory (or a path component is not one)",
+            },
+            _ => Self::Io { path, source },
+        }
+    }
+}
+
+/// Scans the directory `root` into a validated manifest.
+pub fn scan(root: &Path) -> Result<Scan, ScanError> {
+    let meta = fs::symlink_metadata(root).map_err(|e| ScanError::from_io(root, e))?;
+    if !meta.is_dir() {
+        return Err(ScanError::NotADirectory {
+            path: root.to_path_buf(),
+            found: describe_non_dir(&meta),
+        });
+    }
+    let mut entries = vec![entry(Vec::new(), EntryKind::Dir, &meta)];
+    let mut skipped = Vec::new();
+
+    // One frame per open directory: its path, its manifest path, and its children still to
+    // visit (reversed, so `pop` yields them in ascending order).
+    let mut stack = vec![(root.to_path_buf(), Vec::new(), sorted_children(root)?)];
+    while let Some((dir, rel, children)) = stack.last_mut() {
+        let Some(name) = children.pop() else {
+            stack.pop();
+            continue;
+        };
+        let abs = dir.join(OsStr::from_bytes(&name));
+        let mut child_rel = Vec::with_capacity(rel.len() + 1 + name.len());
+        if !rel.is_empty() {
+            child_rel.extend_from_slice(rel);
+            child_rel.push(b'/');
+        }
+        child_rel.extend_from_slice(&name);
+
+        let meta = fs::symlink_metadata(&abs).map_err(|e| ScanError::from_io(&abs, e))?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            entries.push(entry(child_rel.clone(), EntryKind::Dir, &meta));
+            let grandchildren = sorted_children(&abs)?;
+            stack.push((abs, child_rel, grandchildren));
+        } else if ft.is_file() {
+            let kind = EntryKind::File { size: meta.len() };
+            entries.push(entry(child_rel, kind, &meta));
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&abs)
+                .map_err(|e| ScanError::from_io(&abs, e))?
+                .into_os_string()
+                .into_vec();
+            entries.push(entry(child_rel, EntryKind::Symlink { target }, &meta));
+        } else {
+            skipped.push(abs);
+        }
+    }
+
+    let manifest = Manifest::from_entries(entries).map_err(|source| ScanError::Manifest {
+        root: root.to_path_buf(),
+        source,
+    })?;
+    Ok(Scan { manifest, skipped })
+}
+
+/// Where `entry` lives under `root`: `root` itself for the root entry.
+pub fn source_path(root: &Path, entry: &Entry) -> PathBuf {
+    if entry.path.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(OsStr::from_bytes(&entry.path))
+    }
+}
+
+/// The names in `dir`, in descending byte order (the walk pops from the end).
+fn sorted_children(dir: &Path) -> Result<Vec<Vec<u8>>, ScanError> {
+    let mut names = Vec::new();
+    for item in fs::read_dir(dir).map_err(|e| ScanError::from_io(dir, e))? {
+        let item = item.map_err(|e| ScanError::from_io(dir, e))?;
+        names.push(item.file_name().into_vec());
+    }
+    names.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(names)
+}
+
+fn entry(path: Vec<u8>, kind: EntryKind, meta: &Metadata) -> Entry {
+    Entry {
+        path,
+        kind,
+        mode: meta.mode() & 0o7777,
+        mtime_sec: meta.mtime(),
+        // The kernel keeps nanoseconds in 0..1e9, so this never clamps in practice.
+        mtime_nsec: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+    }
+}
+
+fn describe_non_dir(meta: &Metadata) -> &'static str {
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        "a symlink (give the directory it points to instead)"
+    } else if ft.is_file() {
+        "a regular file"
+    } else if ft.is_fifo() {
+        "a fifo"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "a device node"
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    use filetime::FileTime;
+
+    /// Fills `len` bytes deterministically from `seed` (xorshift), so files differ.
+    pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    pub(crate) fn mkfifo(path: &Path) {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo {}", path.display());
+    }
+
+    fn set_mtime(path: &Path, sec: i64, nsec: u32) {
+        let t = FileTime::from_unix_time(sec, nsec);
+        filetime::set_symlink_file_times(path, t, t).unwrap();
+    }
+
+    /// Builds the awkward tree the staging and compare tests copy. Returns the FIFO's path.
+    pub(crate) fn make_tree(root: &Path) -> PathBuf {
+        fs::create_dir_all(root.join("a/b/c")).unwrap();
+        fs::create_dir(root.join("empty dir")).unwrap();
+        fs::create_dir(root.join("ro")).unwrap();
+        fs::write(root.join("big"), pattern(5 * 1024 * 1024 + 12_345, 7)).unwrap();
+        fs::write(root.join("empty"), b"").unwrap();
+        fs::write(root.join("a/b/c/deep.txt"), b"deep\n").unwrap();
+        fs::write(root.join("a/with space"), pattern(100_000, 3)).unwrap();
+        fs::write(root.join("a/new\nline"), b"newline name").unwrap();
+        fs::write(root.join(OsStr::from_bytes(b"a/bad\xff\xfename")), b"bytes").unwrap();
+        fs::write(root.join("ro/readonly"), b"read only").unwrap();
+        symlink("/etc", root.join("to-etc")).unwrap();
+        symlink("no/such/target", root.join("a/dangling")).unwrap();
+        let fifo = root.join("a/fifo");
+        mkfifo(&fifo);
+
+        fs::set_permissions(root.join("ro/readonly"), fs::Permissions::from_mode(0o400)).unwrap();
+        fs::set_permissions(root.join("a/with space"), fs::Permissions::from_mode(0o640)).unwrap();
+        // Times last, children before parents, so creating entries does not move them.
+        let mut t = 1_500_000_000;
+        for p in [
+            "big",
+            "empty",
+            "a/b/c/deep.txt",
+            "a/with space",
+            "a/new\nline",
+            "ro/readonly",
+            "to-etc",
+            "a/dangling",
+            "a/b/c",
+            "a/b",
+            "a",
+            "empty dir",
+            "ro",
+        ] {
+            t += 1000;
+            set_mtime(&root.join(p), t, 123_456_789);
+        }
+        set_mtime(
+            &root.join(OsStr::from_bytes(b"a/bad\xff\xfename")),
+            1_400_000_000,
+            1,
+        );
+        fs::set_permissions(root.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+        fs::set_permissions(root, fs::Permissions::from_mode(0o750)).unwrap();
+        set_mtime(root, 1_600_000_000, 999_999_999);
+        fifo
+    }
+
+    fn find<'a>(m: &'a Manifest, p: &[u8]) -> &'a Entry {
+        m.entries.iter().find(|e| e.path == p).unwrap()
+    }
+
+    #[test]
+    fn scans_an_awkward_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("src");
+        fs::create_dir(&root).unwrap();
+        let fifo = make_tree(&root);
+        let s = scan(&root).unwrap();
+        assert_eq!(s.skipped, vec![fifo]);
+
+        let m = &s.manifest;
+        let paths: Vec<&[u8]> = m.entries.iter().map(|e| e.path.as_slice()).collect();
+        let expected: Vec<&[u8]> = vec![
+            b"",
+            b"a",
+            b"a/b",
+            b"a/b/c",
+            b"a/b/c/deep.txt",
+            b"a/bad\xff\xfename",
+            b"a/dangling",
+            b"a/new\nline",
+            b"a/with space",
+            b"big",
+            b"empty",
+            b"empty dir",
+            b"ro",
+            b"ro/readonly",
+            b"to-etc",
+        ];
+        assert_eq!(paths, expected);
+
+        let root_e = &m.entries[0];
+        assert_eq!(
+            (root_e.mode, root_e.mtime_sec, root_e.mtime_nsec),
+            (0o750, 1_600_000_000, 999_999_999)
+        );
+        assert_eq!(
+            find(m, b"big").kind,
+            EntryKind::File {
+                size: 5 * 1024 * 1024 + 12_345
+            }
+        );
+        assert_eq!(find(m, b"empty").kind, EntryKind::File { size: 0 });
+        assert_eq!(find(m, b"ro").mode, 0o555);
+        assert_eq!(find(m, b"ro/readonly").mode, 0o400);
+        assert_eq!(find(m, b"a/with space").mode, 0o640);
+        assert_eq!(
+            find(m, b"to-etc").kind,
+            EntryKind::Symlink {
+                target: b"/etc".to_vec()
+            }
+        );
+        assert_eq!(
+            find(m, b"a/dangling").kind,
+            EntryKind::Symlink {
+                target: b"no/such/target".to_vec()
+            }
+        );
+        assert_eq!(find(m, b"to-etc").mtime_nsec, 123_456_789);
+        assert_eq!(find(m, b"a/bad\xff\xfename").mtime_sec, 1_400_000_000);
+
+        assert_eq!(source_path(&root, root_e), root);
+        assert_eq!(source_path(&root, find(m, b"a/b/c")), root.join("a/b/c"));
+        // Scanning twice gives the same manifest.
+        assert_eq!(scan(&root).unwrap().manifest, s.manifest);
+    }
+
+    #[test]
+    fn refuses_a_root_that_is_not_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("missing");
+        let err = scan(&missing).unwrap_err();
+        assert!(matches!(err, ScanError::NotFound { .. }), "{err}");
+        assert!(err.to_string().contains("missing"), "{err}");
+
+        let file = tmp.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        let err = scan(&file).unwrap_err();
+        assert!(matches!(err, ScanError::NotADirectory { .. }), "{err}");
+        assert!(err.to_string().contains("a regular file"), "{err}");
+
+        let link = tmp.path().join("link");
+        symlink(tmp.path(), &link).unwrap();
+        let err = scan(&link).unwrap_err();
+        assert!(err.to_string().contains("a symlink"), "{err}");
+    }
+
+    #[test]
+    fn scans_an_empty_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = scan(tmp.path()).unwrap();
+        assert_eq!(s.manifest.entries.len(), 1);
+        assert!(s.manifest.entries[0].path.is_empty());
+        assert!(s.skipped.is_empty());
+    }
+}

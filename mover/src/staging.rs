@@ -1,0 +1,1015 @@
+//! The staging area: a private copy of a dataset's tree that becomes the destination only at
+//! commit, in one atomic rename.
+//!
+//! Life cycle: [`Staging::create`] makes every directory and (preallocated) file of the
+//! manifest; [`Staging::write_at`] fills files, from many threads at once;
+//! [`Staging::finalize`] adds symlinks, sets modes and times, and makes it all durable;
+//! [`Staging::commit`] swaps the tree into place, or [`Staging::abort`] throws it away. The
+//! destination is not touched before the commit, so a failed transfer never leaves a
+//! half-written data directory behind. Dropping a `Staging` leaves its tree on disk (a later
+//! run may resume from it); call `abort` to remove it.
+
+use std::ffi::{CString, OsStr};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use filetime::FileTime;
+use mover_protocol::manifest::{display_path, Entry, EntryKind, Manifest};
+
+/// Longest accepted staging label.
+const MAX_LABEL_LEN: usize = 100;
+
+/// Why a staging step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error(
+        "use staging label {label:?}: {reason}; a label is 1 to 100 ASCII letters, digits, \
+         '-', '_' or '.', starting with a letter or digit"
+    )]
+    InvalidLabel { label: String, reason: &'static str },
+    #[error("stage {}: the destination needs a final path component", dest.display())]
+    NoDestName { dest: PathBuf },
+    #[error(
+        "stage {}: its parent directory {} does not exist (create it first)",
+        dest.display(),
+        parent.display()
+    )]
+    DestParentMissing { dest: PathBuf, parent: PathBuf },
+    #[error("stage {}: it is {found}, not a directory", dest.display())]
+    DestNotADirectory { dest: PathBuf, found: &'static str },
+    #[error(
+        "create staging directory {}: it already exists (left by an earlier run? remove it or \
+         use another label)",
+        path.display()
+    )]
+    StagingExists { path: PathBuf },
+    #[error("write {}: no space left on device", path.display())]
+    NoSpace { path: PathBuf },
+    #[error("write file {file}: the manifest has {count} entries")]
+    UnknownFile { file: u32, count: usize },
+    #[error("write file {file} ({path}): that entry is not a regular file")]
+    NotAFile { file: u32, path: String },
+    #[error(
+        "write file {file} ({path}): {len} bytes at offset {offset} go past its size of {size}"
+    )]
+    OutOfRange {
+        file: u32,
+        path: String,
+        offset: u64,
+        len: usize,
+        size: u64,
+    },
+    #[error("commit {}: the staging area was not finalized", path.display())]
+    NotFinalized { path: PathBuf },
+    #[error(
+        "swap {} into place at {}: the filesystem does not support atomic exchange \
+         (renameat2 RENAME_EXCHANGE)",
+        staging.display(),
+        dest.display()
+    )]
+    ExchangeUnsupported { staging: PathBuf, dest: PathBuf },
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl StagingError {
+    /// Whether the disk is full: freeing space and retrying can help.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::NoSpace { .. })
+    }
+
+    fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return Self::NoSpace {
+                path: path.to_path_buf(),
+            };
+        }
+        Self::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Whether an existing directory was replaced (and then removed).
+    pub replaced_existing: bool,
+    /// Where the replaced tree still lies if removing it failed (the commit itself succeeded;
+    /// the reason was logged). `None` when nothing was left behind.
+    pub old_tree_left_at: Option<PathBuf>,
+}
+
+/// A staging tree for one dataset destination. `Send + Sync`: `write_at` may run on many
+/// threads at once.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    dest: PathBuf,
+    manifest: Arc<Manifest>,
+    finalized: AtomicBool,
+}
+
+impl Staging {
+    /// Creates the staging tree for `manifest`, to be committed at `dest`.
+    ///
+    /// The final rename is atomic only within one filesystem, so the staging directory goes
+    /// where that holds: `state_dir/staging/<label>` when `state_dir` and `dest`'s parent are
+    /// on the same filesystem (same `st_dev` and, where `statx` reports it, the same mount, so
+    /// that bind mounts do not fool it), otherwise `<dest's parent>/.mover-staging-<label>`.
+    ///
+    /// `dest`'s parent must exist; `dest` itself may be missing or an existing directory (never
+    /// a file or a symlink). Directories are created with mode 0700 and files with 0600 and
+    /// preallocated to their final size (`fallocate`, or `set_len` where unsupported), so a
+    /// full disk shows up here ([`StagingError::NoSpace`]) rather than mid-transfer. On error
+    /// the partial staging tree is removed.
+    pub fn create(
+        state_dir: &Path,
+        dest: &Path,
+        label: &str,
+        manifest: Arc<Manifest>,
+    ) -> Result<Staging, StagingError> {
+        check_label(label)?;
+        let parent = dest_parent(dest)?;
+        let parent_meta = match fs::metadata(&parent) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StagingError::DestParentMissing {
+                    dest: dest.to_path_buf(),
+                    parent,
+                })
+            }
+            Err(e) => return Err(StagingError::io("inspect", &parent, e)),
+        };
+        if !parent_meta.is_dir() {
+            let err = io::Error::from(io::ErrorKind::NotADirectory);
+            return Err(StagingError::io("inspect", &parent, err));
+        }
+        match fs::symlink_metadata(dest) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) => {
+                return Err(StagingError::DestNotADirectory {
+                    dest: dest.to_path_buf(),
+                    found: if m.file_type().is_symlink() {
+                        "a symlink (give the directory it points to instead)"
+                    } else {
+                        "not a directory"
+                    },
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StagingError::io("inspect", dest, e)),
+        }
+
+        let state_meta =
+            fs::metadata(state_dir).map_err(|e| StagingError::io("inspect", state_dir, e))?;
+        let dir =
+            if state_meta.dev() == parent_meta.dev() && same_mount_if_known(state_dir, &parent) {
+                let base = state_dir.join("staging");
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&base)
+                    .map_err(|e| StagingError::io("create directory", &base, e))?;
+                base.join(label)
+            } else {
+                parent.join(format!(".mover-staging-{label}"))
+            };
+
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StagingError::StagingExists { path: dir })
+            }
+            Err(e) => return Err(StagingError::io("create directory", &dir, e)),
+        }
+        let staging = Staging {
+            dir,
+            dest: dest.to_path_buf(),
+            manifest,
+            finalized: AtomicBool::new(false),
+        };
+        if let Err(e) = staging.populate() {
+            if let Err(rm) = remove_tree(&staging.dir) {
+                tracing::warn!(path = %staging.dir.display(), error = %rm,
+                    "failed to remove a partly created staging tree");
+            }
+            return Err(e);
+        }
+        Ok(staging)
+    }
+
+    /// The staging directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the tree goes at commit.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// Writes `data` at `offset` into file `file` (its index in the manifest).
+    pub fn write_at(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), StagingError> {
+        let entry = self
+            .manifest
+            .entries
+            .get(file as usize)
+            .ok_or(StagingError::UnknownFile {
+                file,
+                count: self.manifest.entries.len(),
+            })?;
+        let EntryKind::File { size } = entry.kind else {
+            return Err(StagingError::NotAFile {
+                file,
+                path: display_path(&entry.path),
+            });
+        };
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|end| end > size) {
+            return Err(StagingError::OutOfRange {
+                file,
+                path: display_path(&entry.path),
+                offset,
+                len: data.len(),
+                size,
+            });
+        }
+        let path = self.entry_path(entry);
+        // Opened per call: chunks are MiBs, so the open is cheap next to the write, and
+        // thousands of files never hold thousands of descriptors.
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| StagingError::io("open", &path, e))?;
+        // `write_all_at` loops over short writes and retries on EINTR.
+        f.write_all_at(data, offset)
+            .map_err(|e| StagingError::io("write", &path, e))
+    }
+
+    /// Creates the symlinks, sets every mode and mtime from the manifest, and makes the whole
+    /// tree durable. May be called again after a failure.
+    pub fn finalize(&self) -> Result<(), StagingError> {
+        // Ownership is not carried in the manifest yet, so even as root every entry stays
+        // owned by this process's user: a known gap.
+        let entries = &self.manifest.entries;
+        for e in entries {
+            let EntryKind::Symlink { target } = &e.kind else {
+                continue;
+            };
+            let path = self.entry_path(e);
+            if let Err(err) = std::os::unix::fs::symlink(OsStr::from_bytes(target), &path) {
+                // A finalize that is run again finds its own links already in place.
+                let same = err.kind() == io::ErrorKind::AlreadyExists
+                    && fs::read_link(&path).is_ok_and(|t| t.as_os_str().as_bytes() == target);
+                if !same {
+                    return Err(StagingError::io("create symlink", &path, err));
+                }
+            }
+            let t = mtime(e);
+            // Linux has no symlink permissions, so only the time is set. The manifest has no
+            // atime; the mtime stands in for it.
+            filetime::set_symlink_file_times(&path, t, t)
+                .map_err(|err| StagingError::io("set the times of", &path, err))?;
+        }
+        for e in entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
+        {
+            self.set_mode_and_mtime(e, 0)?;
+        }
+        // Directories last, children before parents (the reverse of the manifest's order):
+        // creating entries moves a directory's mtime, and a 0555 parent must not be set
+        // before its children are done.
+        for e in entries.iter().rev().filter(|e| e.is_dir()) {
+            self.set_mode_and_mtime(e, libc::O_DIRECTORY)?;
+        }
+
+        // One syncfs flushes every file and directory of the tree in a single pass; an fsync
+        // per entry would cost thousands of journal commits. It also flushes unrelated dirty
+        // data on the same filesystem, which is harmless. Since Linux 5.8 it reports
+        // writeback errors, so a failed flush is not missed.
+        let root = open_dir(&self.dir)?;
+        // SAFETY: `root` is an open descriptor for the whole call.
+        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
+            return Err(StagingError::io(
+                "sync the filesystem of",
+                &self.dir,
+                io::Error::last_os_error(),
+            ));
+        }
+        self.finalized.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Swaps the finalized tree into place at the destination and removes what was there.
+    ///
+    /// An existing destination is exchanged with `renameat2(RENAME_EXCHANGE)`, so a complete
+    /// directory is at `dest` at every moment; a missing one is created by a rename that
+    /// refuses to replace anything that appeared meanwhile.
+    pub fn commit(self) -> Result<CommitInfo, StagingError> {
+        if !self.finalized.load(Ordering::Acquire) {
+            return Err(StagingError::NotFinalized { path: self.dir });
+        }
+        let dest_parent = dest_parent(&self.dest)?;
+        let staging_parent = self.dir.parent().unwrap_or(Path::new("/")).to_path_buf();
+        // Moving a directory to another parent rewrites its `..`, which needs write
+        // permission on it; a 0555 root gets u+w for the move only.
+        let moves_across = !same_inode(&dest_parent, &staging_parent);
+        let new_root_mode = self.manifest.entries.first().map_or(0o755, |e| e.mode);
+
+        let replaced_existing = match fs::symlink_metadata(&self.dest) {
+            Ok(m) if m.is_dir() => true,
+            Ok(_) => {
+                return Err(StagingError::DestNotADirectory {
+                    dest: self.dest,
+                    found: "no longer a directory",
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(StagingError::io("inspect", &self.dest, e)),
+        };
+
+        let mut new_guard = WritableGuard::new(&self.dir, new_root_mode, moves_across)?;
+        let old_guard = if replaced_existing {
+            let old_mode = fs::symlink_metadata(&self.dest)
+                .map_err(|e| StagingError::io("inspect", &self.dest, e))?
+                .mode()
+                & 0o7777;
+            Some(WritableGuard::new(&self.dest, old_mode, moves_across)?)
+        } else {
+            None
+        };
+
+        let flags = if replaced_existing {
+            libc::RENAME_EXCHANGE
+        } else {
+            libc::RENAME_NOREPLACE
+        };
+        match renameat2(&self.dir, &self.dest, flags) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !replaced_existing => {
+                // The filesystem lacks RENAME_NOREPLACE; a plain rename still cannot leave a
+                // half tree at dest.
+                fs::rename(&self.dir, &self.dest)
+                    .map_err(|e| StagingError::io("rename staging into", &self.dest, e))?;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(StagingError::ExchangeUnsupported {
+                    staging: self.dir,
+                    dest: self.dest,
+                })
+            }
+            Err(e) => return Err(StagingError::io("rename staging into", &self.dest, e)),
+        }
+        // Both paths now name the other tree: the new root is at dest, the old one (if any) at
+        // the staging path. Restore the new root's mode there; the old one is going away.
+        new_guard.retarget(&self.dest);
+        drop(new_guard);
+        if let Some(g) = old_guard {
+            g.forget();
+        }
+
+        fsync_dir(&dest_parent)?;
+        if moves_across {
+            fsync_dir(&staging_parent)?;
+        }
+
+        let mut old_tree_left_at = None;
+        if replaced_existing {
+            if let Err(e) = remove_tree(&self.dir) {
+                tracing::warn!(path = %self.dir.display(), error = %e,
+                    "committed, but failed to remove the replaced tree");
+                old_tree_left_at = Some(self.dir.clone());
+            }
+        }
+        Ok(CommitInfo {
+            replaced_existing,
+            old_tree_left_at,
+        })
+    }
+
+    /// Removes the staging tree; the destination is not touched.
+    pub fn abort(self) -> Result<(), StagingError> {
+        match remove_tree(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(StagingError::io("remove staging tree", &self.dir, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn entry_path(&self, e: &Entry) -> PathBuf {
+        if e.path.is_empty() {
+            self.dir.clone()
+        } else {
+            self.dir.join(OsStr::from_bytes(&e.path))
+        }
+    }
+
+    /// Makes every directory and file of the manifest (not the symlinks: they come last).
+    fn populate(&self) -> Result<(), StagingError> {
+        for e in self.manifest.entries.iter().skip(1) {
+            let path = self.entry_path(e);
+            match e.kind {
+                EntryKind::Dir => DirBuilder::new()
+                    .mode(0o700)
+                    .create(&path)
+                    .map_err(|err| StagingError::io("create directory", &path, err))?,
+                EntryKind::File { size } => create_file(&path, size)?,
+                EntryKind::Symlink { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mode_and_mtime(&self, e: &Entry, extra_flags: libc::c_int) -> Result<(), StagingError> {
+        let path = self.entry_path(e);
+        // Through a descriptor opened without following links, so nothing outside the tree
+        // can be touched even if an entry were swapped for a symlink.
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | extra_flags)
+            .open(&path)
+            .map_err(|err| StagingError::io("open", &path, err))?;
+        f.set_permissions(fs::Permissions::from_mode(e.mode))
+            .map_err(|err| StagingError::io("set the mode of", &path, err))?;
+        filetime::set_file_handle_times(&f, None, Some(mtime(e)))
+            .map_err(|err| StagingError::io("set the mtime of", &path, err))
+    }
+}
+
+fn mtime(e: &Entry) -> FileTime {
+    FileTime::from_unix_time(e.mtime_sec, e.mtime_nsec)
+}
+
+fn check_label(label: &str) -> Result<(), StagingError> {
+    let bad = |reason| {
+        Err(StagingError::InvalidLabel {
+            label: label.to_string(),
+            reason,
+        })
+    };
+    if label.is_empty() {
+        return bad("it is empty");
+    }
+    if label.len() > MAX_LABEL_LEN {
+        return bad("it is too long");
+    }
+    if !label.as_bytes()[0].is_ascii_alphanumeric() {
+        return bad("it does not start with a letter or digit");
+    }
+    if !label
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return bad("it holds a character that is not allowed");
+    }
+    Ok(())
+}
+
+/// `dest`'s parent directory (`.` for a bare relative name).
+fn dest_parent(dest: &Path) -> Result<PathBuf, StagingError> {
+    let no_name = || StagingError::NoDestName {
+        dest: dest.to_path_buf(),
+    };
+    let name = dest.file_name().ok_or_else(no_name)?;
+    if name == OsStr::new("..") {
+        return Err(no_name());
+    }
+    Ok(match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    })
+}
+
+/// Creates `path` (never through a symlink, never over an existing entry) at its final size.
+fn create_file(path: &Path, size: u64) -> Result<(), StagingError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| StagingError::io("create file", path, e))?;
+    if size == 0 {
+        return Ok(());
+    }
+    let len = libc::off_t::try_from(size).map_err(|_| {
+        StagingError::io(
+            "create file",
+            path,
+            io::Error::from_raw_os_error(libc::EFBIG),
+        )
+    })?;
+    // SAFETY: `f` is an open descriptor for the whole call.
+    if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS) => f
+            .set_len(size)
+            .map_err(|e| StagingError::io("size file", path, e)),
+        _ => Err(StagingError::io("preallocate", path, err)),
+    }
+}
+
+/// Removes a tree, first making writable any directory that blocks it (a 0555 directory
+/// cannot be emptied by its owner unless it is root).
+fn remove_tree(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            make_dirs_writable(path)?;
+            fs::remove_dir_all(path)
+        }
+        r => r,
+    }
+}
+
+fn make_dirs_writable(dir: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    if meta.mode() & 0o700 != 0o700 {
+        fs::set_permissions(
+            dir,
+            fs::Permissions::from_mode(meta.mode() & 0o7777 | 0o700),
+        )?;
+    }
+    for item in fs::read_dir(dir)? {
+        let item = item?;
+        if item.file_type()?.is_dir() {
+            make_dirs_writable(&item.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives a directory u+w for the span of a rename, then puts its mode back.
+struct WritableGuard {
+    path: PathBuf,
+    mode: Option<u32>,
+}
+
+impl WritableGuard {
+    fn new(path: &Path, mode: u32, needed: bool) -> Result<Self, StagingError> {
+        if !needed || mode & 0o200 != 0 {
+            return Ok(Self {
+                path: path.to_path_buf(),
+                mode: None,
+            });
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o200))
+            .map_err(|e| StagingError::io("set the mode of", path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mode: Some(mode),
+        })
+    }
+
+    /// The directory was renamed to `path`.
+    fn retarget(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
+    }
+
+    /// Leaves the mode as it is now.
+    fn forget(mut self) {
+        self.mode = None;
+    }
+}
+
+impl Drop for WritableGuard {
+    fn drop(&mut self) {
+        if let Some(mode) = self.mode {
+            // chmod does not touch the mtime, so the manifest's mtime stays exact.
+            if let Err(e) = fs::set_permissions(&self.path, fs::Permissions::from_mode(mode)) {
+                tracing::warn!(path = %self.path.display(), error = %e,
+                    "failed to restore a directory's mode after a rename");
+            }
+        }
+    }
+}
+
+fn cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let (from, to) = (cstring(from)?, cstring(to)?);
+    // The raw syscall rather than the libc wrapper, which older glibc versions lack.
+    // SAFETY: both pointers are valid NUL-terminated strings for the whole call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn open_dir(path: &Path) -> Result<File, StagingError> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| StagingError::io("open directory", path, e))
+}
+
+fn fsync_dir(path: &Path) -> Result<(), StagingError> {
+    open_dir(path)?
+        .sync_all()
+        .map_err(|e| StagingError::io("sync directory", path, e))
+}
+
+fn same_inode(a: &Path, b: &Path) -> bool {
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// False only when `statx` says the two paths are on different mounts (a bind mount of the
+/// same filesystem has the same `st_dev`, yet rename across it fails with EXDEV).
+fn same_mount_if_known(a: &Path, b: &Path) -> bool {
+    match (mount_id(a), mount_id(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
+}
+
+fn mount_id(path: &Path) -> Option<u64> {
+    let c = cstring(path).ok()?;
+    // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `stx` a writable statx buffer.
+    let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MNT_ID, &mut stx) };
+    (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::compare::{b3sum, compare_trees};
+    use crate::scan::tests::make_tree;
+    use crate::scan::{scan, source_path};
+    use std::process::Command;
+
+    const _: fn() = || {
+        fn check<T: Send + Sync>() {}
+        check::<Staging>();
+    };
+
+    /// Copies every file of `m` from `src` into `s` in 1 MiB + 7 chunks, last chunk first,
+    /// from two threads.
+    fn copy_files(src: &Path, s: &Staging, m: &Manifest) {
+        const CHUNK: usize = 1024 * 1024 + 7;
+        let mut jobs = Vec::new();
+        for (id, e) in m.entries.iter().enumerate() {
+            if let EntryKind::File { .. } = e.kind {
+                let data = fs::read(source_path(src, e)).unwrap();
+                let mut off = 0;
+                while off < data.len() {
+                    let end = (off + CHUNK).min(data.len());
+                    jobs.push((id as u32, off as u64, data[off..end].to_vec()));
+                    off = end;
+                }
+            }
+        }
+        jobs.reverse();
+        std::thread::scope(|scope| {
+            for half in [0, 1] {
+                let jobs = &jobs;
+                scope.spawn(move || {
+                    for (file, off, data) in jobs.iter().skip(half).step_by(2) {
+                        s.write_at(*file, *off, data).unwrap();
+                    }
+                });
+            }
+        });
+    }
+
+    fn source(tmp: &Path) -> (PathBuf, Arc<Manifest>) {
+        let src = tmp.join("src");
+        fs::create_dir(&src).unwrap();
+        make_tree(&src);
+        let m = Arc::new(scan(&src).unwrap().manifest);
+        (src, m)
+    }
+
+    /// Everything about a tree that a test may want unchanged: entries and file hashes.
+    fn fingerprint(root: &Path) -> Vec<(Entry, Option<blake3::Hash>)> {
+        scan(root)
+            .unwrap()
+            .manifest
+            .entries
+            .into_iter()
+            .map(|e| {
+                let h = matches!(e.kind, EntryKind::File { .. })
+                    .then(|| b3sum(&source_path(root, &e)).unwrap());
+                (e, h)
+            })
+            .collect()
+    }
+
+    fn old_dest(tmp: &Path) -> PathBuf {
+        let dest = tmp.join("data").join("dest");
+        fs::create_dir_all(dest.join("old-dir")).unwrap();
+        fs::write(dest.join("old.txt"), b"old data").unwrap();
+        fs::write(dest.join("big"), b"older, shorter contents").unwrap();
+        fs::write(dest.join("old-dir/x"), b"x").unwrap();
+        fs::set_permissions(dest.join("old-dir"), fs::Permissions::from_mode(0o555)).unwrap();
+        dest
+    }
+
+    #[test]
+    fn copies_a_tree_and_replaces_an_existing_destination() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, m) = source(tmp.path());
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let dest = old_dest(tmp.path());
+
+        let s = Staging::create(&state, &dest, "mysql-1a2b3c", m.clone()).unwrap();
+        assert_eq!(s.path(), state.join("staging/mysql-1a2b3c"));
+        // Files exist at their final size before any write.
+        assert_eq!(
+            fs::metadata(s.path().join("big")).unwrap().len(),
+            m.entries.iter().find(|e| e.path == b"big").unwrap().size()
+        );
+        copy_files(&src, &s, &m);
+        s.finalize().unwrap();
+        // Finalizing twice is harmless.
+        s.finalize().unwrap();
+        let staging_path = s.path().to_path_buf();
+        let info = s.commit().unwrap();
+        assert_eq!(
+            info,
+            CommitInfo {
+                replaced_existing: true,
+                old_tree_left_at: None
+            }
+        );
+
+        let diffs = compare_trees(&src, &dest).unwrap();
+        assert!(diffs.is_empty(), "{diffs:#?}");
+        assert!(!dest.join("old.txt").exists());
+        assert!(!staging_path.exists(), "the old tree was not removed");
+
+        let mode = |p: &str| fs::symlink_metadata(dest.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("ro"), 0o555);
+        assert_eq!(mode("ro/readonly"), 0o400);
+        assert_eq!(mode(""), 0o750);
+        let mtime = |p: &str| {
+            let m = fs::symlink_metadata(dest.join(p)).unwrap();
+            (m.mtime(), m.mtime_nsec())
+        };
+        assert_eq!(mtime(""), (1_600_000_000, 999_999_999));
+        assert_eq!(mtime("a"), mtime_of(&src, "a"));
+        assert_eq!(mtime("to-etc"), mtime_of(&src, "to-etc"));
+        assert_eq!(mtime("big"), mtime_of(&src, "big"));
+        assert_eq!(
+            fs::read_link(dest.join("to-etc")).unwrap(),
+            Path::new("/etc")
+        );
+        assert!(!dest.join("a/fifo").exists());
+    }
+
+    fn mtime_of(root: &Path, p: &str) -> (i64, i64) {
+        let m = fs::symlink_metadata(root.join(p)).unwrap();
+        (m.mtime(), m.mtime_nsec())
+    }
+
+    #[test]
+    fn commits_where_nothing_was() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, m) = source(tmp.path());
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let dest = tmp.path().join("fresh");
+        let s = Staging::create(&state, &dest, "fresh.1", m.clone()).unwrap();
+        copy_files(&src, &s, &m);
+        s.finalize().unwrap();
+        let info = s.commit().unwrap();
+        assert!(!info.replaced_existing);
+        let diffs = compare_trees(&src, &dest).unwrap();
+        assert!(diffs.is_empty(), "{diffs:#?}");
+        assert_eq!(fs::read_dir(state.join("staging")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn abort_leaves_the_destination_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, m) = source(tmp.path());
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let dest = old_dest(tmp.path());
+        let before = fingerprint(&dest);
+
+        let s = Staging::create(&state, &dest, "abort-me", m.clone()).unwrap();
+        copy_files(&src, &s, &m);
+        s.finalize().unwrap();
+        let staging_path = s.path().to_path_buf();
+        s.abort().unwrap();
+        assert!(!staging_path.exists());
+        assert_eq!(fingerprint(&dest), before);
+    }
+
+    #[test]
+    fn refuses_bad_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_src, m) = source(tmp.path());
+        let dest = tmp.path().join("dest");
+        let s = Staging::create(tmp.path(), &dest, "w", m.clone()).unwrap();
+        let big = m.entries.iter().position(|e| e.path == b"big").unwrap() as u32;
+        let size = m.entries[big as usize].size();
+
+        let err = s.write_at(m.entries.len() as u32, 0, b"x").unwrap_err();
+        assert!(matches!(err, StagingError::UnknownFile { .. }), "{err}");
+        let err = s.write_at(0, 0, b"x").unwrap_err();
+        assert!(matches!(err, StagingError::NotAFile { .. }), "{err}");
+        let err = s.write_at(big, size - 1, b"xy").unwrap_err();
+        assert!(matches!(err, StagingError::OutOfRange { .. }), "{err}");
+        assert!(err.to_string().contains("big"), "{err}");
+        let err = s.write_at(big, u64::MAX, b"x").unwrap_err();
+        assert!(matches!(err, StagingError::OutOfRange { .. }), "{err}");
+        s.write_at(big, size - 2, b"xy").unwrap();
+        s.write_at(big, size, b"").unwrap();
+        assert!(!err.is_no_space());
+
+        let err = Staging::create(tmp.path(), &dest, "w", m.clone()).unwrap_err();
+        assert!(matches!(err, StagingError::StagingExists { .. }), "{err}");
+        s.abort().unwrap();
+        assert!(!dest.exists());
+    }
+
+    #[test]
+    fn replaces_a_read_only_root_with_a_read_only_root() {
+        // Renaming a directory to another parent rewrites its `..`, which needs u+w on it
+        // (unless root): both roots are 0555 and the staging area is in another directory.
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), b"new").unwrap();
+        filetime::set_file_mtime(&src, FileTime::from_unix_time(1_000, 1)).unwrap();
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o555)).unwrap();
+        let dest = old_dest(tmp.path());
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o555)).unwrap();
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+
+        let m = Arc::new(scan(&src).unwrap().manifest);
+        let s = Staging::create(&state, &dest, "ro", m.clone()).unwrap();
+        copy_files(&src, &s, &m);
+        s.finalize().unwrap();
+        assert!(s.commit().unwrap().replaced_existing);
+        let diffs = compare_trees(&src, &dest).unwrap();
+        assert!(diffs.is_empty(), "{diffs:#?}");
+        assert!(!state.join("staging/ro").exists());
+        for d in [&src, &dest] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+
+    #[test]
+    fn commit_needs_finalize() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Arc::new(scan(tmp.path()).unwrap().manifest);
+        let s = Staging::create(tmp.path(), &tmp.path().join("d"), "n", m).unwrap();
+        let err = s.commit().unwrap_err();
+        assert!(matches!(err, StagingError::NotFinalized { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_bad_labels_and_destinations() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Arc::new(scan(tmp.path()).unwrap().manifest);
+        for label in ["", "../x", "a/b", ".hidden", "-x", "a b", &"x".repeat(101)] {
+            let err =
+                Staging::create(tmp.path(), &tmp.path().join("d"), label, m.clone()).unwrap_err();
+            assert!(
+                matches!(err, StagingError::InvalidLabel { .. }),
+                "{label:?}: {err}"
+            );
+        }
+        let err =
+            Staging::create(tmp.path(), &tmp.path().join("no/such/d"), "l", m.clone()).unwrap_err();
+        assert!(
+            matches!(err, StagingError::DestParentMissing { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("no/such"), "{err}");
+
+        let file = tmp.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        let err = Staging::create(tmp.path(), &file, "l", m.clone()).unwrap_err();
+        assert!(
+            matches!(err, StagingError::DestNotADirectory { .. }),
+            "{err}"
+        );
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        let err = Staging::create(tmp.path(), &link, "l", m).unwrap_err();
+        assert!(
+            matches!(err, StagingError::DestNotADirectory { .. }),
+            "{err}"
+        );
+    }
+
+    /// A tmpfs mounted for one test, unmounted on drop.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!("SKIP: not root, cannot mount a tmpfs");
+                return None;
+            }
+            fs::create_dir_all(at).ok()?;
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(at)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => Some(Tmpfs(at.to_path_buf())),
+                Ok(o) => {
+                    eprintln!(
+                        "SKIP: mount tmpfs failed: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!("SKIP: cannot run mount: {e}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn full_disk_is_no_space_and_other_filesystems_stage_beside_dest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, m) = source(tmp.path());
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let Some(small) = Tmpfs::mount(&tmp.path().join("small"), "1m") else {
+            return;
+        };
+        let dest = small.0.join("dest");
+        let err = Staging::create(&state, &dest, "full", m).unwrap_err();
+        assert!(err.is_no_space(), "{err}");
+        assert!(err.to_string().contains("no space left on device"), "{err}");
+        assert!(err.to_string().contains(".mover-staging-full/big"), "{err}");
+        // The partial tree was removed.
+        assert_eq!(fs::read_dir(&small.0).unwrap().count(), 0);
+
+        let Some(large) = Tmpfs::mount(&tmp.path().join("large"), "64m") else {
+            return;
+        };
+        let m = Arc::new(scan(&src).unwrap().manifest);
+        let dest = large.0.join("dest");
+        let s = Staging::create(&state, &dest, "beside", m.clone()).unwrap();
+        assert_eq!(s.path(), large.0.join(".mover-staging-beside"));
+        copy_files(&src, &s, &m);
+        s.finalize().unwrap();
+        s.commit().unwrap();
+        let diffs = compare_trees(&src, &dest).unwrap();
+        assert!(diffs.is_empty(), "{diffs:#?}");
+    }
+}

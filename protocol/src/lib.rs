@@ -1,0 +1,98 @@
+//! The mover protocol: how a dataset travels from one agent to many, verified at every hop.
+//!
+//! This crate is sans-IO: message types, their codec, and the receiver's bookkeeping. It opens
+//! no sockets or files and reads no clock; the `mover` crate drives it over QUIC.
+//!
+//! # Participants
+//!
+//! - The **controller** (the `mover` CLI) holds a certificate with the reserved name
+//!   `mover-controller`. It dials the source agent and sends [`Message::Start`] with the
+//!   [`Plan`]: every node, its address, its dataset, and its parent.
+//! - The **source** agent scans its dataset into a [`Manifest`], dials its children in the plan
+//!   and streams the manifest and the chunks to each.
+//! - Each **target** agent receives into a staging area; if the plan gives it children it is
+//!   also a **relay**: it forwards every frame exactly as received (no re-compression, no
+//!   re-hash) while decoding and verifying its own copy.
+//!
+//! All peers authenticate with certificates from one cluster CA (mutual TLS, in QUIC); a node's
+//! certificate names it, and a dialer checks that name.
+//!
+//! # Streams and messages
+//!
+//! Every stream carries frames: `kind u8, length u32, body` (big endian). A frame's length is
+//! checked against a bound before its body is read: [`MAX_FRAME_LEN`] in general, the
+//! transfer's chunk size plus a small header once it is known.
+//!
+//! Between a parent and a child there are `connections` QUIC connections. On the first one the
+//! parent opens a bidirectional **control stream**:
+//!
+//! ```text
+//! parent -> child: Open, ManifestPart*, ManifestEnd, ...,   End
+//! child -> parent:            Ready,   Progress*, Report*  (its own and its subtree's)
+//! ```
+//!
+//! After `Ready`, the parent opens one unidirectional **data stream** per connection, each
+//! starting with `Attach { transfer_id }` and followed by `Chunk` frames; it finishes each data
+//! stream and then sends `End` (the chunk count and a digest over every file's root hash) on
+//! the control stream. Progress and reports flow up the tree hop by hop to the source, which
+//! relays them, with its own `Sent`, on the controller's stream.
+//!
+//! # Chunks and hashes
+//!
+//! Files are cut into chunks of `chunk_size` bytes (a power of two, 64 KiB..=64 MiB). A chunk
+//! carries its raw length, its encoding (raw, or zstd when that is smaller), and a BLAKE3
+//! value from which a receiver verifies the chunk and builds the file's root hash, equal to
+//! `b3sum` of the file (see [`hash`]). Chunks arrive in any order on any data stream; a
+//! [`Tracker`] refuses any that the manifest does not call for.
+//!
+//! # Versioning
+//!
+//! `Start` and `Open` carry [`PROTOCOL_VERSION`]; a peer that speaks another version is
+//! refused with an error naming both. New message kinds get new numbers; unknown kinds are
+//! errors, never ignored.
+//!
+//! # Non-goals (for now)
+//!
+//! Resume and delta (a target telling its parent what it already has) extend `Ready` later.
+
+pub mod codec;
+pub mod hash;
+pub mod manifest;
+pub mod message;
+pub mod plan;
+pub mod receive;
+
+pub use codec::{DecodeError, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+pub use manifest::{Entry, EntryKind, Manifest, ManifestBuilder, ManifestError};
+pub use message::{Chunk, Encoding, Message, Open, Outcome, Start, PROTOCOL_VERSION};
+pub use plan::{Plan, PlanNode, Topology};
+pub use receive::{ChunkError, Tracker};
+
+/// Smallest chunk: BLAKE3 subtrees need whole 1 KiB chunks; smaller would only add overhead.
+pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// Largest chunk, which bounds every frame and every buffer.
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Default chunk: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// Most QUIC connections per hop.
+pub const MAX_CONNECTIONS: u8 = 64;
+
+/// Checks that a chunk size is a power of two within bounds.
+pub fn check_chunk_size(size: u32) -> Result<u32, String> {
+    if !size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size) {
+        return Err(format!(
+            "{size} is not a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"
+        ));
+    }
+    Ok(size)
+}
+
+/// The largest frame body for a transfer with this chunk size.
+pub fn max_frame_len(chunk_size: u32) -> u32 {
+    chunk_size.saturating_add(1024).max(manifest_frame_budget())
+}
+
+/// A manifest part may be as large as this whatever the chunk size.
+pub const fn manifest_frame_budget() -> u32 {
+    4 << 20
+}

@@ -1,0 +1,409 @@
+//! The manifest: what a dataset's tree holds, and the rules that confine it.
+//!
+//! A manifest is a list of entries, parents before children. Entry 0 is the dataset's root
+//! directory (empty path). Every other path is relative, `/`-separated, with no empty, `.` or
+//! `..` component, and its parent must be a directory listed earlier. That one rule keeps every
+//! write inside the staging area: no absolute path, no climbing out, and no path that passes
+//! through a symlink or a file, because only listed directories can be parents.
+//! A file's id in chunk frames is its index in the manifest.
+
+use std::collections::HashSet;
+
+use bytes::{Buf, BufMut};
+
+use crate::codec::{get_bytes16, get_i64, get_u32, get_u64, get_u8, put_bytes16, DecodeError};
+
+/// Longest path, in bytes, that a manifest may hold (Linux's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+/// Longest single path component (Linux's NAME_MAX).
+pub const MAX_NAME_LEN: usize = 255;
+/// Most entries one manifest may hold.
+pub const MAX_ENTRIES: u64 = 20_000_000;
+/// Largest file a manifest may declare (1 PiB).
+pub const MAX_FILE_SIZE: u64 = 1 << 50;
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    File {
+        size: u64,
+    },
+    /// A symbolic link, kept as a link: its target is never followed.
+    Symlink {
+        target: Vec<u8>,
+    },
+}
+
+/// One entry of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Relative path bytes, `/`-separated; empty for the root directory.
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+}
+
+impl Entry {
+    pub fn size(&self) -> u64 {
+        match self.kind {
+            EntryKind::File { size } => size,
+            _ => 0,
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, EntryKind::Dir)
+    }
+
+    pub(crate) fn encode(&self, buf: &mut impl BufMut) {
+        put_bytes16(buf, &self.path);
+        match &self.kind {
+            EntryKind::Dir => buf.put_u8(0),
+            EntryKind::File { size } => {
+                buf.put_u8(1);
+                buf.put_u64(*size);
+            }
+            EntryKind::Symlink { target } => {
+                buf.put_u8(2);
+                put_bytes16(buf, target);
+            }
+        }
+        buf.put_u32(self.mode);
+        buf.put_i64(self.mtime_sec);
+        buf.put_u32(self.mtime_nsec);
+    }
+
+    pub(crate) fn decode(buf: &mut impl Buf) -> Result<Self, DecodeError> {
+        let path = get_bytes16(buf, MAX_PATH_LEN, "entry path")?;
+        let kind = match get_u8(buf, "entry kind")? {
+            0 => EntryKind::Dir,
+            1 => EntryKind::File {
+                size: get_u64(buf, "file size")?,
+            },
+            2 => EntryKind::Symlink {
+                target: get_bytes16(buf, MAX_PATH_LEN, "symlink target")?,
+            },
+            k => {
+                return Err(DecodeError::Invalid {
+                    what: "entry kind",
+                    why: format!("unknown kind {k}"),
+                })
+            }
+        };
+        Ok(Self {
+            path,
+            kind,
+            mode: get_u32(buf, "entry mode")?,
+            mtime_sec: get_i64(buf, "entry mtime")?,
+            mtime_nsec: get_u32(buf, "entry mtime nanoseconds")?,
+        })
+    }
+
+    /// Bytes this entry takes on the wire.
+    pub fn encoded_len(&self) -> usize {
+        let kind = match &self.kind {
+            EntryKind::Dir => 0,
+            EntryKind::File { .. } => 8,
+            EntryKind::Symlink { target } => 2 + target.len(),
+        };
+        2 + self.path.len() + 1 + kind + 4 + 8 + 4
+    }
+}
+
+/// Why a manifest was refused. The peer sent it, so retrying will not help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("accept manifest: path {path:?} is not allowed: {why}")]
+    BadPath { path: String, why: &'static str },
+    #[error("accept manifest: path {path:?} has no directory {parent:?} listed before it (a parent must be a listed directory, never a symlink or a file)")]
+    NoParent { path: String, parent: String },
+    #[error("accept manifest: path {path:?} is listed twice")]
+    Duplicate { path: String },
+    #[error("accept manifest: the first entry must be the root directory (empty path)")]
+    NoRoot,
+    #[error("accept manifest: {what} is {value} but at most {max} is allowed")]
+    TooLarge {
+        what: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("accept manifest: the sender declared {declared} {what} but sent {actual}")]
+    CountMismatch {
+        what: &'static str,
+        declared: u64,
+        actual: u64,
+    },
+}
+
+/// Shows a path from the wire for an error message, whatever bytes it holds.
+pub fn display_path(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+/// Checks the syntax of one non-root path.
+pub fn check_path(p: &[u8]) -> Result<(), ManifestError> {
+    let bad = |why| ManifestError::BadPath {
+        path: display_path(p),
+        why,
+    };
+    if p.is_empty() {
+        return Err(bad("empty path"));
+    }
+    if p.len() > MAX_PATH_LEN {
+        return Err(bad("longer than 4096 bytes"));
+    }
+    if p[0] == b'/' {
+        return Err(bad("absolute path"));
+    }
+    if p.contains(&0) {
+        return Err(bad("contains a NUL byte"));
+    }
+    for comp in p.split(|&b| b == b'/') {
+        match comp {
+            b"" => return Err(bad("empty component (// or a trailing /)")),
+            b"." => return Err(bad("'.' component")),
+            b".." => return Err(bad("'..' component")),
+            c if c.len() > MAX_NAME_LEN => return Err(bad("component longer than 255 bytes")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn parent_of(p: &[u8]) -> &[u8] {
+    match p.iter().rposition(|&b| b == b'/') {
+        Some(i) => &p[..i],
+        None => b"",
+    }
+}
+
+/// A manifest that passed every check: safe to create in a staging area.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifest {
+    pub entries: Vec<Entry>,
+}
+
+impl Manifest {
+    /// Total bytes of all files.
+    pub fn total_bytes(&self) -> u64 {
+        self.entries.iter().map(Entry::size).sum()
+    }
+
+    pub fn file_count(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
+            .count() as u64
+    }
+
+    /// Validates a complete list of entries (what a sender scanned, or a test built).
+    pub fn from_entries(entries: Vec<Entry>) -> Result<Self, ManifestError> {
+        let mut b = ManifestBuilder::new();
+        b.push(entries)?;
+        let (n, bytes) = (b.entries.len() as u64, b.total_bytes);
+        b.finish(n, bytes)
+    }
+}
+
+/// Accumulates manifest parts as they arrive, checking each entry once, with bounded memory.
+#[derive(Debug, Default)]
+pub struct ManifestBuilder {
+    entries: Vec<Entry>,
+    dirs: HashSet<Vec<u8>>,
+    others: HashSet<Vec<u8>>,
+    total_bytes: u64,
+}
+
+impl ManifestBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn push(&mut self, part: Vec<Entry>) -> Result<(), ManifestError> {
+        let total = self.entries.len() as u64 + part.len() as u64;
+        if total > MAX_ENTRIES {
+            return Err(ManifestError::TooLarge {
+                what: "entry count",
+                value: total,
+                max: MAX_ENTRIES,
+            });
+        }
+        for e in part {
+            self.push_one(e)?;
+        }
+        Ok(())
+    }
+
+    fn push_one(&mut self, e: Entry) -> Result<(), ManifestError> {
+        if self.entries.is_empty() {
+            if !e.path.is_empty() || !e.is_dir() {
+                return Err(ManifestError::NoRoot);
+            }
+            self.dirs.insert(Vec::new());
+            self.entries.push(e);
+            return Ok(());
+        }
+        check_path(&e.path)?;
+        let parent = parent_of(&e.path);
+        if !self.dirs.contains(parent) {
+            return Err(ManifestError::NoParent {
+                path: display_path(&e.path),
+                parent: display_path(parent),
+            });
+        }
+        if self.dirs.contains(&e.path) || self.others.contains(&e.path) {
+            return Err(ManifestError::Duplicate {
+                path: display_path(&e.path),
+            });
+        }
+        if let EntryKind::File { size } = e.kind {
+            if size > MAX_FILE_SIZE {
+                return Err(ManifestError::TooLarge {
+                    what: "file size",
+                    value: size,
+                    max: MAX_FILE_SIZE,
+                });
+            }
+            self.total_bytes += size;
+        }
+        if e.is_dir() {
+            self.dirs.insert(e.path.clone());
+        } else {
+            self.others.insert(e.path.clone());
+        }
+        self.entries.push(e);
+        Ok(())
+    }
+
+    /// Closes the manifest, checking the sender's declared totals against what arrived.
+    pub fn finish(self, entries: u64, total_bytes: u64) -> Result<Manifest, ManifestError> {
+        if self.entries.is_empty() {
+            return Err(ManifestError::NoRoot);
+        }
+        if entries != self.entries.len() as u64 {
+            return Err(ManifestError::CountMismatch {
+                what: "entries",
+                declared: entries,
+                actual: self.entries.len() as u64,
+            });
+        }
+        if total_bytes != self.total_bytes {
+            return Err(ManifestError::CountMismatch {
+                what: "bytes",
+                declared: total_bytes,
+                actual: self.total_bytes,
+            });
+        }
+        Ok(Manifest {
+            entries: self.entries,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn dir(p: &str) -> Entry {
+        Entry {
+            path: p.as_bytes().to_vec(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            mtime_sec: 1,
+            mtime_nsec: 0,
+        }
+    }
+
+    pub(crate) fn file(p: &str, size: u64) -> Entry {
+        Entry {
+            kind: EntryKind::File { size },
+            mode: 0o644,
+            ..dir(p)
+        }
+    }
+
+    fn link(p: &str, t: &str) -> Entry {
+        Entry {
+            kind: EntryKind::Symlink {
+                target: t.as_bytes().to_vec(),
+            },
+            ..dir(p)
+        }
+    }
+
+    #[test]
+    fn accepts_a_normal_tree() {
+        let m = Manifest::from_entries(vec![
+            dir(""),
+            dir("a"),
+            file("a/x y\nz", 5),
+            file("é", 0),
+            link("l", "/etc/passwd"),
+        ])
+        .unwrap();
+        assert_eq!(m.total_bytes(), 5);
+        assert_eq!(m.file_count(), 2);
+    }
+
+    #[test]
+    fn refuses_paths_that_escape() {
+        for p in [
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "./x",
+            "a//b",
+            "a/",
+            "a\0b",
+        ] {
+            let err = Manifest::from_entries(vec![dir(""), dir("a"), file(p, 1)]).unwrap_err();
+            assert!(matches!(err, ManifestError::BadPath { .. }), "{p:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_path_through_a_symlink_or_file() {
+        let err =
+            Manifest::from_entries(vec![dir(""), link("l", "/tmp"), file("l/x", 1)]).unwrap_err();
+        assert!(matches!(err, ManifestError::NoParent { .. }), "{err}");
+        let err = Manifest::from_entries(vec![dir(""), file("f", 1), file("f/x", 1)]).unwrap_err();
+        assert!(matches!(err, ManifestError::NoParent { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_children_before_parents_duplicates_and_missing_root() {
+        let err = Manifest::from_entries(vec![dir(""), file("a/x", 1), dir("a")]).unwrap_err();
+        assert!(matches!(err, ManifestError::NoParent { .. }));
+        let err = Manifest::from_entries(vec![dir(""), file("x", 1), dir("x")]).unwrap_err();
+        assert!(matches!(err, ManifestError::Duplicate { .. }));
+        let err = Manifest::from_entries(vec![file("x", 1)]).unwrap_err();
+        assert_eq!(err, ManifestError::NoRoot);
+        let err = Manifest::from_entries(vec![dir(""), dir("")]).unwrap_err();
+        assert!(matches!(err, ManifestError::BadPath { .. }));
+    }
+
+    #[test]
+    fn refuses_impossible_sizes_and_wrong_totals() {
+        let err = Manifest::from_entries(vec![dir(""), file("x", u64::MAX)]).unwrap_err();
+        assert!(matches!(err, ManifestError::TooLarge { .. }));
+        let mut b = ManifestBuilder::new();
+        b.push(vec![dir(""), file("x", 3)]).unwrap();
+        let err = b.finish(2, 4).unwrap_err();
+        assert!(matches!(
+            err,
+            ManifestError::CountMismatch { what: "bytes", .. }
+        ));
+    }
+}

@@ -1,0 +1,468 @@
+//! The messages of the protocol and their encoding.
+
+use bytes::{Buf, BufMut, Bytes};
+
+use crate::codec::{
+    get_hash, get_payload, get_string, get_u16, get_u32, get_u64, get_u8, put_bytes16, DecodeError,
+    FrameHeader, FRAME_HEADER_LEN,
+};
+use crate::manifest::Entry;
+use crate::plan::{Plan, MAX_NAME};
+
+/// The protocol version this build speaks. Start and Open carry it; a mismatch is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Longest failure reason carried in a report.
+pub const MAX_REASON: usize = 4096;
+/// Most entries in one manifest part (parts also respect the frame length bound).
+pub const MAX_PART_ENTRIES: u32 = 65_536;
+
+/// How a chunk's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Raw,
+    Zstd,
+}
+
+/// Controller -> source: start a transfer of `dataset` along `plan`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    pub transfer_id: u64,
+    pub chunk_size: u32,
+    /// zstd level 1..=19, or 0 for no compression.
+    pub compress: u8,
+    /// QUIC connections per hop.
+    pub connections: u8,
+    pub plan: Plan,
+}
+
+/// Parent -> child: a transfer is coming; prepare to receive (and to forward to your children).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    pub transfer_id: u64,
+    pub chunk_size: u32,
+    pub connections: u8,
+    pub plan: Plan,
+}
+
+/// A chunk of file data. `hash` is [`crate::hash::chunk_hash`] of the raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub file: u32,
+    pub offset: u64,
+    pub raw_len: u32,
+    pub encoding: Encoding,
+    pub hash: [u8; 32],
+    pub payload: Bytes,
+}
+
+/// How a target's part of a transfer ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed {
+        bytes: u64,
+        files: u64,
+        elapsed_ms: u64,
+        digest: [u8; 32],
+    },
+    Failed {
+        reason: String,
+        retryable: bool,
+    },
+}
+
+/// Every message. Frames carry one each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Start(Start),
+    Open(Open),
+    /// Child -> parent: staging is ready, send data.
+    Ready,
+    /// First frame of every data stream: which transfer it belongs to.
+    Attach {
+        transfer_id: u64,
+    },
+    ManifestPart(Vec<Entry>),
+    ManifestEnd {
+        entries: u64,
+        total_bytes: u64,
+    },
+    Chunk(Chunk),
+    /// Parent -> child: every chunk has been sent; `digest` is [`crate::hash::tree_digest`].
+    End {
+        chunks: u64,
+        digest: [u8; 32],
+    },
+    /// Upstream: a target's progress, relayed hop by hop to the controller.
+    Progress {
+        node: String,
+        bytes: u64,
+        files: u64,
+    },
+    /// Upstream: a target's final outcome.
+    Report {
+        node: String,
+        outcome: Outcome,
+    },
+    /// Source -> controller: everything was read and sent.
+    Sent {
+        bytes: u64,
+        wire_bytes: u64,
+        chunks: u64,
+        files: u64,
+    },
+}
+
+mod kind {
+    pub const START: u8 = 1;
+    pub const OPEN: u8 = 2;
+    pub const READY: u8 = 3;
+    pub const ATTACH: u8 = 4;
+    pub const MANIFEST_PART: u8 = 5;
+    pub const MANIFEST_END: u8 = 6;
+    pub const CHUNK: u8 = 7;
+    pub const END: u8 = 8;
+    pub const PROGRESS: u8 = 9;
+    pub const REPORT: u8 = 10;
+    pub const SENT: u8 = 11;
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Self::Start(_) => kind::START,
+            Self::Open(_) => kind::OPEN,
+            Self::Ready => kind::READY,
+            Self::Attach { .. } => kind::ATTACH,
+            Self::ManifestPart(_) => kind::MANIFEST_PART,
+            Self::ManifestEnd { .. } => kind::MANIFEST_END,
+            Self::Chunk(_) => kind::CHUNK,
+            Self::End { .. } => kind::END,
+            Self::Progress { .. } => kind::PROGRESS,
+            Self::Report { .. } => kind::REPORT,
+            Self::Sent { .. } => kind::SENT,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Start(_) => "start",
+            Self::Open(_) => "open",
+            Self::Ready => "ready",
+            Self::Attach { .. } => "attach",
+            Self::ManifestPart(_) => "manifest part",
+            Self::ManifestEnd { .. } => "manifest end",
+            Self::Chunk(_) => "chunk",
+            Self::End { .. } => "end",
+            Self::Progress { .. } => "progress",
+            Self::Report { .. } => "report",
+            Self::Sent { .. } => "sent",
+        }
+    }
+
+    /// Appends the whole frame (header and body) to `buf`.
+    pub fn encode(&self, buf: &mut Vec<u8>) {
+        let start = buf.len();
+        FrameHeader { kind: 0, len: 0 }.encode(buf);
+        self.encode_body(buf);
+        let len = (buf.len() - start - FRAME_HEADER_LEN) as u32;
+        buf[start] = self.kind();
+        buf[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The whole frame as one buffer.
+    pub fn to_frame(&self) -> Bytes {
+        let mut v = Vec::with_capacity(64);
+        self.encode(&mut v);
+        v.into()
+    }
+
+    fn encode_body(&self, buf: &mut impl BufMut) {
+        match self {
+            Self::Start(s) => {
+                buf.put_u16(PROTOCOL_VERSION);
+                buf.put_u64(s.transfer_id);
+                buf.put_u32(s.chunk_size);
+                buf.put_u8(s.compress);
+                buf.put_u8(s.connections);
+                s.plan.encode(buf);
+            }
+            Self::Open(o) => {
+                buf.put_u16(PROTOCOL_VERSION);
+                buf.put_u64(o.transfer_id);
+                buf.put_u32(o.chunk_size);
+                buf.put_u8(o.connections);
+                o.plan.encode(buf);
+            }
+            Self::Ready => {}
+            Self::Attach { transfer_id } => buf.put_u64(*transfer_id),
+            Self::ManifestPart(entries) => {
+                buf.put_u32(entries.len() as u32);
+                for e in entries {
+                    e.encode(buf);
+                }
+            }
+            Self::ManifestEnd {
+                entries,
+                total_bytes,
+            } => {
+                buf.put_u64(*entries);
+                buf.put_u64(*total_bytes);
+            }
+            Self::Chunk(c) => {
+                c.encode_header(buf);
+                buf.put_slice(&c.payload);
+            }
+            Self::End { chunks, digest } => {
+                buf.put_u64(*chunks);
+                buf.put_slice(digest);
+            }
+            Self::Progress { node, bytes, files } => {
+                put_bytes16(buf, node.as_bytes());
+                buf.put_u64(*bytes);
+                buf.put_u64(*files);
+            }
+            Self::Report { node, outcome } => {
+                put_bytes16(buf, node.as_bytes());
+                match outcome {
+                    Outcome::Committed {
+                        bytes,
+                        files,
+                        elapsed_ms,
+                        digest,
+                    } => {
+                        buf.put_u8(0);
+                        buf.put_u64(*bytes);
+                        buf.put_u64(*files);
+                        buf.put_u64(*elapsed_ms);
+                        buf.put_slice(digest);
+                    }
+                    Outcome::Failed { reason, retryable } => {
+                        buf.put_u8(1);
+                        let cut = floor_char_boundary(reason, MAX_REASON);
+                        put_bytes16(buf, &reason.as_bytes()[..cut]);
+                        buf.put_u8(u8::from(*retryable));
+                    }
+                }
+            }
+            Self::Sent {
+                bytes,
+                wire_bytes,
+                chunks,
+                files,
+            } => {
+                buf.put_u64(*bytes);
+                buf.put_u64(*wire_bytes);
+                buf.put_u64(*chunks);
+                buf.put_u64(*files);
+            }
+        }
+    }
+
+    /// Decodes one frame body of the given kind. The whole body must be consumed.
+    pub fn decode(kind: u8, body: &mut impl Buf) -> Result<Self, DecodeError> {
+        let msg = match kind {
+            kind::START => {
+                check_version(body)?;
+                Self::Start(Start {
+                    transfer_id: get_u64(body, "transfer id")?,
+                    chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
+                    compress: get_u8(body, "compression level")?,
+                    connections: check_connections(get_u8(body, "connections")?)?,
+                    plan: Plan::decode(body)?,
+                })
+            }
+            kind::OPEN => {
+                check_version(body)?;
+                Self::Open(Open {
+                    transfer_id: get_u64(body, "transfer id")?,
+                    chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
+                    connections: check_connections(get_u8(body, "connections")?)?,
+                    plan: Plan::decode(body)?,
+                })
+            }
+            kind::READY => Self::Ready,
+            kind::ATTACH => Self::Attach {
+                transfer_id: get_u64(body, "transfer id")?,
+            },
+            kind::MANIFEST_PART => {
+                let n = get_u32(body, "manifest part count")?;
+                if n > MAX_PART_ENTRIES {
+                    return Err(DecodeError::TooLarge {
+                        what: "manifest part count",
+                        len: n.into(),
+                        max: MAX_PART_ENTRIES.into(),
+                    });
+                }
+                // Each entry takes at least 19 bytes; refuse a count the body cannot hold
+                // before reserving room for it.
+                if u64::from(n) * 19 > body.remaining() as u64 {
+                    return Err(DecodeError::Truncated {
+                        what: "manifest part",
+                        need: n as usize * 19 - body.remaining(),
+                    });
+                }
+                let mut entries = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    entries.push(Entry::decode(body)?);
+                }
+                Self::ManifestPart(entries)
+            }
+            kind::MANIFEST_END => Self::ManifestEnd {
+                entries: get_u64(body, "manifest entry count")?,
+                total_bytes: get_u64(body, "manifest byte count")?,
+            },
+            kind::CHUNK => Self::Chunk(Chunk::decode(body)?),
+            kind::END => Self::End {
+                chunks: get_u64(body, "chunk count")?,
+                digest: get_hash(body, "tree digest")?,
+            },
+            kind::PROGRESS => Self::Progress {
+                node: get_string(body, MAX_NAME, "node name")?,
+                bytes: get_u64(body, "progress bytes")?,
+                files: get_u64(body, "progress files")?,
+            },
+            kind::REPORT => {
+                let node = get_string(body, MAX_NAME, "node name")?;
+                let outcome = match get_u8(body, "outcome")? {
+                    0 => Outcome::Committed {
+                        bytes: get_u64(body, "bytes")?,
+                        files: get_u64(body, "files")?,
+                        elapsed_ms: get_u64(body, "elapsed")?,
+                        digest: get_hash(body, "tree digest")?,
+                    },
+                    1 => Outcome::Failed {
+                        reason: get_string(body, MAX_REASON, "failure reason")?,
+                        retryable: get_u8(body, "retryable")? != 0,
+                    },
+                    o => {
+                        return Err(DecodeError::Invalid {
+                            what: "outcome",
+                            why: format!("unknown outcome {o}"),
+                        })
+                    }
+                };
+                Self::Report { node, outcome }
+            }
+            kind::SENT => Self::Sent {
+                bytes: get_u64(body, "bytes")?,
+                wire_bytes: get_u64(body, "wire bytes")?,
+                chunks: get_u64(body, "chunks")?,
+                files: get_u64(body, "files")?,
+            },
+            k => return Err(DecodeError::UnknownKind(k)),
+        };
+        if body.has_remaining() {
+            return Err(DecodeError::Trailing {
+                what: msg.name(),
+                extra: body.remaining(),
+            });
+        }
+        Ok(msg)
+    }
+}
+
+impl Chunk {
+    /// Bytes in a chunk body before the payload.
+    pub const HEADER_LEN: usize = 4 + 8 + 4 + 1 + 32 + 4;
+
+    fn encode_header(&self, buf: &mut impl BufMut) {
+        buf.put_u32(self.file);
+        buf.put_u64(self.offset);
+        buf.put_u32(self.raw_len);
+        buf.put_u8(match self.encoding {
+            Encoding::Raw => 0,
+            Encoding::Zstd => 1,
+        });
+        buf.put_slice(&self.hash);
+        buf.put_u32(self.payload.len() as u32);
+    }
+
+    /// The frame header and chunk header, to send before the payload without copying it.
+    pub fn frame_prefix(&self) -> Bytes {
+        let mut v = Vec::with_capacity(FRAME_HEADER_LEN + Self::HEADER_LEN);
+        FrameHeader {
+            kind: kind::CHUNK,
+            len: (Self::HEADER_LEN + self.payload.len()) as u32,
+        }
+        .encode(&mut v);
+        self.encode_header(&mut v);
+        v.into()
+    }
+
+    fn decode(body: &mut impl Buf) -> Result<Self, DecodeError> {
+        let file = get_u32(body, "chunk file id")?;
+        let offset = get_u64(body, "chunk offset")?;
+        let raw_len = get_u32(body, "chunk length")?;
+        if raw_len > crate::MAX_CHUNK_SIZE {
+            return Err(DecodeError::TooLarge {
+                what: "chunk length",
+                len: raw_len.into(),
+                max: crate::MAX_CHUNK_SIZE.into(),
+            });
+        }
+        let encoding = match get_u8(body, "chunk encoding")? {
+            0 => Encoding::Raw,
+            1 => Encoding::Zstd,
+            e => {
+                return Err(DecodeError::Invalid {
+                    what: "chunk encoding",
+                    why: format!("unknown encoding {e}"),
+                })
+            }
+        };
+        let hash = get_hash(body, "chunk hash")?;
+        let len = get_u32(body, "chunk payload length")? as usize;
+        if encoding == Encoding::Raw && len != raw_len as usize {
+            return Err(DecodeError::Invalid {
+                what: "chunk",
+                why: format!("raw payload of {len} bytes declared as {raw_len}"),
+            });
+        }
+        let payload = get_payload(body, len, "chunk payload")?;
+        Ok(Self {
+            file,
+            offset,
+            raw_len,
+            encoding,
+            hash,
+            payload,
+        })
+    }
+}
+
+fn check_version(body: &mut impl Buf) -> Result<(), DecodeError> {
+    match get_u16(body, "protocol version")? {
+        PROTOCOL_VERSION => Ok(()),
+        peer => Err(DecodeError::Version {
+            peer,
+            ours: PROTOCOL_VERSION,
+        }),
+    }
+}
+
+fn check_chunk_size(size: u32) -> Result<u32, DecodeError> {
+    crate::check_chunk_size(size).map_err(|why| DecodeError::Invalid {
+        what: "chunk size",
+        why,
+    })
+}
+
+fn check_connections(n: u8) -> Result<u8, DecodeError> {
+    if n == 0 || n > crate::MAX_CONNECTIONS {
+        return Err(DecodeError::Invalid {
+            what: "connections",
+            why: format!("{n} is not in 1..={}", crate::MAX_CONNECTIONS),
+        });
+    }
+    Ok(n)
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    (0..=max)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0)
+}
