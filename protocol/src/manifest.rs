@@ -276,7 +276,14 @@ impl ManifestBuilder {
                     max: MAX_FILE_SIZE,
                 });
             }
-            self.total_bytes += size;
+            self.total_bytes =
+                self.total_bytes
+                    .checked_add(size)
+                    .ok_or(ManifestError::TooLarge {
+                        what: "total size",
+                        value: u64::MAX,
+                        max: u64::MAX,
+                    })?;
         }
         if e.is_dir() {
             self.dirs.insert(e.path.clone());

@@ -266,7 +266,7 @@ impl Message {
                 Self::Start(Start {
                     transfer_id: get_u64(body, "transfer id")?,
                     chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
-                    compress: get_u8(body, "compression level")?,
+                    compress: check_level(get_u8(body, "compression level")?)?,
                     connections: check_connections(get_u8(body, "connections")?)?,
                     plan: Plan::decode(body)?,
                 })
@@ -445,6 +445,16 @@ fn check_chunk_size(size: u32) -> Result<u32, DecodeError> {
         what: "chunk size",
         why,
     })
+}
+
+fn check_level(level: u8) -> Result<u8, DecodeError> {
+    if level > 19 {
+        return Err(DecodeError::Invalid {
+            what: "compression level",
+            why: format!("{level} is not off (0) or a zstd level 1..=19"),
+        });
+    }
+    Ok(level)
 }
 
 fn check_connections(n: u8) -> Result<u8, DecodeError> {

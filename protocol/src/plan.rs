@@ -79,6 +79,12 @@ impl Plan {
         targets: Vec<PlanNode>,
         topology: Topology,
     ) -> Result<Self, DecodeError> {
+        if topology == Topology::Tree(0) {
+            return Err(DecodeError::Invalid {
+                what: "plan",
+                why: "a tree needs at least one child per node".into(),
+            });
+        }
         let mut nodes = vec![PlanNode {
             parent: None,
             ..source
@@ -114,6 +120,17 @@ impl Plan {
                 (0, Some(_)) => return Err(invalid("the source has a parent".into())),
                 (_, Some(p)) if usize::from(p) < i => {}
                 _ => return Err(invalid(format!("node {} has no earlier parent", n.name))),
+            }
+            for (what, v) in [
+                ("name", &n.name),
+                ("address", &n.address),
+                ("dataset", &n.dataset),
+            ] {
+                if v.len() > MAX_NAME {
+                    return Err(invalid(format!(
+                        "node {what} {v:?} is longer than {MAX_NAME} bytes"
+                    )));
+                }
             }
             if nodes[..i].iter().any(|o| o.name == n.name) {
                 return Err(invalid(format!("node {} appears twice", n.name)));
@@ -181,6 +198,8 @@ impl Plan {
                 max: MAX_PLAN_NODES as u64,
             });
         }
+        // Each node takes at least 8 bytes: refuse a count the body cannot hold.
+        crate::codec::need(buf, count * 8, "plan nodes")?;
         let mut nodes = Vec::with_capacity(count);
         for _ in 0..count {
             let name = get_string(buf, MAX_NAME, "node name")?;

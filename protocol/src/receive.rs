@@ -5,6 +5,8 @@
 //! length, or sent twice, is refused before any work or write) and the result of each
 //! verification. It knows when every file is complete and gives each file's root hash.
 
+use std::collections::HashMap;
+
 use crate::hash::{chunk_count, file_root, tree_digest};
 use crate::manifest::{display_path, EntryKind, Manifest};
 use crate::message::Chunk;
@@ -36,12 +38,21 @@ enum Slot {
     Done([u8; 32]),
 }
 
+/// A file's chunks. Only chunks that arrived take memory, so a manifest that declares a huge
+/// file costs nothing until its data really comes.
 #[derive(Debug)]
 struct FileTrack {
     size: u64,
-    slots: Vec<Slot>,
+    chunks: u64,
+    slots: HashMap<u64, Slot>,
     missing: u64,
     root: Option<[u8; 32]>,
+}
+
+impl FileTrack {
+    fn slot(&self, idx: u64) -> Slot {
+        self.slots.get(&idx).copied().unwrap_or(Slot::Missing)
+    }
 }
 
 /// Progress of one receiver through one manifest.
@@ -71,7 +82,8 @@ impl Tracker {
                     files_done += u64::from(n == 0);
                     Some(FileTrack {
                         size,
-                        slots: vec![Slot::Missing; n as usize],
+                        chunks: n,
+                        slots: HashMap::new(),
                         missing: n,
                         root,
                     })
@@ -122,14 +134,14 @@ impl Tracker {
                 expected,
             });
         }
-        let slot = &mut track.slots[(c.offset / chunk_size) as usize];
-        if *slot != Slot::Missing {
+        let idx = c.offset / chunk_size;
+        if track.slot(idx) != Slot::Missing {
             return Err(ChunkError::Duplicate {
                 path: self.path(c.file),
                 offset: c.offset,
             });
         }
-        *slot = Slot::Pending;
+        track.slots.insert(idx, Slot::Pending);
         Ok(())
     }
 
@@ -138,25 +150,25 @@ impl Tracker {
     pub fn verified(&mut self, file: u32, offset: u64, hash: [u8; 32]) -> Option<[u8; 32]> {
         let chunk_size = u64::from(self.chunk_size);
         let track = self.files.get_mut(file as usize)?.as_mut()?;
-        let slot = track.slots.get_mut((offset / chunk_size) as usize)?;
-        if *slot != Slot::Pending {
+        let idx = offset / chunk_size;
+        if track.slot(idx) != Slot::Pending {
             return None;
         }
-        *slot = Slot::Done(hash);
+        track.slots.insert(idx, Slot::Done(hash));
         track.missing -= 1;
         self.missing_chunks -= 1;
         self.bytes_done += (track.size - offset).min(chunk_size);
         if track.missing > 0 {
             return None;
         }
-        let hashes: Vec<[u8; 32]> = track
-            .slots
-            .iter()
-            .filter_map(|s| match s {
-                Slot::Done(h) => Some(*h),
+        let hashes: Vec<[u8; 32]> = (0..track.chunks)
+            .filter_map(|i| match track.slot(i) {
+                Slot::Done(h) => Some(h),
                 _ => None,
             })
             .collect();
+        // Done with this file: its slots are no longer needed.
+        track.slots = HashMap::new();
         let root = file_root(&hashes);
         track.root = Some(root);
         self.files_done += 1;
@@ -167,10 +179,9 @@ impl Tracker {
     pub fn failed(&mut self, file: u32, offset: u64) {
         let chunk_size = u64::from(self.chunk_size);
         if let Some(Some(t)) = self.files.get_mut(file as usize) {
-            if let Some(s) = t.slots.get_mut((offset / chunk_size) as usize) {
-                if *s == Slot::Pending {
-                    *s = Slot::Missing;
-                }
+            let idx = offset / chunk_size;
+            if t.slot(idx) == Slot::Pending {
+                t.slots.remove(&idx);
             }
         }
     }

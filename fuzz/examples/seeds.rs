@@ -1,0 +1,148 @@
+//! Writes seed inputs for the fuzz targets, encoded by the crate itself so that they stay in
+//! step with the wire format: `cargo run --example seeds` (from `fuzz/`).
+
+use std::fs;
+use std::path::Path;
+
+use mover_protocol::{
+    Chunk, Encoding, Entry, EntryKind, Message, Open, Outcome, Plan, PlanNode, Start, Topology,
+};
+
+fn node(name: &str) -> PlanNode {
+    PlanNode {
+        name: name.into(),
+        address: format!("{name}.example:4433"),
+        dataset: "pg".into(),
+        parent: None,
+    }
+}
+
+fn entry(path: &str, kind: EntryKind) -> Entry {
+    Entry {
+        path: path.as_bytes().to_vec(),
+        kind,
+        mode: 0o755,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 5,
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let plan = |topology| {
+        Plan::build(node("src"), vec![node("a"), node("b"), node("c")], topology)
+            .expect("valid plan")
+    };
+    let payload = b"hello hello hello hello".to_vec();
+    let frames = [
+        Message::Start(Start {
+            transfer_id: 7,
+            chunk_size: 4 << 20,
+            compress: 1,
+            connections: 4,
+            plan: plan(Topology::Chain),
+        }),
+        Message::Open(Open {
+            transfer_id: 7,
+            chunk_size: 1 << 16,
+            connections: 1,
+            plan: plan(Topology::Tree(2)),
+        }),
+        Message::Ready,
+        Message::Attach { transfer_id: 7 },
+        Message::ManifestEnd {
+            entries: 3,
+            total_bytes: 10,
+        },
+        Message::Chunk(Chunk {
+            file: 2,
+            offset: 0,
+            raw_len: payload.len() as u32,
+            encoding: Encoding::Raw,
+            hash: [1; 32],
+            payload: payload.clone().into(),
+        }),
+        Message::Chunk(Chunk {
+            file: 2,
+            offset: 1 << 16,
+            raw_len: 1 << 16,
+            encoding: Encoding::Zstd,
+            hash: [2; 32],
+            payload: payload.into(),
+        }),
+        Message::End {
+            chunks: 1,
+            digest: [3; 32],
+        },
+        Message::Progress {
+            node: "a".into(),
+            bytes: 10,
+            files: 1,
+        },
+        Message::Report {
+            node: "a".into(),
+            outcome: Outcome::Committed {
+                bytes: 10,
+                files: 1,
+                elapsed_ms: 3,
+                digest: [4; 32],
+            },
+        },
+        Message::Report {
+            node: "b".into(),
+            outcome: Outcome::Failed {
+                reason: "disk full".into(),
+                retryable: true,
+            },
+        },
+        Message::Sent {
+            bytes: 10,
+            wire_bytes: 8,
+            chunks: 1,
+            files: 1,
+        },
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+    fs::create_dir_all(dir.join("frame"))?;
+    fs::create_dir_all(dir.join("manifest"))?;
+    for (i, m) in frames.iter().enumerate() {
+        let name = m.name().replace(' ', "-");
+        fs::write(
+            dir.join("frame").join(format!("{i:02}-{name}")),
+            m.to_frame(),
+        )?;
+    }
+
+    let tree = [
+        entry("", EntryKind::Dir),
+        entry("base", EntryKind::Dir),
+        entry("base/1", EntryKind::Dir),
+        entry("base/1/PG_VERSION", EntryKind::File { size: 3 }),
+        entry(
+            "pg_wal",
+            EntryKind::Symlink {
+                target: b"/var/wal".to_vec(),
+            },
+        ),
+        entry("postgresql.conf", EntryKind::File { size: 7 }),
+    ];
+    let (first, second) = tree.split_at(3);
+    let mut two_parts = Vec::new();
+    Message::ManifestPart(first.to_vec()).encode(&mut two_parts);
+    Message::ManifestPart(second.to_vec()).encode(&mut two_parts);
+    Message::ManifestEnd {
+        entries: 6,
+        total_bytes: 10,
+    }
+    .encode(&mut two_parts);
+    fs::write(dir.join("manifest").join("two-parts"), &two_parts)?;
+
+    let mut root_only = Vec::new();
+    Message::ManifestPart(tree[..1].to_vec()).encode(&mut root_only);
+    Message::ManifestEnd {
+        entries: 1,
+        total_bytes: 0,
+    }
+    .encode(&mut root_only);
+    fs::write(dir.join("manifest").join("root-only"), &root_only)?;
+    Ok(())
+}
