@@ -123,7 +123,7 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
     loop {
         tokio::select! {
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => { tasks.spawn(serve_control(ctx.clone(), peer.clone(), send, recv)); }
+                Ok((send, recv)) => { tasks.spawn(serve_control(ctx.clone(), conn.clone(), peer.clone(), send, recv)); }
                 Err(_) => break,
             },
             uni = conn.accept_uni() => match uni {
@@ -132,11 +132,13 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
             },
         }
     }
+    tracing::debug!(%peer, reason = ?conn.close_reason(), "connection ended");
     while tasks.join_next().await.is_some() {}
 }
 
 async fn serve_control(
     ctx: Arc<Ctx>,
+    conn: quinn::Connection,
     peer: Peer,
     mut send: quinn::SendStream,
     mut recv: RecvStream,
@@ -171,7 +173,7 @@ async fn serve_control(
         }
         (Message::Open(open), Peer::Node(parent)) => {
             tracing::info!(transfer = open.transfer_id, %parent, "receiving transfer");
-            crate::receiver::run(ctx, open, parent, send, recv).await;
+            crate::receiver::run(ctx, open, parent, conn, send, recv).await;
         }
         (m, p) => {
             refuse(
@@ -221,6 +223,7 @@ async fn serve_data(ctx: Arc<Ctx>, peer: Peer, mut recv: RecvStream) {
     };
     match tx {
         Some(tx) => {
+            tracing::debug!(%peer, transfer_id, "data stream attached");
             let _ = tx.send(recv).await;
         }
         None => {

@@ -35,7 +35,10 @@ pub enum ControlError {
         source: std::io::Error,
     },
     #[error("talk to source {node}: {source}")]
-    Link { node: String, source: Box<LinkError> },
+    Link {
+        node: String,
+        source: Box<LinkError>,
+    },
     #[error("the source {node} refused the transfer: {reason}")]
     Refused { node: String, reason: String },
 }

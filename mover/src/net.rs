@@ -20,6 +20,10 @@ const MAX_UDP_PAYLOAD: u16 = 65_000;
 /// multi-gigabit rates.
 const SOCKET_BUFFER: usize = 8 << 20;
 
+/// How long a silent peer is given before its connection is dropped (documented in the
+/// README).
+pub const IDLE_TIMEOUT_MS: u32 = 15_000;
+
 /// How long [`connect`] waits for the handshake. Shorter than the idle timeout so a dead or
 /// filtered address is reported quickly.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,9 +96,10 @@ pub fn transport_config() -> TransportConfig {
     config.max_concurrent_uni_streams(VarInt::from_u32(64));
     config.max_concurrent_bidi_streams(VarInt::from_u32(16));
     // Default is none; keep firewall/NAT state alive while a peer is busy with its disk.
-    config.keep_alive_interval(Some(Duration::from_secs(5)));
-    // Default 30 s; ride out a minute of network trouble before dropping a long transfer.
-    config.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(60_000))));
+    config.keep_alive_interval(Some(Duration::from_secs(2)));
+    // Default 30 s. A peer that vanishes (killed, unplugged) is noticed after this long; a
+    // clean shutdown is noticed at once. Short, so a dead hop does not hold up the chain.
+    config.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE_TIMEOUT_MS))));
     // Default upper bound 1452 would keep loopback and jumbo-frame LANs at small packets.
     let mut mtu = MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);

@@ -24,11 +24,18 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often progress goes upstream.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
+/// The parent's connection and control stream.
+pub(crate) struct ParentLink<'a> {
+    conn: quinn::Connection,
+    recv: &'a mut RecvStream,
+}
+
 /// Handles an `Open` from our parent on its control stream.
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     open: Open,
     parent: String,
+    parent_conn: quinn::Connection,
     mut control: SendStream,
     mut from_parent: RecvStream,
 ) {
@@ -69,17 +76,11 @@ pub(crate) async fn run(
         link::pump_up(up_rx, control).await;
     });
     let mut ready = Some(ready_tx);
-    let result = receive(
-        &ctx,
-        &open,
-        &plan,
-        me,
-        &mut from_parent,
-        &up_tx,
-        &mut ready,
-        started,
-    )
-    .await;
+    let link = ParentLink {
+        conn: parent_conn,
+        recv: &mut from_parent,
+    };
+    let result = receive(&ctx, &open, &plan, me, link, &up_tx, &mut ready, started).await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "transfer failed on this node");
         let _ = up_tx
@@ -126,7 +127,7 @@ async fn receive(
     open: &Open,
     plan: &Arc<mover_protocol::Plan>,
     me: usize,
-    from_parent: &mut RecvStream,
+    mut from_parent: ParentLink<'_>,
     up: &Up,
     ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     started: Instant,
@@ -146,7 +147,7 @@ async fn receive(
     // The manifest, checked entry by entry as it arrives.
     let mut builder = ManifestBuilder::new();
     let manifest = loop {
-        match read_message(from_parent, manifest_frame_budget()).await? {
+        match read_message(from_parent.recv, manifest_frame_budget()).await? {
             Message::ManifestPart(entries) => builder.push(entries)?,
             Message::ManifestEnd {
                 entries,
@@ -175,7 +176,7 @@ async fn receive(
         open,
         plan,
         me,
-        from_parent,
+        &mut from_parent,
         up,
         ready,
         started,
@@ -217,7 +218,7 @@ async fn receive_into(
     open: &Open,
     plan: &Arc<mover_protocol::Plan>,
     me: usize,
-    from_parent: &mut RecvStream,
+    from_parent: &mut ParentLink<'_>,
     up: &Up,
     ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     started: Instant,
@@ -264,6 +265,7 @@ async fn receive_into(
     if let Some(r) = ready.take() {
         let _ = r.send(Ok(()));
     }
+    tracing::debug!(children = controls.len(), "ready");
 
     let tracker = Arc::new(Mutex::new(Tracker::new(manifest, open.chunk_size)));
     let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
@@ -272,13 +274,15 @@ async fn receive_into(
 
     let mut data_tasks = Vec::new();
     for streams in per_stream {
-        let recv = tokio::time::timeout(ATTACH_TIMEOUT, attach_rx.recv())
-            .await
-            .map_err(|_| LinkError::Timeout {
+        let attach = tokio::time::timeout(ATTACH_TIMEOUT, attach_rx.recv());
+        let recv = tokio::select! {
+            r = attach => r.map_err(|_| LinkError::Timeout {
                 what: "the parent's data streams",
                 secs: ATTACH_TIMEOUT.as_secs(),
             })?
-            .ok_or(LinkError::Closed)?;
+            .ok_or(LinkError::Closed)?,
+            e = from_parent.conn.closed() => return Err(LinkError::Connection(e).into()),
+        };
         let job = DataJob {
             tracker: tracker.clone(),
             workers: workers.clone(),
@@ -288,13 +292,23 @@ async fn receive_into(
         };
         data_tasks.push(tokio::spawn(job.run(recv, streams)));
     }
+    tracing::debug!("data streams attached");
     // The parent sends End on the control stream after finishing its data streams.
-    let end = read_message(from_parent, manifest_frame_budget()).await;
+    let end = read_message(from_parent.recv, manifest_frame_budget()).await;
+    tracing::debug!(ok = end.is_ok(), "control stream ended");
     let mut link_error = None;
+    if end.is_err() {
+        // The parent is gone: a data stream on another of its connections may never see the
+        // close (packets drop under load), so stop reading rather than wait for idle timeouts.
+        for t in &data_tasks {
+            t.abort();
+        }
+    }
     for t in data_tasks {
         match t.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => link_error = Some(e.into()),
+            Err(e) if e.is_cancelled() => {}
             Err(e) => link_error = Some(TransferError::Internal(e.to_string())),
         }
     }
@@ -308,12 +322,14 @@ async fn receive_into(
             l.close(link::close::FAILED, "upstream failed");
         }
     }
+    tracing::debug!("data streams done");
     drop(staging);
     let local = finish_local(
         ctx, &workers, &tracker, &failure, slot, end, link_error, started,
     )
     .await;
     progress.abort();
+    tracing::debug!(ok = local.is_ok(), "local copy finished");
     let result = match local {
         Ok(outcome) => {
             let _ = up

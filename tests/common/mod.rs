@@ -1,0 +1,282 @@
+//! Test harness: a cluster of real `mover agent` processes on loopback, and checks that two
+//! trees are the same.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use filetime::FileTime;
+
+pub fn mover() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mover"))
+}
+
+/// Runs `mover` with `args` and returns its output (never panics on a non-zero exit).
+pub fn run(args: &[&str]) -> Output {
+    mover()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mover")
+}
+
+fn free_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+/// Agents on loopback, one process per node, each with a `data` dataset at `dir/NODE/data`.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<String>,
+    agents: Vec<(String, Option<Child>)>,
+    ports: Vec<u16>,
+}
+
+impl Cluster {
+    /// Certificates, configs and running agents for `nodes`.
+    pub fn start(nodes: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("mover-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let list = nodes.join(",");
+        let out = run(&[
+            "certs",
+            "init",
+            "--out",
+            &dir.path().join("certs").to_string_lossy(),
+            "--nodes",
+            &list,
+        ]);
+        assert!(
+            out.status.success(),
+            "certs init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ports: Vec<u16> = nodes.iter().map(|_| free_port()).collect();
+        let mut cluster = String::from("[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/controller.pem\"\nkey = \"certs/controller.key\"\n");
+        for (n, p) in nodes.iter().zip(&ports) {
+            cluster += &format!("[nodes.{n}]\naddress = \"127.0.0.1:{p}\"\n");
+        }
+        std::fs::write(dir.path().join("cluster.toml"), cluster).expect("write cluster");
+        let mut c = Self {
+            dir,
+            nodes: nodes.iter().map(|s| s.to_string()).collect(),
+            agents: Vec::new(),
+            ports,
+        };
+        for (i, node) in nodes.iter().enumerate() {
+            c.write_agent_config(i, "certs");
+            c.agents.push(((*node).to_owned(), None));
+            c.start_agent(node);
+        }
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `data` dataset's directory on `node`.
+    pub fn data(&self, node: &str) -> PathBuf {
+        self.path().join(node).join("data")
+    }
+
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.path().join(node).join("state")
+    }
+
+    pub fn cluster_file(&self) -> PathBuf {
+        self.path().join("cluster.toml")
+    }
+
+    fn index(&self, node: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n == node)
+            .expect("known node")
+    }
+
+    /// Writes NODE.toml using certificates from `certs_dir` (relative to the cluster dir).
+    pub fn write_agent_config(&self, i: usize, certs_dir: &str) {
+        let n = &self.nodes[i];
+        std::fs::create_dir_all(self.path().join(n)).expect("mkdir");
+        let cfg = format!(
+            "node = \"{n}\"\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{n}/state\"\n[tls]\nca = \"{certs_dir}/ca.pem\"\ncert = \"{certs_dir}/{n}.pem\"\nkey = \"{certs_dir}/{n}.key\"\n[datasets.data]\npath = \"{n}/data\"\n[datasets.other]\npath = \"{n}/other\"\n",
+            self.ports[i]
+        );
+        std::fs::write(self.path().join(format!("{n}.toml")), cfg).expect("write agent config");
+    }
+
+    pub fn start_agent(&mut self, node: &str) {
+        let i = self.index(node);
+        let log_path = self.path().join(format!("{node}.log"));
+        let log = std::fs::File::create(&log_path).expect("log");
+        let child = mover()
+            .args(["agent", "--config"])
+            .arg(self.path().join(format!("{node}.toml")))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.agents[i].1 = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if text.contains("agent listening") {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.agents[i].1.as_mut().map(|c| c.try_wait()) {
+                panic!("agent {node} exited at start ({st}):\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {node} did not start:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `sig` to a node's agent and waits for it to exit.
+    pub fn stop_agent(&mut self, node: &str, sig: i32) {
+        let i = self.index(node);
+        if let Some(mut c) = self.agents[i].1.take() {
+            // SAFETY: kill(2) on our own child process.
+            unsafe { libc_kill(c.id() as i32, sig) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("agent {node} did not stop within 15 s of signal {sig}");
+        }
+    }
+
+    pub fn log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.path().join(format!("{node}.log"))).unwrap_or_default()
+    }
+
+    /// Runs `mover send --json` and returns its exit code and parsed summary.
+    pub fn send(&self, from: &str, to: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
+        let cluster = self.cluster_file();
+        let mut args = vec![
+            "send",
+            "--cluster",
+            cluster.to_str().expect("utf-8 path"),
+            "--from",
+            from,
+            "--to",
+            to,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        let code = out.status.code().unwrap_or(-1);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (code, json, stderr)
+    }
+}
+
+#[allow(unused_imports)]
+pub use libc::{SIGKILL, SIGTERM};
+
+unsafe fn libc_kill(pid: i32, sig: i32) {
+    // SAFETY: the caller passes the pid of a child it has not reaped.
+    unsafe { libc::kill(pid, sig) };
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.agents {
+            if let Some(c) = c {
+                // SAFETY: kill(2) on our own child process.
+                unsafe { libc_kill(c.id() as i32, SIGKILL) };
+                let _ = c.wait();
+            }
+        }
+        // Leave the directory for a post-mortem when a test failed.
+        if std::thread::panicking() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("kept test directory {}", kept.keep().display());
+        }
+    }
+}
+
+/// The target entry of a summary, by node.
+pub fn target<'a>(summary: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    summary["targets"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["node"] == node))
+        .unwrap_or_else(|| panic!("no target {node} in summary {summary}"))
+}
+
+/// Asserts that `dst` holds exactly `src`: contents (by BLAKE3, i.e. b3sum), sizes, modes,
+/// mtimes, symlinks and empty directories, and that every file's b3sum root matches.
+pub fn assert_same_tree(src: &Path, dst: &Path) {
+    let diffs = mover::compare::compare_trees(src, dst).expect("compare trees");
+    assert!(
+        diffs.is_empty(),
+        "{} differs from {}:\n{}",
+        dst.display(),
+        src.display(),
+        diffs.join("\n")
+    );
+}
+
+/// Builds a tree with everything a copy must preserve: large semi-compressible files, small
+/// ones, empty files and directories, odd names, modes, nanosecond mtimes, and symlinks
+/// (one pointing outside the tree, one dangling).
+pub fn mixed_tree(root: &Path, size: u64) {
+    let out = run(&[
+        "sample",
+        "--out",
+        root.to_str().expect("utf-8"),
+        "--size",
+        &size.to_string(),
+        "--small-files",
+        "300",
+    ]);
+    assert!(
+        out.status.success(),
+        "sample: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let odd = root.join("odd names");
+    std::fs::create_dir(&odd).expect("mkdir");
+    std::fs::write(odd.join("with space.txt"), b"space").expect("write");
+    std::fs::write(odd.join("new\nline"), b"newline").expect("write");
+    std::fs::write(odd.join("caf\u{e9} \u{65e5}\u{672c}"), b"utf8").expect("write");
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::write(
+        odd.join(std::ffi::OsStr::from_bytes(b"latin1-\xe9\xff")),
+        b"bytes",
+    )
+    .expect("write");
+    std::fs::write(odd.join("empty"), b"").expect("write");
+    std::fs::create_dir_all(root.join("empty/dir/nested")).expect("mkdir");
+    symlink("/etc/passwd", root.join("outside-link")).expect("symlink");
+    symlink("../../nowhere", odd.join("dangling")).expect("symlink");
+    symlink("odd names", root.join("dir-link")).expect("symlink");
+    let secret = root.join("secret.key");
+    std::fs::write(&secret, b"k").expect("write");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let ro = root.join("readonly");
+    std::fs::create_dir(&ro).expect("mkdir");
+    std::fs::write(ro.join("f"), b"r").expect("write");
+    std::fs::set_permissions(ro.join("f"), std::fs::Permissions::from_mode(0o444)).expect("chmod");
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let t = FileTime::from_unix_time(1_600_000_000, 123_456_789);
+    filetime::set_file_mtime(odd.join("with space.txt"), t).expect("mtime");
+    filetime::set_file_mtime(&odd, t).expect("mtime");
+    filetime::set_symlink_file_times(root.join("outside-link"), t, t).expect("mtime");
+}

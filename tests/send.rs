@@ -1,0 +1,254 @@
+//! End-to-end: real agents on loopback, real QUIC with mutual TLS, real files.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::{assert_same_tree, mixed_tree, target, Cluster, SIGTERM};
+
+const NODES: [&str; 4] = ["west1", "east1", "east2", "east3"];
+
+fn assert_all_committed(summary: &serde_json::Value, targets: &[&str]) {
+    for t in targets {
+        assert_eq!(target(summary, t)["result"], "committed", "{t}: {summary}");
+    }
+    // Every target holds the same tree digest (over every file's BLAKE3 root).
+    let digests: Vec<_> = targets
+        .iter()
+        .map(|t| target(summary, t)["digest"].clone())
+        .collect();
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "digests differ: {digests:?}"
+    );
+    assert_eq!(summary["exit_code"], 0);
+}
+
+fn send_mixed_tree(topology: &str) {
+    let c = Cluster::start(&NODES);
+    mixed_tree(&c.data("west1"), 24 << 20);
+    let (code, summary, stderr) = c.send(
+        "west1:data",
+        "east1,east2,east3",
+        &["--topology", topology, "--chunk-size", "1M"],
+    );
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_all_committed(&summary, &["east1", "east2", "east3"]);
+    assert_eq!(summary["topology"], topology);
+    for t in ["east1", "east2", "east3"] {
+        assert_same_tree(&c.data("west1"), &c.data(t));
+        // The link pointing outside the tree arrives as the same link, never followed.
+        let link = c.data(t).join("outside-link");
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            std::path::Path::new("/etc/passwd")
+        );
+    }
+}
+
+#[test]
+fn mixed_tree_to_three_targets_in_a_chain() {
+    send_mixed_tree("chain");
+}
+
+#[test]
+fn mixed_tree_to_three_targets_in_a_star() {
+    send_mixed_tree("star");
+}
+
+#[test]
+fn mixed_tree_in_a_tree_of_fan_out_two() {
+    send_mixed_tree("tree:2");
+}
+
+#[test]
+fn twenty_thousand_small_files() {
+    let c = Cluster::start(&["west1", "east1", "east2"]);
+    let root = c.data("west1");
+    for d in 0..20 {
+        let dir = root.join(format!("db{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..1000 {
+            let body = format!("row {d} {f} ").repeat(f % 50);
+            std::fs::write(dir.join(format!("t{f:04}.ibd")), body).unwrap();
+        }
+    }
+    let (code, summary, stderr) = c.send("west1:data", "east1,east2", &[]);
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_all_committed(&summary, &["east1", "east2"]);
+    assert_eq!(target(&summary, "east2")["files"], 20_000);
+    assert_same_tree(&root, &c.data("east1"));
+    assert_same_tree(&root, &c.data("east2"));
+}
+
+#[test]
+fn empty_dataset() {
+    let c = Cluster::start(&["west1", "east1"]);
+    let root = c.data("west1");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let (code, summary, stderr) = c.send("west1:data", "east1", &[]);
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_all_committed(&summary, &["east1"]);
+    assert_eq!(std::fs::read_dir(c.data("east1")).unwrap().count(), 0);
+    assert_same_tree(&root, &c.data("east1"));
+}
+
+#[test]
+fn rerun_onto_older_data_replaces_it_only_at_commit() {
+    let mut c = Cluster::start(&["west1", "east1", "east2"]);
+    mixed_tree(&c.data("west1"), 256 << 20);
+    // east1 holds an older, drifted copy.
+    let old = c.data("east1");
+    std::fs::create_dir_all(old.join("schema_00")).unwrap();
+    std::fs::write(old.join("ibdata1"), b"old tablespace").unwrap();
+    std::fs::write(old.join("only-in-old"), b"drift").unwrap();
+    let before = mover::compare::b3sum(&old.join("ibdata1")).unwrap();
+
+    // Stop the source mid-transfer: the targets fail, and their old data is untouched.
+    let cluster = c.cluster_file();
+    let send = common::mover()
+        .args([
+            "send",
+            "--cluster",
+            cluster.to_str().unwrap(),
+            "--from",
+            "west1:data",
+            "--to",
+            "east1,east2",
+            "--json",
+            "--chunk-size",
+            "256K",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the last hop has a staging area, data is flowing.
+    let staging = c.state_dir("east1").join("staging");
+    let last = c.state_dir("east2").join("staging");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&last).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "east2 never started staging");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    c.stop_agent("west1", SIGTERM);
+    let out = send.wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let code = out.status.code();
+    assert_ne!(
+        code,
+        Some(0),
+        "the interrupted send must not succeed: {summary}"
+    );
+    if code == Some(4) {
+        assert_eq!(target(&summary, "east1")["result"], "failed", "{summary}");
+    }
+    assert_eq!(std::fs::read(old.join("only-in-old")).unwrap(), b"drift");
+    assert_eq!(mover::compare::b3sum(&old.join("ibdata1")).unwrap(), before);
+    // The failed transfer cleaned up after itself.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "staging left behind: {}",
+            c.log("east1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Run it again: the new copy replaces the old one whole.
+    c.start_agent("west1");
+    let (code, summary, stderr) = c.send("west1:data", "east1,east2", &[]);
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_all_committed(&summary, &["east1", "east2"]);
+    assert_same_tree(&c.data("west1"), &old);
+    assert!(!old.join("only-in-old").exists());
+}
+
+#[test]
+fn a_peer_with_a_certificate_from_another_ca_is_refused() {
+    let mut c = Cluster::start(&["west1", "east1", "east2"]);
+    mixed_tree(&c.data("west1"), 4 << 20);
+    // A rogue east2 with certificates from another cluster's CA, on east2's address.
+    let rogue = c.path().join("rogue-certs");
+    let out = common::run(&[
+        "certs",
+        "init",
+        "--out",
+        rogue.to_str().unwrap(),
+        "--nodes",
+        "east2",
+    ]);
+    assert!(out.status.success());
+    c.stop_agent("east2", SIGTERM);
+    c.write_agent_config(2, "rogue-certs");
+    c.start_agent("east2");
+
+    let (code, summary, stderr) = c.send("west1:data", "east1,east2", &[]);
+    assert_eq!(
+        code, 3,
+        "partial: east1 commits, east2 is refused\n{stderr}\n{summary}"
+    );
+    assert_eq!(target(&summary, "east1")["result"], "committed");
+    let e2 = target(&summary, "east2");
+    assert_eq!(e2["result"], "failed");
+    let reason = e2["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("certificate") || reason.contains("handshake"),
+        "{reason}"
+    );
+    assert!(!c.data("east2").exists(), "the rogue node got data");
+
+    // A controller whose certificate comes from another CA gets nothing from any agent.
+    let foreign = c.path().join("foreign-controller");
+    assert!(common::run(&[
+        "certs",
+        "init",
+        "--out",
+        foreign.to_str().unwrap(),
+        "--nodes",
+        "x1"
+    ])
+    .status
+    .success());
+    let text = std::fs::read_to_string(c.cluster_file())
+        .unwrap()
+        .replace("certs/controller", "foreign-controller/controller")
+        .replace("certs/ca.pem", "foreign-controller/ca.pem");
+    std::fs::write(c.cluster_file(), text).unwrap();
+    let (code, _, stderr) = c.send("west1:data", "east1", &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("west1"), "{stderr}");
+}
+
+#[test]
+fn a_target_with_an_unknown_dataset_fails_by_name() {
+    let c = Cluster::start(&["west1", "east1", "east2"]);
+    mixed_tree(&c.data("west1"), 2 << 20);
+    let (code, summary, stderr) = c.send("west1:data", "east1:nope,east2", &["--topology", "star"]);
+    assert_eq!(code, 3, "{stderr}\n{summary}");
+    let reason = target(&summary, "east1")["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("unknown dataset") && reason.contains("nope"),
+        "{reason}"
+    );
+    assert_same_tree(&c.data("west1"), &c.data("east2"));
+}
+
+#[test]
+fn sends_to_a_differently_named_dataset() {
+    let c = Cluster::start(&["west1", "east1"]);
+    mixed_tree(&c.data("west1"), 2 << 20);
+    let (code, summary, stderr) = c.send("west1:data", "east1:other", &[]);
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_same_tree(&c.data("west1"), &c.path().join("east1/other"));
+}
