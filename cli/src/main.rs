@@ -36,7 +36,12 @@ unreachable source); 2 bad usage; 3 partial (some targets failed); 4 no target c
 
 /// Rebuild database nodes fast: stream a data directory from one node to many, verified.
 #[derive(Parser)]
-#[command(name = "mover", version, about, after_help = AFTER_HELP)]
+#[command(
+    name = "mover",
+    version,
+    about = "Rebuild database nodes fast: stream a data directory from one node to many, verified at every hop.",
+    after_help = AFTER_HELP
+)]
 struct Cli {
     /// More log output (-v info, -vv debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -133,7 +138,7 @@ pub(crate) struct Tuning {
     /// zstd level per chunk (1-19), or off. Chunks that do not shrink go raw.
     #[arg(long, default_value = "1", value_parser = parse_compress)]
     compress: u8,
-    /// QUIC connections per hop (default: one per core).
+    /// QUIC connections per hop (default: one per core, at most 8).
     #[arg(long)]
     connections: Option<u8>,
 }
@@ -316,6 +321,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 fn main() -> ExitCode {
+    mover::pool::tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

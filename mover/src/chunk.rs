@@ -4,30 +4,44 @@
 //! thread, so no chunk allocates one.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use mover_protocol::hash::chunk_hash;
 use mover_protocol::{Chunk, Encoding};
 
 use crate::error::ChunkCodecError;
+use crate::pool::{Pool, PoolBuf};
+
+/// Capacity of a transfer's pooled buffers: a whole chunk frame fits in one.
+pub fn buffer_capacity(chunk_size: u32) -> usize {
+    chunk_size as usize + 4096
+}
 
 thread_local! {
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Hashes and (when `level > 0` and it helps) compresses one chunk.
-pub fn encode(file: u32, offset: u64, file_size: u64, data: Bytes, level: u8) -> Chunk {
+/// Hashes and (when `level > 0` and it helps) compresses one chunk read into `data`.
+pub fn encode(
+    file: u32,
+    offset: u64,
+    file_size: u64,
+    data: PoolBuf,
+    level: u8,
+    pool: &Arc<Pool>,
+) -> Chunk {
     let hash = chunk_hash(&data, offset, file_size);
     let raw_len = data.len() as u32;
+    // Keep raw unless zstd saves at least 1/32: decompression is not free either.
+    let limit = data.len() - data.len() / 32;
     let compressed = (level > 0)
-        .then(|| compress(&data, i32::from(level)))
-        .flatten()
-        // Keep raw unless zstd saves at least 1/32: decompression is not free either.
-        .filter(|c| c.len() < data.len() - data.len() / 32);
+        .then(|| compress(&data, i32::from(level), pool, limit))
+        .flatten();
     let (encoding, payload) = match compressed {
-        Some(c) => (Encoding::Zstd, Bytes::from(c)),
-        None => (Encoding::Raw, data),
+        Some(c) => (Encoding::Zstd, c.freeze()),
+        None => (Encoding::Raw, data.freeze()),
     };
     Chunk {
         file,
@@ -39,43 +53,45 @@ pub fn encode(file: u32, offset: u64, file_size: u64, data: Bytes, level: u8) ->
     }
 }
 
-fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+/// Compresses into a pooled buffer; `None` when the result would not be under `limit` bytes.
+fn compress(data: &[u8], level: i32, pool: &Arc<Pool>, limit: usize) -> Option<PoolBuf> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l) != Some(level) {
             *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
         }
         let (_, c) = slot.as_mut()?;
-        c.compress(data).ok()
+        // A destination of `limit` bytes makes zstd give up on data that will not shrink
+        // enough, instead of compressing it all for nothing.
+        let mut out = pool.take(limit.min(pool.capacity()));
+        let n = c.compress_to_buffer(data, &mut out[..]).ok()?;
+        out.vec_mut().truncate(n);
+        (n < limit).then_some(out)
     })
 }
 
 /// Decompresses a chunk and checks it against its hash. Returns the raw bytes.
-pub fn decode(c: &Chunk, file_size: u64) -> Result<Bytes, ChunkCodecError> {
+pub fn decode(c: &Chunk, file_size: u64, pool: &Arc<Pool>) -> Result<Bytes, ChunkCodecError> {
     let raw = match c.encoding {
         Encoding::Raw => c.payload.clone(),
         Encoding::Zstd => DECOMPRESSOR.with(|cell| {
+            let err = |reason: String| ChunkCodecError::Decompress {
+                offset: c.offset,
+                reason,
+            };
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
-                *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| {
-                    ChunkCodecError::Decompress {
-                        offset: c.offset,
-                        reason: e.to_string(),
-                    }
-                })?);
+                *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| err(e.to_string()))?);
             }
-            let d = slot.as_mut().ok_or(ChunkCodecError::Decompress {
-                offset: c.offset,
-                reason: "no decompressor".into(),
-            })?;
-            // The capacity is the declared raw length, already bounded by the chunk size.
-            let out = d.decompress(&c.payload, c.raw_len as usize).map_err(|e| {
-                ChunkCodecError::Decompress {
-                    offset: c.offset,
-                    reason: e.to_string(),
-                }
-            })?;
-            Ok::<_, ChunkCodecError>(Bytes::from(out))
+            let d = slot.as_mut().ok_or_else(|| err("no decompressor".into()))?;
+            // The output is at most the declared raw length, already bounded by the chunk
+            // size: a payload that inflates further is refused, not buffered.
+            let mut out = pool.take(c.raw_len as usize);
+            let n = d
+                .decompress_to_buffer(&c.payload, &mut out[..])
+                .map_err(|e| err(e.to_string()))?;
+            out.vec_mut().truncate(n);
+            Ok::<_, ChunkCodecError>(out.freeze())
         })?,
     };
     if raw.len() != c.raw_len as usize {
@@ -95,41 +111,48 @@ pub fn decode(c: &Chunk, file_size: u64) -> Result<Bytes, ChunkCodecError> {
 mod tests {
     use super::*;
 
+    fn pooled(pool: &Arc<Pool>, data: &[u8]) -> PoolBuf {
+        let mut b = pool.take(data.len());
+        b.copy_from_slice(data);
+        b
+    }
+
     #[test]
     fn round_trips_compressible_and_random_data() {
-        let text = Bytes::from("select * from t where id = 1;\n".repeat(3000));
-        let c = encode(0, 0, text.len() as u64, text.clone(), 1);
+        let pool = Pool::new(buffer_capacity(1 << 17), 8);
+        let text = "select * from t where id = 1;\n".repeat(3000).into_bytes();
+        let c = encode(0, 0, text.len() as u64, pooled(&pool, &text), 1, &pool);
         assert_eq!(c.encoding, Encoding::Zstd);
         assert!(c.payload.len() < text.len() / 4);
-        assert_eq!(decode(&c, text.len() as u64).unwrap(), text);
+        assert_eq!(decode(&c, text.len() as u64, &pool).unwrap(), text);
 
-        let noise: Bytes = (0..70_000)
-            .map(|_| fastrand::u8(..))
-            .collect::<Vec<_>>()
-            .into();
-        let c = encode(0, 0, noise.len() as u64, noise.clone(), 3);
+        let noise: Vec<u8> = (0..70_000).map(|_| fastrand::u8(..)).collect();
+        let c = encode(0, 0, noise.len() as u64, pooled(&pool, &noise), 3, &pool);
         assert_eq!(c.encoding, Encoding::Raw, "incompressible data goes raw");
-        assert_eq!(decode(&c, noise.len() as u64).unwrap(), noise);
+        assert_eq!(decode(&c, noise.len() as u64, &pool).unwrap(), noise);
+        drop(c);
+        assert!(pool.idle() > 0, "buffers went back to the pool");
     }
 
     #[test]
     fn detects_a_flipped_bit() {
-        let data = Bytes::from(vec![7u8; 65536]);
-        let mut c = encode(0, 0, 65536, data, 0);
+        let pool = Pool::new(buffer_capacity(1 << 16), 8);
+        let mut c = encode(0, 0, 65536, pooled(&pool, &[7u8; 65536]), 0, &pool);
         let mut p = c.payload.to_vec();
         p[100] ^= 1;
         c.payload = p.into();
         assert!(matches!(
-            decode(&c, 65536),
+            decode(&c, 65536, &pool),
             Err(ChunkCodecError::HashMismatch { .. })
         ));
     }
 
     #[test]
     fn refuses_a_zstd_bomb_beyond_the_declared_length() {
-        let big = Bytes::from(vec![0u8; 1 << 20]);
-        let mut c = encode(0, 0, 1 << 20, big, 1);
+        let pool = Pool::new(buffer_capacity(1 << 20), 8);
+        let mut c = encode(0, 0, 1 << 20, pool.take(1 << 20), 1, &pool);
+        assert_eq!(c.encoding, Encoding::Zstd);
         c.raw_len = 1000;
-        assert!(decode(&c, 1 << 20).is_err());
+        assert!(decode(&c, 1 << 20, &pool).is_err());
     }
 }

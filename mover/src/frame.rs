@@ -4,7 +4,10 @@ use bytes::{Bytes, BytesMut};
 use mover_protocol::{DecodeError, FrameHeader, Message, FRAME_HEADER_LEN};
 use quinn::{RecvStream, SendStream};
 
+use std::sync::Arc;
+
 use crate::error::LinkError;
+use crate::pool::Pool;
 
 /// One frame as it arrived: the raw bytes (to forward untouched) and its header.
 pub struct RawFrame {
@@ -35,6 +38,29 @@ pub async fn read_frame(
     recv.read_exact(&mut head[1..]).await?;
     let header = FrameHeader::decode(&mut &head[..], max_len)?;
     let mut buf = BytesMut::zeroed(FRAME_HEADER_LEN + header.len as usize);
+    buf[..FRAME_HEADER_LEN].copy_from_slice(&head);
+    recv.read_exact(&mut buf[FRAME_HEADER_LEN..]).await?;
+    Ok(Some(RawFrame {
+        header,
+        bytes: buf.freeze(),
+    }))
+}
+
+/// Like [`read_frame`], but reads the frame into a buffer from `pool` (data streams).
+pub async fn read_frame_pooled(
+    recv: &mut RecvStream,
+    max_len: u32,
+    pool: &Arc<Pool>,
+) -> Result<Option<RawFrame>, LinkError> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    match recv.read(&mut head[..1]).await? {
+        None => return Ok(None),
+        Some(0) => return Err(LinkError::Closed),
+        Some(_) => {}
+    }
+    recv.read_exact(&mut head[1..]).await?;
+    let header = FrameHeader::decode(&mut &head[..], max_len)?;
+    let mut buf = pool.take(FRAME_HEADER_LEN + header.len as usize);
     buf[..FRAME_HEADER_LEN].copy_from_slice(&head);
     recv.read_exact(&mut buf[FRAME_HEADER_LEN..]).await?;
     Ok(Some(RawFrame {

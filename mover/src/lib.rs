@@ -14,6 +14,7 @@ pub mod error;
 pub(crate) mod frame;
 pub(crate) mod link;
 pub mod net;
+pub mod pool;
 pub(crate) mod receiver;
 pub mod sample;
 pub mod scan;

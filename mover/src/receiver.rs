@@ -15,8 +15,9 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::agent::Ctx;
 use crate::error::{LinkError, TransferError};
-use crate::frame::{read_frame, read_message, write_message};
+use crate::frame::{read_frame_pooled, read_message, write_message};
 use crate::link::{self, Up};
+use crate::pool::Pool;
 use crate::staging::Staging;
 
 /// How long to wait for the parent's data streams after saying `Ready`.
@@ -269,6 +270,12 @@ async fn receive_into(
 
     let tracker = Arc::new(Mutex::new(Tracker::new(manifest, open.chunk_size)));
     let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
+    // Buffers in use at once: a frame being read, forwarded or decoded per stream, and a
+    // frame and its decompressed copy per worker.
+    let pool = Pool::new(
+        crate::chunk::buffer_capacity(open.chunk_size),
+        2 * ctx.cfg.workers() + 3 * usize::from(open.connections),
+    );
     let failure: Arc<Mutex<Option<TransferError>>> = Arc::new(Mutex::new(None));
     let progress = spawn_progress(ctx.node.clone(), tracker.clone(), up.clone());
 
@@ -288,6 +295,7 @@ async fn receive_into(
             workers: workers.clone(),
             staging: staging.clone(),
             failure: failure.clone(),
+            pool: pool.clone(),
             max_len: max_frame_len(open.chunk_size),
         };
         data_tasks.push(tokio::spawn(job.run(recv, streams)));
@@ -453,6 +461,7 @@ struct DataJob {
     workers: Arc<Semaphore>,
     staging: Arc<Staging>,
     failure: Arc<Mutex<Option<TransferError>>>,
+    pool: Arc<Pool>,
     max_len: u32,
 }
 
@@ -472,7 +481,7 @@ impl DataJob {
         recv: &mut RecvStream,
         children: &mut [Option<(String, SendStream)>],
     ) -> Result<(), LinkError> {
-        while let Some(frame) = read_frame(recv, self.max_len).await? {
+        while let Some(frame) = read_frame_pooled(recv, self.max_len, &self.pool).await? {
             link::forward(std::slice::from_ref(&frame.bytes), children).await;
             let chunk = match frame.decode()? {
                 Message::Chunk(c) => c,
@@ -507,15 +516,16 @@ impl DataJob {
                 .acquire_owned()
                 .await
                 .map_err(|_| LinkError::Closed)?;
-            let (tracker, staging, failure) = (
+            let (tracker, staging, failure, pool) = (
                 self.tracker.clone(),
                 self.staging.clone(),
                 self.failure.clone(),
+                self.pool.clone(),
             );
             tokio::task::spawn_blocking(move || {
                 let entry = &staging.manifest().entries[chunk.file as usize];
                 let path = display_path(&entry.path);
-                let result = crate::chunk::decode(&chunk, entry.size())
+                let result = crate::chunk::decode(&chunk, entry.size(), &pool)
                     .map_err(|source| TransferError::ChunkCodec { path, source })
                     .and_then(|raw| Ok(staging.write_at(chunk.file, chunk.offset, &raw)?));
                 match result {

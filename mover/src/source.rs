@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use mover_protocol::manifest::{display_path, EntryKind, Manifest};
 use mover_protocol::{Message, Open, Start, Tracker};
 use quinn::SendStream;
@@ -15,6 +15,7 @@ use crate::agent::Ctx;
 use crate::chunk;
 use crate::error::TransferError;
 use crate::link::{self, close, Downlink, Up};
+use crate::pool::Pool;
 
 /// What the source reports when everything was read and sent.
 struct Totals {
@@ -199,6 +200,12 @@ async fn stream_chunks(
         }));
     }
     let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
+    // Buffers in use at once: a read and a compressed copy per worker, and a frame queued or
+    // in flight per stream.
+    let pool = Pool::new(
+        crate::chunk::buffer_capacity(start.chunk_size),
+        2 * ctx.cfg.workers() + 4 * n,
+    );
     let tracker = Arc::new(Mutex::new(Tracker::new(manifest, start.chunk_size)));
     let (err_tx, mut err_rx) = mpsc::channel::<TransferError>(1);
     let mut chunks = 0u64;
@@ -220,18 +227,18 @@ async fn stream_chunks(
                 .await
                 .map_err(|e| TransferError::Internal(e.to_string()))?;
             let tx = senders[(chunks % n as u64) as usize].clone();
-            let (path, tracker, err_tx, level) = (
-                path.clone(),
-                tracker.clone(),
-                err_tx.clone(),
-                start.compress,
-            );
-            let file = id as u32;
+            let (tracker, err_tx) = (tracker.clone(), err_tx.clone());
+            let job = ReadJob {
+                path: path.clone(),
+                file: id as u32,
+                offset,
+                size,
+                len,
+                level: start.compress,
+                pool: pool.clone(),
+            };
             tokio::spawn(async move {
-                let job = tokio::task::spawn_blocking(move || {
-                    read_and_encode(&path, file, offset, size, len, level)
-                })
-                .await;
+                let job = tokio::task::spawn_blocking(move || job.run()).await;
                 let result = match job {
                     Ok(r) => r,
                     Err(e) => Err(TransferError::Internal(e.to_string())),
@@ -286,36 +293,50 @@ async fn stream_chunks(
     Ok((totals, digest))
 }
 
-fn read_and_encode(
-    path: &PathBuf,
+/// One chunk to read and encode on a worker thread.
+struct ReadJob {
+    path: PathBuf,
     file: u32,
     offset: u64,
     size: u64,
     len: usize,
     level: u8,
-) -> Result<mover_protocol::Chunk, TransferError> {
-    let io = |source| TransferError::Read {
-        path: path.display().to_string(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(io)?;
-    let mut buf = BytesMut::zeroed(len);
-    let mut done = 0;
-    while done < len {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                return Err(TransferError::SourceChanged {
-                    path: display_path(path.as_os_str().as_encoded_bytes()),
-                    detail: format!(
-                        "it ended at {} bytes, the scan saw {size}",
-                        offset + done as u64
-                    ),
-                })
+    pool: Arc<Pool>,
+}
+
+impl ReadJob {
+    fn run(self) -> Result<mover_protocol::Chunk, TransferError> {
+        let io = |source| TransferError::Read {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let f = std::fs::File::open(&self.path).map_err(io)?;
+        let mut buf = self.pool.take(self.len);
+        let mut done = 0;
+        while done < self.len {
+            match f.read_at(&mut buf[done..], self.offset + done as u64) {
+                Ok(0) => {
+                    return Err(TransferError::SourceChanged {
+                        path: display_path(self.path.as_os_str().as_encoded_bytes()),
+                        detail: format!(
+                            "it ended at {} bytes, the scan saw {}",
+                            self.offset + done as u64,
+                            self.size
+                        ),
+                    })
+                }
+                Ok(k) => done += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
             }
-            Ok(k) => done += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io(e)),
         }
+        Ok(chunk::encode(
+            self.file,
+            self.offset,
+            self.size,
+            buf,
+            self.level,
+            &self.pool,
+        ))
     }
-    Ok(chunk::encode(file, offset, size, buf.freeze(), level))
 }
