@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: mover against the tools operators use today, side by side, in one run.
+#
+#   benches/e2e.sh [--size 2G] [--small-files 4000] [--dir DIR] [--only LIST] [--keep]
+#
+# Starts four release-build agents on loopback (west1, east1, east2, east3), generates a
+# DB-like data directory (large ~2x-compressible files plus thousands of small ones), and times:
+#   mover-1to1     mover send west1 -> east1
+#   mover-chain3   mover send west1 -> east1 -> east2 -> east3 (chain)
+#   mover-star3    mover send west1 -> {east1, east2, east3} (star)
+#   tarzstd-1to1   tar -c | zstd -1 | nc  ->  nc | zstd -d | tar -x, then sync
+#   tarzstd-serial3  the same three times one after the other (what tprovision does)
+#   tar-1to1       tar -c | nc  ->  nc | tar -x, then sync
+# and prints seconds, MB/s, the ratio to mover-1to1, and each agent's peak RSS (VmHWM).
+# Every scenario starts with empty targets and a warm page cache on the source (same for all).
+# mover encrypts (TLS 1.3) and verifies every chunk at every hop; the tar pipes do neither.
+set -euo pipefail
+
+size=2G
+small=4000
+dir=""
+only="mover-1to1,mover-chain3,mover-star3,tarzstd-1to1,tarzstd-serial3,tar-1to1"
+keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) size=$2; shift 2 ;;
+    --small-files) small=$2; shift 2 ;;
+    --dir) dir=$2; shift 2 ;;
+    --only) only=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nc || ! need zstd; then
+  if [ "$(id -u)" = 0 ] && need apt-get; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q netcat-openbsd zstd >/dev/null
+  else
+    echo "this benchmark needs nc (netcat-openbsd) and zstd" >&2; exit 1
+  fi
+fi
+(cd "$top" && cargo build --release -q -p mover-cli)
+mover="$top/target/release/mover"
+
+if [ -z "$dir" ]; then dir=$(mktemp -d /tmp/mover-bench-XXXXXX); fi
+mkdir -p "$dir"
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "$keep" = 0 ]; then rm -rf "$dir"; else echo "kept $dir"; fi
+}
+trap cleanup EXIT
+
+nodes=(west1 east1 east2 east3)
+"$mover" certs init --out "$dir/certs" --nodes "$(IFS=,; echo "${nodes[*]}")" >/dev/null
+{
+  printf '[tls]\nca = "certs/ca.pem"\ncert = "certs/controller.pem"\nkey = "certs/controller.key"\n'
+  port=47100
+  for n in "${nodes[@]}"; do
+    port=$((port + 1))
+    printf '[nodes.%s]\naddress = "127.0.0.1:%s"\n' "$n" "$port"
+    mkdir -p "$dir/$n"
+    printf 'node = "%s"\nlisten = "127.0.0.1:%s"\nstate_dir = "%s/state"\n[tls]\nca = "certs/ca.pem"\ncert = "certs/%s.pem"\nkey = "certs/%s.key"\n[datasets.data]\npath = "%s/data"\n' \
+      "$n" "$port" "$n" "$n" "$n" "$n" > "$dir/$n.toml"
+  done
+} > "$dir/cluster.toml"
+
+echo "generating a $size sample data directory ($small small files) in $dir/west1/data ..."
+"$mover" sample --out "$dir/west1/data" --size "$size" --small-files "$small" >/dev/null
+bytes=$(du -sb --apparent-size "$dir/west1/data" | cut -f1)
+zbytes=$(tar -C "$dir/west1/data" -cf - . | zstd -1 -T1 -c | wc -c)
+echo "  $bytes bytes; zstd -1 of the tar stream: $zbytes bytes ($(awk "BEGIN{printf \"%.2f\", $bytes/$zbytes}")x)"
+# Warm the source's page cache for every contender alike.
+tar -C "$dir/west1/data" -cf - . > /dev/null
+
+for n in "${nodes[@]}"; do
+  "$mover" agent --config "$dir/$n.toml" > "$dir/$n.log" 2>&1 &
+  pids+=($!)
+done
+for n in "${nodes[@]}"; do
+  for _ in $(seq 1 200); do grep -q "agent listening" "$dir/$n.log" && break; sleep 0.05; done
+done
+
+now() { date +%s.%N; }
+clear_targets() { for n in east1 east2 east3; do rm -rf "$dir/$n/data" "$dir/$n/recv"; done; sync; }
+results=()
+record() { results+=("$1 $2"); printf '  %-16s %8.2f s\n' "$1" "$2"; }
+
+run_mover() { # name topology targets
+  clear_targets
+  local t0 t1 out
+  t0=$(now)
+  out=$("$mover" send --cluster "$dir/cluster.toml" --from west1:data --to "$3" --topology "$2" --json) || {
+    echo "$out" >&2; echo "mover send failed" >&2; exit 1; }
+  t1=$(now)
+  record "$1" "$(awk "BEGIN{print $t1-$t0}")"
+}
+
+pipe_copy() { # compress(0/1) target-dir port
+  mkdir -p "$2"
+  if [ "$1" = 1 ]; then
+    (nc -l 127.0.0.1 "$3" | zstd -d -q | tar -C "$2" -xf -) &
+  else
+    (nc -l 127.0.0.1 "$3" | tar -C "$2" -xf -) &
+  fi
+  local rx=$!
+  sleep 0.2
+  if [ "$1" = 1 ]; then
+    tar -C "$dir/west1/data" -cf - . | zstd -1 -T1 -q -c | nc -N 127.0.0.1 "$3"
+  else
+    tar -C "$dir/west1/data" -cf - . | nc -N 127.0.0.1 "$3"
+  fi
+  wait "$rx"
+}
+
+run_pipe() { # name compress count
+  clear_targets
+  local t0 t1 i
+  t0=$(now)
+  for i in $(seq 1 "$3"); do pipe_copy "$2" "$dir/east$i/recv" $((47200 + i)); done
+  sync
+  t1=$(now)
+  record "$1" "$(awk "BEGIN{print $t1-$t0}")"
+}
+
+echo "running (loopback, $(nproc) cores):"
+IFS=, read -ra wanted <<< "$only"
+for s in "${wanted[@]}"; do
+  case "$s" in
+    mover-1to1) run_mover "$s" chain east1 ;;
+    mover-chain3) run_mover "$s" chain east1,east2,east3 ;;
+    mover-star3) run_mover "$s" star east1,east2,east3 ;;
+    tarzstd-1to1) run_pipe "$s" 1 1 ;;
+    tarzstd-serial3) run_pipe "$s" 1 3 ;;
+    tar-1to1) run_pipe "$s" 0 1 ;;
+    *) echo "unknown scenario $s" >&2; exit 2 ;;
+  esac
+done
+
+echo
+base=""
+for r in "${results[@]}"; do set -- $r; [ "$1" = mover-1to1 ] && base=$2; done
+printf '%-16s %9s %11s %14s\n' SCENARIO SECONDS "MB/S*" "vs mover-1to1"
+for r in "${results[@]}"; do
+  set -- $r
+  if [ -n "$base" ]; then ratio=$(awk "BEGIN{printf \"%.2fx\", $2/$base}"); else ratio=-; fi
+  printf '%-16s %9.2f %11.1f %14s\n' "$1" "$2" "$(awk "BEGIN{print $bytes/1e6/$2}")" "$ratio"
+done
+echo "* dataset bytes / wall seconds (for 3-target scenarios: the time to deliver all three)"
+echo
+echo "peak RSS per agent (VmHWM):"
+for i in "${!nodes[@]}"; do
+  printf '  %-6s %s\n' "${nodes[$i]}" "$(grep VmHWM "/proc/${pids[$i]}/status" | awk '{printf "%.0f MiB", $2/1024}')"
+done
