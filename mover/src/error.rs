@@ -10,9 +10,9 @@ pub enum LinkError {
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("write to peer: {0}")]
-    Write(#[from] quinn::WriteError),
+    Write(quinn::WriteError),
     #[error("read from peer: {0}")]
-    Read(#[from] quinn::ReadError),
+    Read(quinn::ReadError),
     #[error("stream already closed")]
     ClosedStream(#[from] quinn::ClosedStream),
     #[error("{0}")]
@@ -28,11 +28,31 @@ pub enum LinkError {
     Timeout { what: &'static str, secs: u64 },
 }
 
+// quinn's "connection lost" hides why; keep the connection error, which says (timed out,
+// reset, closed by peer with its reason).
+impl From<quinn::ReadError> for LinkError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(c) => Self::Connection(c),
+            other => Self::Read(other),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for LinkError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(c) => Self::Connection(c),
+            other => Self::Write(other),
+        }
+    }
+}
+
 impl From<quinn::ReadExactError> for LinkError {
     fn from(e: quinn::ReadExactError) -> Self {
         match e {
             quinn::ReadExactError::FinishedEarly(_) => Self::Closed,
-            quinn::ReadExactError::ReadError(e) => Self::Read(e),
+            quinn::ReadExactError::ReadError(e) => e.into(),
         }
     }
 }
