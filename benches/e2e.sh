@@ -2,12 +2,20 @@
 # End-to-end benchmark: mover against the tools operators use today, side by side, in one run.
 #
 #   benches/e2e.sh [--size 2G] [--small-files 4000] [--dir DIR] [--only LIST] [--keep]
+#                  [--link RATE]
+#
+# With --link RATE (root only), every host runs in its own network namespace on a bridge, with
+# its uplink limited to RATE (tc tbf, e.g. 100mbit) and an address in 198.18.0.0/24 (the range
+# set aside for benchmarks); the controller runs in west1's namespace. The link, not this
+# machine's shared CPUs and disk, then limits each hop, as between real hosts.
 #
 # Starts four release-build agents on loopback (west1, east1, east2, east3), generates a
 # DB-like data directory (large ~2x-compressible files plus thousands of small ones), and times:
 #   mover-1to1     mover send west1 -> east1
 #   mover-chain3   mover send west1 -> east1 -> east2 -> east3 (chain)
 #   mover-star3    mover send west1 -> {east1, east2, east3} (star)
+#   mover-raw-1to1, mover-raw-chain3   the same with --compress off (loopback is not short of
+#                  bandwidth, so compression only costs CPU there)
 #   tarzstd-1to1   tar -c | zstd -1 | nc  ->  nc | zstd -d | tar -x, then sync
 #   tarzstd-serial3  the same three times one after the other (what tprovision does)
 #   tar-1to1       tar -c | nc  ->  nc | tar -x, then sync
@@ -19,8 +27,9 @@ set -euo pipefail
 size=2G
 small=4000
 dir=""
-only="mover-1to1,mover-chain3,mover-star3,tarzstd-1to1,tarzstd-serial3,tar-1to1"
+only="mover-1to1,mover-chain3,mover-star3,mover-raw-1to1,mover-raw-chain3,tarzstd-1to1,tarzstd-serial3,tar-1to1"
 keep=0
+link=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
@@ -28,6 +37,7 @@ while [ $# -gt 0 ]; do
     --dir) dir=$2; shift 2 ;;
     --only) only=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --link) link=$2; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -48,24 +58,53 @@ mover="$top/target/release/mover"
 if [ -z "$dir" ]; then dir=$(mktemp -d /tmp/mover-bench-XXXXXX); fi
 mkdir -p "$dir"
 pids=()
+nodes=(west1 east1 east2 east3)
+# on NODE CMD...: run a command on a host (in its namespace with --link).
+on() { local n=$1; shift; if [ -n "$link" ]; then ip netns exec "mvb-$n" "$@"; else "$@"; fi; }
+addr() { # host address of node index $1
+  if [ -n "$link" ]; then echo "198.18.0.$(($1 + 1))"; else echo 127.0.0.1; fi
+}
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ -n "$link" ]; then
+    for n in "${nodes[@]}" sw; do ip netns del "mvb-$n" 2>/dev/null || true; done
+  fi
   if [ "$keep" = 0 ]; then rm -rf "$dir"; else echo "kept $dir"; fi
 }
 trap cleanup EXIT
 
-nodes=(west1 east1 east2 east3)
+if [ -n "$link" ]; then
+  [ "$(id -u)" = 0 ] || { echo "--link needs root (network namespaces)" >&2; exit 1; }
+  ip netns add mvb-sw
+  ip -n mvb-sw link add br0 type bridge
+  ip -n mvb-sw link set br0 up
+  for i in "${!nodes[@]}"; do
+    n=${nodes[$i]}
+    ip netns add "mvb-$n"
+    ip link add "mvb$i" type veth peer name "mvb${i}p"
+    ip link set "mvb$i" netns "mvb-$n"
+    ip link set "mvb${i}p" netns mvb-sw
+    ip -n mvb-sw link set "mvb${i}p" master br0 up
+    ip -n "mvb-$n" link set lo up
+    ip -n "mvb-$n" link set "mvb$i" name eth0
+    ip -n "mvb-$n" addr add "$(addr "$i")/24" dev eth0
+    ip -n "mvb-$n" link set eth0 up
+    # Each host's uplink is RATE: what it sends, it sends at most this fast.
+    ip netns exec "mvb-$n" tc qdisc add dev eth0 root tbf rate "$link" burst 256kb latency 100ms
+  done
+fi
 "$mover" certs init --out "$dir/certs" --nodes "$(IFS=,; echo "${nodes[*]}")" >/dev/null
 {
   printf '[tls]\nca = "certs/ca.pem"\ncert = "certs/controller.pem"\nkey = "certs/controller.key"\n'
   port=47100
-  for n in "${nodes[@]}"; do
+  for i in "${!nodes[@]}"; do
+    n=${nodes[$i]}
     port=$((port + 1))
-    printf '[nodes.%s]\naddress = "127.0.0.1:%s"\n' "$n" "$port"
+    printf '[nodes.%s]\naddress = "%s:%s"\n' "$n" "$(addr "$i")" "$port"
     mkdir -p "$dir/$n"
-    printf 'node = "%s"\nlisten = "127.0.0.1:%s"\nstate_dir = "%s/state"\n[tls]\nca = "certs/ca.pem"\ncert = "certs/%s.pem"\nkey = "certs/%s.key"\n[datasets.data]\npath = "%s/data"\n' \
-      "$n" "$port" "$n" "$n" "$n" "$n" > "$dir/$n.toml"
+    printf 'node = "%s"\nlisten = "%s:%s"\nstate_dir = "%s/state"\n[tls]\nca = "certs/ca.pem"\ncert = "certs/%s.pem"\nkey = "certs/%s.key"\n[datasets.data]\npath = "%s/data"\n' \
+      "$n" "$(addr "$i")" "$port" "$n" "$n" "$n" "$n" > "$dir/$n.toml"
   done
 } > "$dir/cluster.toml"
 
@@ -78,7 +117,12 @@ echo "  $bytes bytes; zstd -1 of the tar stream: $zbytes bytes ($(awk "BEGIN{pri
 tar -C "$dir/west1/data" -cf - . > /dev/null
 
 for n in "${nodes[@]}"; do
-  "$mover" agent --config "$dir/$n.toml" > "$dir/$n.log" 2>&1 &
+  # Started directly (not through a shell function) so that $! is the agent for VmHWM.
+  if [ -n "$link" ]; then
+    ip netns exec "mvb-$n" "$mover" agent --config "$dir/$n.toml" > "$dir/$n.log" 2>&1 &
+  else
+    "$mover" agent --config "$dir/$n.toml" > "$dir/$n.log" 2>&1 &
+  fi
   pids+=($!)
 done
 for n in "${nodes[@]}"; do
@@ -90,29 +134,31 @@ clear_targets() { for n in east1 east2 east3; do rm -rf "$dir/$n/data" "$dir/$n/
 results=()
 record() { results+=("$1 $2"); printf '  %-16s %8.2f s\n' "$1" "$2"; }
 
-run_mover() { # name topology targets
+run_mover() { # name topology targets [extra flags]
   clear_targets
   local t0 t1 out
   t0=$(now)
-  out=$("$mover" send --cluster "$dir/cluster.toml" --from west1:data --to "$3" --topology "$2" --json) || {
+  out=$(on west1 "$mover" send --cluster "$dir/cluster.toml" --from west1:data --to "$3" --topology "$2" --json "${@:4}") || {
     echo "$out" >&2; echo "mover send failed" >&2; exit 1; }
   t1=$(now)
   record "$1" "$(awk "BEGIN{print $t1-$t0}")"
 }
 
-pipe_copy() { # compress(0/1) target-dir port
-  mkdir -p "$2"
+pipe_copy() { # compress(0/1) target-index port
+  local tdir="$dir/east$2/recv" a
+  a=$(addr "$2")
+  mkdir -p "$tdir"
   if [ "$1" = 1 ]; then
-    (nc -l 127.0.0.1 "$3" | zstd -d -q | tar -C "$2" -xf -) &
+    (on "east$2" nc -l "$a" "$3" | zstd -d -q | tar -C "$tdir" -xf -) &
   else
-    (nc -l 127.0.0.1 "$3" | tar -C "$2" -xf -) &
+    (on "east$2" nc -l "$a" "$3" | tar -C "$tdir" -xf -) &
   fi
   local rx=$!
-  sleep 0.2
+  sleep 0.3
   if [ "$1" = 1 ]; then
-    tar -C "$dir/west1/data" -cf - . | zstd -1 -T1 -q -c | nc -N 127.0.0.1 "$3"
+    tar -C "$dir/west1/data" -cf - . | zstd -1 -T1 -q -c | on west1 nc -N "$a" "$3"
   else
-    tar -C "$dir/west1/data" -cf - . | nc -N 127.0.0.1 "$3"
+    tar -C "$dir/west1/data" -cf - . | on west1 nc -N "$a" "$3"
   fi
   wait "$rx"
 }
@@ -121,19 +167,22 @@ run_pipe() { # name compress count
   clear_targets
   local t0 t1 i
   t0=$(now)
-  for i in $(seq 1 "$3"); do pipe_copy "$2" "$dir/east$i/recv" $((47200 + i)); done
+  for i in $(seq 1 "$3"); do pipe_copy "$2" "$i" $((47200 + i)); done
   sync
   t1=$(now)
   record "$1" "$(awk "BEGIN{print $t1-$t0}")"
 }
 
-echo "running (loopback, $(nproc) cores):"
+if [ -n "$link" ]; then where="network namespaces, $link uplinks"; else where=loopback; fi
+echo "running ($where, $(nproc) cores):"
 IFS=, read -ra wanted <<< "$only"
 for s in "${wanted[@]}"; do
   case "$s" in
     mover-1to1) run_mover "$s" chain east1 ;;
     mover-chain3) run_mover "$s" chain east1,east2,east3 ;;
     mover-star3) run_mover "$s" star east1,east2,east3 ;;
+    mover-raw-1to1) run_mover "$s" chain east1 --compress off ;;
+    mover-raw-chain3) run_mover "$s" chain east1,east2,east3 --compress off ;;
     tarzstd-1to1) run_pipe "$s" 1 1 ;;
     tarzstd-serial3) run_pipe "$s" 1 3 ;;
     tar-1to1) run_pipe "$s" 0 1 ;;
