@@ -252,3 +252,43 @@ fn sends_to_a_differently_named_dataset() {
     assert_eq!(code, 0, "{stderr}\n{summary}");
     assert_same_tree(&c.data("west1"), &c.path().join("east1/other"));
 }
+
+#[test]
+fn a_symlink_pointing_outside_the_tree_is_copied_as_a_link_and_never_followed() {
+    let c = Cluster::start(&["west1", "east1"]);
+    let root = c.data("west1");
+    std::fs::create_dir_all(&root).unwrap();
+    let outside = c.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"not part of the dataset").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("to-outside")).unwrap();
+    std::os::unix::fs::symlink("../../outside/secret", root.join("relative-escape")).unwrap();
+    std::fs::write(root.join("real"), b"data").unwrap();
+
+    let (code, summary, stderr) = c.send("west1:data", "east1", &[]);
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_eq!(
+        target(&summary, "east1")["files"],
+        1,
+        "only the regular file is a file"
+    );
+    let dst = c.data("east1");
+    for l in ["to-outside", "relative-escape"] {
+        let md = dst.join(l).symlink_metadata().unwrap();
+        assert!(md.file_type().is_symlink(), "{l} arrived as a link");
+        assert_eq!(
+            std::fs::read_link(dst.join(l)).unwrap(),
+            std::fs::read_link(root.join(l)).unwrap()
+        );
+    }
+    assert_same_tree(&root, &dst);
+    assert_eq!(
+        std::fs::read(outside.join("secret")).unwrap(),
+        b"not part of the dataset"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        1,
+        "nothing written outside"
+    );
+}
