@@ -23,12 +23,11 @@ impl RawFrame {
     }
 }
 
-/// Reads the next frame, or `None` at a clean end of stream. `max_len` bounds the body before
-/// anything is allocated for it.
-pub async fn read_frame(
+/// Reads a frame header, or `None` at a clean end of stream (before its first byte).
+async fn read_header(
     recv: &mut RecvStream,
     max_len: u32,
-) -> Result<Option<RawFrame>, LinkError> {
+) -> Result<Option<([u8; FRAME_HEADER_LEN], FrameHeader)>, LinkError> {
     let mut head = [0u8; FRAME_HEADER_LEN];
     match recv.read(&mut head[..1]).await? {
         None => return Ok(None),
@@ -37,6 +36,18 @@ pub async fn read_frame(
     }
     recv.read_exact(&mut head[1..]).await?;
     let header = FrameHeader::decode(&mut &head[..], max_len)?;
+    Ok(Some((head, header)))
+}
+
+/// Reads the next frame, or `None` at a clean end of stream. `max_len` bounds the body before
+/// anything is allocated for it.
+pub async fn read_frame(
+    recv: &mut RecvStream,
+    max_len: u32,
+) -> Result<Option<RawFrame>, LinkError> {
+    let Some((head, header)) = read_header(recv, max_len).await? else {
+        return Ok(None);
+    };
     let mut buf = BytesMut::zeroed(FRAME_HEADER_LEN + header.len as usize);
     buf[..FRAME_HEADER_LEN].copy_from_slice(&head);
     recv.read_exact(&mut buf[FRAME_HEADER_LEN..]).await?;
@@ -52,14 +63,9 @@ pub async fn read_frame_pooled(
     max_len: u32,
     pool: &Arc<Pool>,
 ) -> Result<Option<RawFrame>, LinkError> {
-    let mut head = [0u8; FRAME_HEADER_LEN];
-    match recv.read(&mut head[..1]).await? {
-        None => return Ok(None),
-        Some(0) => return Err(LinkError::Closed),
-        Some(_) => {}
-    }
-    recv.read_exact(&mut head[1..]).await?;
-    let header = FrameHeader::decode(&mut &head[..], max_len)?;
+    let Some((head, header)) = read_header(recv, max_len).await? else {
+        return Ok(None);
+    };
     let mut buf = pool.take(FRAME_HEADER_LEN + header.len as usize);
     buf[..FRAME_HEADER_LEN].copy_from_slice(&head);
     recv.read_exact(&mut buf[FRAME_HEADER_LEN..]).await?;

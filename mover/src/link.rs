@@ -186,6 +186,45 @@ pub(crate) async fn report_failed(
     }
 }
 
+/// The data streams of every child, per stream index: what a sender writes each frame to.
+pub(crate) type Streams = Vec<Option<(String, SendStream)>>;
+
+/// Opened links, split for sending: one events task per child (relaying its subtree's reports
+/// upstream), the children's data streams grouped by stream index, and the links themselves
+/// (for End and closing).
+pub(crate) struct Fanout {
+    pub events: Vec<tokio::task::JoinHandle<HashSet<String>>>,
+    pub streams: Vec<Streams>,
+    pub links: Vec<Downlink>,
+}
+
+impl Fanout {
+    pub fn new(links: Vec<Downlink>, connections: u8, plan: &Arc<Plan>, up: &Up) -> Self {
+        let mut events = Vec::new();
+        let mut streams: Vec<Streams> = (0..connections).map(|_| Vec::new()).collect();
+        let mut kept = Vec::new();
+        for mut l in links {
+            if let Some(ev) = l.events.take() {
+                events.push(tokio::spawn(relay_events(
+                    ev,
+                    plan.clone(),
+                    l.idx,
+                    up.clone(),
+                )));
+            }
+            for (i, s) in std::mem::take(&mut l.data).into_iter().enumerate() {
+                streams[i].push(Some((l.node.clone(), s)));
+            }
+            kept.push(l);
+        }
+        Self {
+            events,
+            streams,
+            links: kept,
+        }
+    }
+}
+
 /// Forwards a child's progress and reports upstream until its stream ends. Nodes of its
 /// subtree that never reported are then reported failed. Returns the nodes that committed.
 pub(crate) async fn relay_events(

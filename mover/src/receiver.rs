@@ -231,24 +231,11 @@ async fn receive_into(
         .ok_or_else(|| TransferError::Internal("no staging area".into()))?;
     // Children first, so that they are ready when data starts to flow.
     let links = crate::source::open_children(ctx, open, me, manifest, plan, up).await;
-    let mut events_tasks = Vec::new();
-    let mut per_stream: Vec<Vec<Option<(String, SendStream)>>> =
-        (0..open.connections).map(|_| Vec::new()).collect();
-    let mut controls = Vec::new();
-    for mut l in links {
-        if let Some(ev) = l.events.take() {
-            events_tasks.push(tokio::spawn(link::relay_events(
-                ev,
-                plan.clone(),
-                l.idx,
-                up.clone(),
-            )));
-        }
-        for (i, s) in std::mem::take(&mut l.data).into_iter().enumerate() {
-            per_stream[i].push(Some((l.node.clone(), s)));
-        }
-        controls.push(l);
-    }
+    let link::Fanout {
+        events: events_tasks,
+        streams: per_stream,
+        links: mut controls,
+    } = link::Fanout::new(links, open.connections, plan, up);
 
     let (attach_tx, mut attach_rx) = mpsc::channel::<RecvStream>(usize::from(open.connections));
     ctx.registry

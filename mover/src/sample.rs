@@ -115,6 +115,19 @@ fn write_pages(rng: &mut fastrand::Rng, path: &Path, size: u64) -> io::Result<()
     f.into_inner().map_err(|e| e.into_error())?.sync_data()
 }
 
+/// `len` bytes of table pages, as the large files of a sample dataset hold.
+pub fn pages(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out = Vec::with_capacity(len + PAGE);
+    let mut page = vec![0u8; PAGE];
+    while out.len() < len {
+        fill_page(&mut rng, &mut page);
+        out.extend_from_slice(&page);
+    }
+    out.truncate(len);
+    out
+}
+
 /// Generates a sample data directory at `root` (created; must not exist or be empty).
 /// Returns the number of files written.
 pub fn generate(root: &Path, spec: SampleSpec) -> io::Result<u64> {

@@ -8,13 +8,12 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use mover_protocol::manifest::{display_path, EntryKind, Manifest};
 use mover_protocol::{Message, Open, Start, Tracker};
-use quinn::SendStream;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::agent::Ctx;
 use crate::chunk;
 use crate::error::TransferError;
-use crate::link::{self, close, Downlink, Up};
+use crate::link::{self, close, Downlink, Streams, Up};
 use crate::pool::Pool;
 
 /// What the source reports when everything was read and sent.
@@ -75,23 +74,11 @@ async fn run_inner(
         plan: start.plan.clone(),
     };
     let links = open_children(ctx, &open, 0, &manifest, &plan, &up).await;
-    let mut events_tasks = Vec::new();
-    let mut data_streams: Vec<Streams> = (0..start.connections).map(|_| Vec::new()).collect();
-    let mut all_links = Vec::new();
-    for mut l in links {
-        if let Some(ev) = l.events.take() {
-            events_tasks.push(tokio::spawn(link::relay_events(
-                ev,
-                plan.clone(),
-                l.idx,
-                up.clone(),
-            )));
-        }
-        for (i, s) in std::mem::take(&mut l.data).into_iter().enumerate() {
-            data_streams[i].push(Some((l.node.clone(), s)));
-        }
-        all_links.push(l);
-    }
+    let link::Fanout {
+        events: events_tasks,
+        streams: data_streams,
+        links: mut all_links,
+    } = link::Fanout::new(links, start.connections, &plan, &up);
     if !all_links.is_empty() {
         let totals = stream_chunks(ctx, &root, &manifest, &start, data_streams).await;
         match totals {
@@ -168,8 +155,6 @@ pub(crate) async fn open_children(
     }
     links
 }
-
-type Streams = Vec<Option<(String, SendStream)>>;
 
 /// Reads every chunk, encodes it on a worker thread and sends it round-robin over the data
 /// streams. Memory is bounded by the worker count and the channel depth, not the dataset.
