@@ -292,3 +292,62 @@ fn a_symlink_pointing_outside_the_tree_is_copied_as_a_link_and_never_followed() 
         "nothing written outside"
     );
 }
+
+#[test]
+fn a_source_file_truncated_during_the_transfer_fails_it_by_name() {
+    let c = Cluster::start(&["west1", "east1"]);
+    let root = c.data("west1");
+    mixed_tree(&root, 64 << 20);
+    // Read last (manifest order is by name), after the 64 MiB before it.
+    let late = root.join("zzz-late.ibd");
+    std::fs::write(&late, vec![7u8; 3 << 20]).unwrap();
+    let old = c.data("east1");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("old"), b"old").unwrap();
+
+    let cluster = c.cluster_file();
+    let send = common::mover()
+        .args([
+            "send",
+            "--cluster",
+            cluster.to_str().unwrap(),
+            "--from",
+            "west1:data",
+        ])
+        .args(["--to", "east1", "--json", "--chunk-size", "64K"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Staging exists once the source has scanned, and before it reads anything.
+    let staging = c.state_dir("east1").join("staging");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "east1 never started staging");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&late)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let out = send.wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(4), "{summary}");
+    let reason = target(&summary, "east1")["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("source west1 failed")
+            && reason.contains("zzz-late.ibd")
+            && reason.contains("changed while it was being sent"),
+        "the source's own reason reaches the summary: {reason}"
+    );
+    assert_eq!(
+        std::fs::read(old.join("old")).unwrap(),
+        b"old",
+        "old data untouched"
+    );
+}

@@ -153,7 +153,7 @@ async fn serve_control(
     match (first, peer) {
         (Message::Start(start), Peer::Controller) => {
             if start.plan.source().name != ctx.node {
-                refuse(
+                crate::link::refuse(
                     &mut send,
                     &ctx.node,
                     format!(
@@ -176,7 +176,7 @@ async fn serve_control(
             crate::receiver::run(ctx, open, parent, conn, send, recv).await;
         }
         (m, p) => {
-            refuse(
+            crate::link::refuse(
                 &mut send,
                 &ctx.node,
                 format!("{p} may not send {} here", m.name()),
@@ -184,22 +184,6 @@ async fn serve_control(
             .await;
         }
     }
-}
-
-async fn refuse(send: &mut quinn::SendStream, node: &str, reason: String) {
-    tracing::warn!(%reason, "refused a request");
-    let _ = crate::frame::write_message(
-        send,
-        &Message::Report {
-            node: node.to_owned(),
-            outcome: mover_protocol::Outcome::Failed {
-                reason,
-                retryable: false,
-            },
-        },
-    )
-    .await;
-    let _ = send.finish();
 }
 
 async fn serve_data(ctx: Arc<Ctx>, peer: Peer, mut recv: RecvStream) {

@@ -105,8 +105,8 @@ pub enum TransferError {
     Incomplete { missing: u64 },
     #[error("tree digest mismatch: what this node holds differs from what the source sent")]
     DigestMismatch,
-    #[error("agent is shutting down")]
-    Shutdown,
+    #[error("every target dropped out")]
+    NoTargetsLeft,
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -116,7 +116,7 @@ impl TransferError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Self::Link(_) | Self::Shutdown | Self::Incomplete { .. } | Self::SourceChanged { .. }
+            Self::Link(_) | Self::Incomplete { .. } | Self::SourceChanged { .. }
         )
     }
 }

@@ -64,8 +64,15 @@ impl Downlink {
                     node.address, node.name
                 ))
             })?;
-        let dials = (0..open.connections).map(|_| crate::net::connect(endpoint, addr, &node.name));
-        let conns = futures_join_all(dials).await.map_err(LinkError::from)?;
+        // One dial after another: each is a single round trip on a LAN.
+        let mut conns = Vec::with_capacity(usize::from(open.connections));
+        for _ in 0..open.connections {
+            conns.push(
+                crate::net::connect(endpoint, addr, &node.name)
+                    .await
+                    .map_err(LinkError::from)?,
+            );
+        }
         let (mut control, mut events) = conns[0].open_bi().await.map_err(LinkError::from)?;
         write_message(&mut control, &Message::Open(open.clone())).await?;
         send_manifest(&mut control, manifest).await?;
@@ -122,20 +129,6 @@ impl Downlink {
     }
 }
 
-async fn futures_join_all<F, T, E>(futs: impl Iterator<Item = F>) -> Result<Vec<T>, E>
-where
-    F: std::future::Future<Output = Result<T, E>>,
-{
-    let handles: Vec<F> = futs.collect();
-    let mut out = Vec::with_capacity(handles.len());
-    // Dials are few (one per connection) and cheap to run one after the other: each is a
-    // single round trip on a LAN.
-    for h in handles {
-        out.push(h.await?);
-    }
-    Ok(out)
-}
-
 /// Sends the manifest in parts of bounded size, then its totals.
 pub(crate) async fn send_manifest(send: &mut SendStream, m: &Manifest) -> Result<(), LinkError> {
     let mut part = Vec::new();
@@ -163,6 +156,24 @@ pub(crate) async fn send_manifest(send: &mut SendStream, m: &Manifest) -> Result
         },
     )
     .await
+}
+
+/// Answers a request this node will not serve with a failed report naming why, and ends the
+/// stream.
+pub(crate) async fn refuse(send: &mut SendStream, node: &str, reason: String) {
+    tracing::warn!(%reason, "refused a request");
+    let _ = write_message(
+        send,
+        &Message::Report {
+            node: node.to_owned(),
+            outcome: Outcome::Failed {
+                reason,
+                retryable: false,
+            },
+        },
+    )
+    .await;
+    let _ = send.finish();
 }
 
 /// Reports every node in `nodes` as failed with `reason`.

@@ -43,7 +43,7 @@ pub(crate) async fn run(
     let started = Instant::now();
     let plan = Arc::new(open.plan.clone());
     let Some(me) = plan.index_of(&ctx.node).filter(|&i| i > 0) else {
-        refuse(
+        link::refuse(
             &mut control,
             &ctx.node,
             format!("{} is not a target in this transfer's plan", ctx.node),
@@ -55,7 +55,7 @@ pub(crate) async fn run(
         .parent
         .map(|p| plan.nodes()[usize::from(p)].name.clone());
     if expected_parent.as_deref() != Some(parent.as_str()) {
-        refuse(
+        link::refuse(
             &mut control,
             &ctx.node,
             format!("{parent} is not this node's parent in the plan"),
@@ -104,22 +104,6 @@ pub(crate) async fn run(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&open.transfer_id);
-}
-
-async fn refuse(control: &mut SendStream, node: &str, reason: String) {
-    tracing::warn!(%reason, "refusing a transfer");
-    let _ = write_message(
-        control,
-        &Message::Report {
-            node: node.to_owned(),
-            outcome: Outcome::Failed {
-                reason,
-                retryable: false,
-            },
-        },
-    )
-    .await;
-    let _ = control.finish();
 }
 
 #[allow(clippy::too_many_arguments)]

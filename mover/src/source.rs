@@ -103,14 +103,26 @@ async fn run_inner(
                     })
                     .await;
             }
+            Err(TransferError::NoTargetsLeft) => {
+                for t in events_tasks {
+                    let _ = t.await;
+                }
+                return Ok(());
+            }
             Err(e) => {
+                // Report the real cause first: the controller keeps each target's first
+                // report, and closing the links makes the events tasks report link failures.
+                tracing::warn!(error = %e, "transfer failed at the source");
+                let targets: Vec<usize> = (1..plan.nodes().len()).collect();
+                let reason = format!("source {} failed: {e}", ctx.node);
+                link::report_failed(&up, &plan, &targets, &reason, e.retryable()).await;
                 for l in &all_links {
                     l.close(close::FAILED, "source failed");
                 }
                 for t in events_tasks {
                     let _ = t.await;
                 }
-                return Err(e);
+                return Ok(());
             }
         }
     }
@@ -180,6 +192,11 @@ async fn stream_chunks(
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 link::forward(&parts, &mut streams).await;
+                if streams.iter().all(Option::is_none) {
+                    // Every child on this stream dropped out (each is reported by its
+                    // events task); dropping the receiver tells the producer.
+                    return;
+                }
             }
             link::finish_all(&mut streams);
         }));
@@ -195,7 +212,7 @@ async fn stream_chunks(
     let (err_tx, mut err_rx) = mpsc::channel::<TransferError>(1);
     let mut chunks = 0u64;
     let mut bytes = 0u64;
-    'files: for (id, e) in manifest.entries.iter().enumerate() {
+    for (id, e) in manifest.entries.iter().enumerate() {
         let EntryKind::File { size } = e.kind else {
             continue;
         };
@@ -204,6 +221,9 @@ async fn stream_chunks(
         while offset < size {
             if let Ok(err) = err_rx.try_recv() {
                 return Err(err);
+            }
+            if senders.iter().all(mpsc::Sender::is_closed) {
+                return Err(TransferError::NoTargetsLeft);
             }
             let len = (size - offset).min(u64::from(start.chunk_size)) as usize;
             let permit = workers
@@ -248,9 +268,6 @@ async fn stream_chunks(
             chunks += 1;
             bytes += len as u64;
             offset += len as u64;
-            if err_rx.is_closed() {
-                break 'files;
-            }
         }
     }
     // Wait for every job: they hold permits until their frame is queued.
