@@ -351,3 +351,58 @@ fn a_source_file_truncated_during_the_transfer_fails_it_by_name() {
         "old data untouched"
     );
 }
+
+#[test]
+fn an_agent_stopped_mid_transfer_fails_its_part_clearly_and_cleans_up() {
+    let mut c = Cluster::start(&NODES);
+    mixed_tree(&c.data("west1"), 192 << 20);
+    let cluster = c.cluster_file();
+    let send = common::mover()
+        .args([
+            "send",
+            "--cluster",
+            cluster.to_str().unwrap(),
+            "--from",
+            "west1:data",
+        ])
+        .args([
+            "--to",
+            "east1,east2,east3",
+            "--json",
+            "--chunk-size",
+            "256K",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let staging = c.state_dir("east3").join("staging");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "east3 never started staging");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    c.stop_agent("east2", SIGTERM);
+    let out = send.wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(3), "partial: {summary}");
+    assert_eq!(target(&summary, "east1")["result"], "committed");
+    assert_same_tree(&c.data("west1"), &c.data("east1"));
+    let e2 = target(&summary, "east2");
+    assert_eq!(e2["result"], "failed");
+    let reason = e2["reason"].as_str().unwrap();
+    // The close says why; if the busy relay missed it, the stopped agent's socket answers
+    // with a stateless reset. Either way it is named at once, not after an idle timeout.
+    assert!(
+        reason.contains("east2")
+            && (reason.contains("agent shutting down") || reason.contains("reset by peer")),
+        "{reason}"
+    );
+    // The stopped agent removed its staging area before it exited, and wrote no dataset.
+    let left = std::fs::read_dir(c.state_dir("east2").join("staging"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "east2 left staging behind:\n{}", c.log("east2"));
+    assert!(!c.data("east2").exists());
+}

@@ -18,6 +18,8 @@ use crate::tls::{Identity, Peer};
 
 /// How long shutdown waits for in-flight transfers to clean up their staging areas.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long the socket stays open after every connection is closed (see [`run`]).
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(1500);
 
 /// Why the agent could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     })
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    // A peer busy receiving may have dropped our one CONNECTION_CLOSE. Keep the socket open a
+    // little longer: its next packets are answered (by a close, or a stateless reset once the
+    // connection is gone), so it learns now rather than after its idle timeout.
+    tokio::time::sleep(SHUTDOWN_LINGER).await;
+    drop(endpoint);
     Ok(())
 }
 

@@ -152,7 +152,8 @@ pub(crate) async fn open_children(
             Err(e) => {
                 let name = &plan.nodes()[child].name;
                 tracing::warn!(child = %name, error = %e, "cannot open link to child");
-                link::report_failed(up, plan, &[child], &format!("{e}"), e.retryable()).await;
+                let reason = format!("link to {name} failed: {e}");
+                link::report_failed(up, plan, &[child], &reason, e.retryable()).await;
                 let below = plan.descendants(child);
                 link::report_failed(
                     up,
