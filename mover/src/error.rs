@@ -97,7 +97,8 @@ pub enum TransferError {
     },
     #[error("source file {path} changed while it was being sent ({detail}); stop the database or use a snapshot, then run again")]
     SourceChanged { path: String, detail: String },
-    #[error("unknown dataset {dataset:?} on {node}: add [datasets.{dataset}] to its agent config")]
+    // Reports carry the node's name in front of this message.
+    #[error("unknown dataset {dataset:?}: add [datasets.{dataset}] to the agent config of {node}")]
     UnknownDataset { node: String, dataset: String },
     #[error("refused: {0}")]
     Refused(String),

@@ -152,7 +152,11 @@ pub(crate) async fn open_children(
             Err(e) => {
                 let name = &plan.nodes()[child].name;
                 tracing::warn!(child = %name, error = %e, "cannot open link to child");
-                let reason = format!("link to {name} failed: {e}");
+                // A child that refused says why in its own words, naming itself.
+                let reason = match &e {
+                    TransferError::Refused(why) => why.clone(),
+                    other => format!("link to {name} failed: {other}"),
+                };
                 link::report_failed(up, plan, &[child], &reason, e.retryable()).await;
                 let below = plan.descendants(child);
                 link::report_failed(
