@@ -110,50 +110,25 @@ fn rerun_onto_older_data_replaces_it_only_at_commit() {
     let before = mover::compare::b3sum(&old.join("ibdata1")).unwrap();
 
     // Stop the source mid-transfer: the targets fail, and their old data is untouched.
-    let cluster = c.cluster_file();
-    let send = common::mover()
-        .args([
-            "send",
-            "--cluster",
-            cluster.to_str().unwrap(),
-            "--from",
-            "west1:data",
-            "--to",
-            "east1,east2",
-            "--json",
-            "--chunk-size",
-            "256K",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let send = c.spawn_send("west1:data", "east1,east2", &["--chunk-size", "256K"]);
     // Once the last hop has a staging area, data is flowing.
-    let staging = c.state_dir("east1").join("staging");
-    let last = c.state_dir("east2").join("staging");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&last).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "east2 never started staging");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    c.wait_for_staging("east2");
     std::thread::sleep(Duration::from_millis(200));
     c.stop_agent("west1", SIGTERM);
-    let out = send.wait_with_output().unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let code = out.status.code();
-    assert_ne!(
+    let (code, summary) = Cluster::finish_send(send);
+    assert_eq!(
         code,
-        Some(0),
-        "the interrupted send must not succeed: {summary}"
+        Some(4),
+        "no target commits without its source: {summary}"
     );
-    if code == Some(4) {
-        assert_eq!(target(&summary, "east1")["result"], "failed", "{summary}");
+    for t in ["east1", "east2"] {
+        assert_eq!(target(&summary, t)["result"], "failed", "{summary}");
     }
     assert_eq!(std::fs::read(old.join("only-in-old")).unwrap(), b"drift");
     assert_eq!(mover::compare::b3sum(&old.join("ibdata1")).unwrap(), before);
     // The failed transfer cleaned up after itself.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) > 0 {
+    while c.staging_count("east1") > 0 {
         assert!(
             Instant::now() < deadline,
             "staging left behind: {}",
@@ -305,36 +280,17 @@ fn a_source_file_truncated_during_the_transfer_fails_it_by_name() {
     std::fs::create_dir_all(&old).unwrap();
     std::fs::write(old.join("old"), b"old").unwrap();
 
-    let cluster = c.cluster_file();
-    let send = common::mover()
-        .args([
-            "send",
-            "--cluster",
-            cluster.to_str().unwrap(),
-            "--from",
-            "west1:data",
-        ])
-        .args(["--to", "east1", "--json", "--chunk-size", "64K"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let send = c.spawn_send("west1:data", "east1", &["--chunk-size", "64K"]);
     // Staging exists once the source has scanned, and before it reads anything.
-    let staging = c.state_dir("east1").join("staging");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "east1 never started staging");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    c.wait_for_staging("east1");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&late)
         .unwrap()
         .set_len(1000)
         .unwrap();
-    let out = send.wait_with_output().unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(4), "{summary}");
+    let (code, summary) = Cluster::finish_send(send);
+    assert_eq!(code, Some(4), "{summary}");
     let reason = target(&summary, "east1")["reason"]
         .as_str()
         .unwrap()
@@ -356,37 +312,12 @@ fn a_source_file_truncated_during_the_transfer_fails_it_by_name() {
 fn an_agent_stopped_mid_transfer_fails_its_part_clearly_and_cleans_up() {
     let mut c = Cluster::start(&NODES);
     mixed_tree(&c.data("west1"), 192 << 20);
-    let cluster = c.cluster_file();
-    let send = common::mover()
-        .args([
-            "send",
-            "--cluster",
-            cluster.to_str().unwrap(),
-            "--from",
-            "west1:data",
-        ])
-        .args([
-            "--to",
-            "east1,east2,east3",
-            "--json",
-            "--chunk-size",
-            "256K",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let staging = c.state_dir("east3").join("staging");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "east3 never started staging");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let send = c.spawn_send("west1:data", "east1,east2,east3", &["--chunk-size", "256K"]);
+    c.wait_for_staging("east3");
     std::thread::sleep(Duration::from_millis(300));
     c.stop_agent("east2", SIGTERM);
-    let out = send.wait_with_output().unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(3), "partial: {summary}");
+    let (code, summary) = Cluster::finish_send(send);
+    assert_eq!(code, Some(3), "partial: {summary}");
     assert_eq!(target(&summary, "east1")["result"], "committed");
     assert_same_tree(&c.data("west1"), &c.data("east1"));
     let e2 = target(&summary, "east2");
@@ -400,9 +331,11 @@ fn an_agent_stopped_mid_transfer_fails_its_part_clearly_and_cleans_up() {
         "{reason}"
     );
     // The stopped agent removed its staging area before it exited, and wrote no dataset.
-    let left = std::fs::read_dir(c.state_dir("east2").join("staging"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(left, 0, "east2 left staging behind:\n{}", c.log("east2"));
+    assert_eq!(
+        c.staging_count("east2"),
+        0,
+        "east2 left staging behind:\n{}",
+        c.log("east2")
+    );
     assert!(!c.data("east2").exists());
 }

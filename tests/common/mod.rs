@@ -165,6 +165,44 @@ impl Cluster {
         std::fs::read_to_string(self.path().join(format!("{node}.log"))).unwrap_or_default()
     }
 
+    /// Starts `mover send --json` in the background (to act on the cluster while it runs).
+    pub fn spawn_send(&self, from: &str, to: &str, extra: &[&str]) -> Child {
+        mover()
+            .arg("send")
+            .arg("--cluster")
+            .arg(self.cluster_file())
+            .args(["--from", from, "--to", to, "--json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mover send")
+    }
+
+    /// Waits until `node` has a staging area, i.e. it has the manifest and data is coming.
+    pub fn wait_for_staging(&self, node: &str) {
+        let staging = self.state_dir(node).join("staging");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) == 0 {
+            assert!(Instant::now() < deadline, "{node} never started staging");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Counts the staging areas `node` holds.
+    pub fn staging_count(&self, node: &str) -> usize {
+        std::fs::read_dir(self.state_dir(node).join("staging"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Waits for a background send and returns its exit code and parsed summary.
+    pub fn finish_send(child: Child) -> (Option<i32>, serde_json::Value) {
+        let out = child.wait_with_output().expect("wait for mover send");
+        let summary = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), summary)
+    }
+
     /// Runs `mover send --json` and returns its exit code and parsed summary.
     pub fn send(&self, from: &str, to: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
         let cluster = self.cluster_file();
