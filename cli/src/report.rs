@@ -122,18 +122,36 @@ pub fn print_summary(s: &Summary, json: bool) {
         human_bytes(src.wire_bytes),
         s.seconds
     ));
+    if src.skipped_bytes > 0 || src.resent_chunks > 0 {
+        line(&format!(
+            "not sent (every target already held it): {}; chunks resent in repair rounds: {}",
+            human_bytes(src.skipped_bytes),
+            src.resent_chunks
+        ));
+    }
     line(&format!(
-        "{:<12} {:<12} {:<10} {:>11} {:>8} {:>8} {:>9}  {}",
-        "TARGET", "DATASET", "RESULT", "BYTES", "FILES", "SECONDS", "MB/S", "DIGEST"
+        "{:<12} {:<12} {:<10} {:>11} {:>11} {:>8} {:>7} {:>8} {:>9}  {}",
+        "TARGET",
+        "DATASET",
+        "RESULT",
+        "BYTES",
+        "HELD",
+        "FILES",
+        "REPAIRS",
+        "SECONDS",
+        "MB/S",
+        "DIGEST"
     ));
     for t in &s.targets {
         line(&format!(
-            "{:<12} {:<12} {:<10} {:>11} {:>8} {:>8.1} {:>9.1}  {}",
+            "{:<12} {:<12} {:<10} {:>11} {:>11} {:>8} {:>7} {:>8.1} {:>9.1}  {}",
             t.node,
             t.dataset,
             t.result,
             human_bytes(t.bytes),
+            human_bytes(t.held_bytes),
             t.files,
+            t.repaired,
             t.seconds,
             t.mb_per_s,
             t.digest.as_deref().map_or("-", |d| &d[..16.min(d.len())])

@@ -45,6 +45,17 @@ pub enum AgentError {
 pub(crate) struct Registration {
     pub parent: String,
     pub streams: mpsc::Sender<RecvStream>,
+    /// Which receive registered (a transfer may be received again after a re-link).
+    pub generation: u64,
+}
+
+/// A receive in progress into one of this agent's datasets.
+pub(crate) struct Active {
+    pub generation: u64,
+    /// The parent's connection: closing it stops that receive.
+    pub conn: quinn::Connection,
+    /// Resolves when that receive has let go of its staging area.
+    pub released: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What every task of this agent shares.
@@ -53,6 +64,18 @@ pub(crate) struct Ctx {
     pub cfg: AgentConfig,
     pub endpoint: quinn::Endpoint,
     pub registry: Mutex<HashMap<u64, Registration>>,
+    /// Receives in progress, by dataset name: one at a time per dataset.
+    pub active: Mutex<HashMap<String, Active>>,
+    generations: std::sync::atomic::AtomicU64,
+    pub faults: crate::fault::Faults,
+}
+
+impl Ctx {
+    /// A number no other receive of this agent has.
+    pub fn next_generation(&self) -> u64 {
+        self.generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Runs the agent until `shutdown` completes, then closes every connection (in-flight
@@ -82,6 +105,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg,
         endpoint: endpoint.clone(),
         registry: Mutex::new(HashMap::new()),
+        active: Mutex::new(HashMap::new()),
+        generations: std::sync::atomic::AtomicU64::new(1),
+        faults: crate::fault::Faults::from_env(),
     });
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);

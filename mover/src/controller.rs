@@ -96,6 +96,10 @@ pub struct TargetSummary {
     pub files: u64,
     pub seconds: f64,
     pub mb_per_s: f64,
+    /// Bytes that were already on the target (an interrupted run, an older copy) and kept.
+    pub held_bytes: u64,
+    /// Chunks fetched again after failing verification (in transit or in staging).
+    pub repaired: u64,
     /// Digest over every file's BLAKE3 root, hex; equal on every target that committed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
@@ -112,9 +116,13 @@ pub struct SourceSummary {
     pub dataset: String,
     pub entries: u64,
     pub total_bytes: u64,
-    /// Bytes of frames sent to each first hop (after compression).
+    /// Bytes of frames sent to each first hop (after compression), repairs included.
     pub wire_bytes: u64,
     pub chunks: u64,
+    /// Bytes not sent because every target already held them.
+    pub skipped_bytes: u64,
+    /// Chunks sent again in repair rounds.
+    pub resent_chunks: u64,
 }
 
 /// The whole transfer.
@@ -260,10 +268,14 @@ pub async fn send(
                 bytes,
                 wire_bytes,
                 chunks,
+                skipped,
+                resent,
                 ..
             }) => {
                 source.wire_bytes = wire_bytes;
                 source.chunks = chunks;
+                source.skipped_bytes = skipped;
+                source.resent_chunks = resent;
                 on_event(&Event::Sent { bytes, wire_bytes });
             }
             Ok(other) => {
@@ -309,6 +321,8 @@ fn summarize(t: &PlanNode, outcome: Outcome) -> TargetSummary {
         files: 0,
         seconds: 0.0,
         mb_per_s: 0.0,
+        held_bytes: 0,
+        repaired: 0,
         digest: None,
         reason: None,
         retryable: false,
@@ -319,6 +333,8 @@ fn summarize(t: &PlanNode, outcome: Outcome) -> TargetSummary {
             files,
             elapsed_ms,
             digest,
+            held,
+            repaired,
         } => {
             let seconds = elapsed_ms as f64 / 1000.0;
             TargetSummary {
@@ -326,6 +342,8 @@ fn summarize(t: &PlanNode, outcome: Outcome) -> TargetSummary {
                 bytes,
                 files,
                 seconds,
+                held_bytes: held,
+                repaired,
                 mb_per_s: if seconds > 0.0 {
                     bytes as f64 / 1e6 / seconds
                 } else {

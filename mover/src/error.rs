@@ -106,6 +106,10 @@ pub enum TransferError {
     Incomplete { missing: u64 },
     #[error("tree digest mismatch: what this node holds differs from what the source sent")]
     DigestMismatch,
+    #[error("dataset {dataset} is still busy with an earlier transfer that did not stop within {secs} s")]
+    Busy { dataset: String, secs: u64 },
+    #[error("{missing} chunks still missing after {rounds} repair rounds")]
+    Unrepaired { missing: u64, rounds: u32 },
     #[error("every target dropped out")]
     NoTargetsLeft,
     #[error("internal: {0}")]
@@ -117,7 +121,11 @@ impl TransferError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Self::Link(_) | Self::Incomplete { .. } | Self::SourceChanged { .. }
+            Self::Link(_)
+                | Self::Incomplete { .. }
+                | Self::SourceChanged { .. }
+                | Self::Busy { .. }
+                | Self::Unrepaired { .. }
         )
     }
 }

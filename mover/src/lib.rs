@@ -5,12 +5,14 @@
 //! local disk.
 
 pub mod agent;
+pub(crate) mod basis;
 pub mod certs;
 pub mod chunk;
 pub mod compare;
 pub mod config;
 pub mod controller;
 pub mod error;
+pub(crate) mod fault;
 pub(crate) mod frame;
 pub(crate) mod link;
 pub mod net;

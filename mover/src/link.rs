@@ -31,6 +31,7 @@ pub(crate) mod close {
     pub const DONE: u32 = 0;
     pub const SHUTDOWN: u32 = 1;
     pub const FAILED: u32 = 2;
+    pub const SUPERSEDED: u32 = 3;
 }
 
 /// An open link to one child, ready for data.
@@ -41,6 +42,9 @@ pub(crate) struct Downlink {
     pub control: SendStream,
     pub events: Option<RecvStream>,
     pub data: Vec<SendStream>,
+    /// What the child's subtree said before `Ready`: what it holds (`Have`), and reports of
+    /// nodes below the child that already failed.
+    pub early: Vec<Message>,
 }
 
 /// Where upstream messages go: the parent's control stream or the controller's.
@@ -76,27 +80,62 @@ impl Downlink {
         let (mut control, mut events) = conns[0].open_bi().await.map_err(LinkError::from)?;
         write_message(&mut control, &Message::Open(open.clone())).await?;
         send_manifest(&mut control, manifest).await?;
-        let ready = tokio::time::timeout(
-            READY_TIMEOUT,
-            read_message(&mut events, manifest_frame_budget()),
-        )
-        .await
-        .map_err(|_| LinkError::Timeout {
-            what: "the child to prepare its staging area",
-            secs: READY_TIMEOUT.as_secs(),
-        })??;
-        match ready {
-            Message::Ready => {}
-            Message::Report {
-                outcome: Outcome::Failed { reason, .. },
-                ..
-            } => return Err(TransferError::Refused(reason)),
-            other => {
-                return Err(LinkError::Unexpected {
-                    got: other.name(),
-                    expected: "ready",
+        let subtree: HashSet<&str> = std::iter::once(idx)
+            .chain(open.plan.descendants(idx))
+            .map(|i| open.plan.nodes()[i].name.as_str())
+            .collect();
+        let mut early = Vec::new();
+        let node_name = node.name.as_str();
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let msg = tokio::time::timeout_at(
+                deadline,
+                read_message(&mut events, manifest_frame_budget()),
+            )
+            .await
+            .map_err(|_| LinkError::Timeout {
+                what: "the child to prepare its staging area",
+                secs: READY_TIMEOUT.as_secs(),
+            })??;
+            match msg {
+                Message::Ready => break,
+                m @ Message::Have { .. } => {
+                    let Message::Have { node, .. } = &m else {
+                        continue;
+                    };
+                    if !subtree.contains(node.as_str()) {
+                        return Err(LinkError::Unexpected {
+                            got: "have for a node outside its subtree",
+                            expected: "ready",
+                        }
+                        .into());
+                    }
+                    early.push(m);
                 }
-                .into())
+                Message::Report {
+                    node,
+                    outcome: Outcome::Failed { reason, .. },
+                } if node == node_name => return Err(TransferError::Refused(reason)),
+                m @ Message::Report { .. } => {
+                    let Message::Report { node, .. } = &m else {
+                        continue;
+                    };
+                    if !subtree.contains(node.as_str()) {
+                        return Err(LinkError::Unexpected {
+                            got: "report for a node outside its subtree",
+                            expected: "ready",
+                        }
+                        .into());
+                    }
+                    early.push(m);
+                }
+                other => {
+                    return Err(LinkError::Unexpected {
+                        got: other.name(),
+                        expected: "ready",
+                    }
+                    .into())
+                }
             }
         }
         let mut data = Vec::with_capacity(conns.len());
@@ -118,6 +157,7 @@ impl Downlink {
             control,
             events: Some(events),
             data,
+            early,
         })
     }
 
@@ -257,6 +297,18 @@ pub(crate) async fn relay_events(
             Ok(Message::Progress { node, bytes, files }) if names.contains(node.as_str()) => {
                 // Progress is advisory: drop it rather than wait when the controller is slow.
                 let _ = up.try_send(Message::Progress { node, bytes, files });
+            }
+            Ok(m @ Message::Need { .. }) => {
+                let Message::Need { node, .. } = &m else {
+                    continue;
+                };
+                if !names.contains(node.as_str()) {
+                    break format!(
+                        "protocol error: {} sent a need for {node}, outside its subtree",
+                        plan.nodes()[child].name
+                    );
+                }
+                let _ = up.send(m).await;
             }
             Ok(Message::Report { node, outcome }) if names.contains(node.as_str()) => {
                 if matches!(outcome, Outcome::Committed { .. }) {

@@ -4,19 +4,34 @@
 //! independently of its own decoding, so the hops below never wait for its disk. Its own copy
 //! is decoded, verified and written on worker threads into a staging area, which replaces the
 //! dataset only after every chunk and the whole tree's digest check out.
+//!
+//! Before it says `Ready`, a receiver seeds its staging area from what it already has (an
+//! interrupted run's verified chunks, an older copy of the dataset; see [`crate::basis`]) and
+//! tells the source with `Have`. After the data streams end it reads every chunk back from
+//! staging, then asks for whatever is missing or damaged with `Need`; the source resends those
+//! on the control stream in repair rounds until nothing is missing, then sends `End`.
+//!
+//! A receive that fails for a reason a rerun can fix (a lost link, a stopped source) keeps its
+//! staging area and its record, so the next transfer into the dataset resumes from them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use mover_protocol::hash::chunk_hash;
 use mover_protocol::manifest::{display_path, ManifestBuilder};
-use mover_protocol::{manifest_frame_budget, max_frame_len, Message, Open, Outcome, Tracker};
+use mover_protocol::message::{MAX_LIST_ENTRIES, MAX_ROUNDS};
+use mover_protocol::{max_frame_len, Admit, Chunk, Manifest, Message, Open, Outcome, Tracker};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::agent::Ctx;
+use crate::basis::{self, Record, Recorded};
 use crate::error::{LinkError, TransferError};
-use crate::frame::{read_frame_pooled, read_message, write_message};
-use crate::link::{self, Up};
+use crate::frame::{read_frame_pooled, read_message};
+use crate::link::{self, Downlink, Up};
 use crate::pool::Pool;
 use crate::staging::Staging;
 
@@ -24,12 +39,12 @@ use crate::staging::Staging;
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often progress goes upstream.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
-
-/// The parent's connection and control stream.
-pub(crate) struct ParentLink<'a> {
-    conn: quinn::Connection,
-    recv: &'a mut RecvStream,
-}
+/// How long the manifest may take to arrive.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a newer transfer into a dataset waits for the one it replaces to let go.
+const SUPERSEDE_WAIT: Duration = Duration::from_secs(60);
+/// Most chunks one node asks for in a round; more means something is badly wrong.
+const MAX_NEED: usize = 4 << 20;
 
 /// Handles an `Open` from our parent on its control stream.
 pub(crate) async fn run(
@@ -38,7 +53,7 @@ pub(crate) async fn run(
     parent: String,
     parent_conn: quinn::Connection,
     mut control: SendStream,
-    mut from_parent: RecvStream,
+    from_parent: RecvStream,
 ) {
     let started = Instant::now();
     let plan = Arc::new(open.plan.clone());
@@ -63,81 +78,642 @@ pub(crate) async fn run(
         .await;
         return;
     }
+    // Everything upstream (Have, Ready, then this subtree's events) goes through one pump; a
+    // receive that fails before Ready sends its Report instead, which the parent reads.
     let (up_tx, up_rx) = mpsc::channel::<Message>(1024);
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
-    // The control stream to the parent carries Ready first, then every event from this
-    // subtree.
-    let pump = tokio::spawn(async move {
-        // Failing before Ready, the node's Report is what the parent reads instead.
-        if let Ok(Ok(())) = ready_rx.await {
-            if write_message(&mut control, &Message::Ready).await.is_err() {
-                return;
+    let pump = tokio::spawn(link::pump_up(up_rx, control));
+    let generation = ctx.next_generation();
+    let (ctl_tx, ctl_rx) = mpsc::channel(4);
+    let reader = tokio::spawn(read_control(
+        from_parent,
+        max_frame_len(open.chunk_size),
+        ctl_tx,
+    ));
+    let r = Receive {
+        ctx: ctx.clone(),
+        open: &open,
+        plan,
+        me,
+        generation,
+        parent_conn,
+        up: up_tx.clone(),
+        started,
+        reported: std::sync::atomic::AtomicBool::new(false),
+    };
+    if let Err(e) = r.run(ctl_rx).await {
+        r.fail_own(&e).await;
+    }
+    reader.abort();
+    drop(up_tx);
+    let _ = pump.await;
+    let mut reg = ctx.registry.lock().unwrap_or_else(|p| p.into_inner());
+    if reg
+        .get(&open.transfer_id)
+        .is_some_and(|r| r.generation == generation)
+    {
+        reg.remove(&open.transfer_id);
+    }
+}
+
+/// Reads the parent's control stream into a channel, so that waiting for it can be combined
+/// with other waits without losing a half-read frame.
+async fn read_control(
+    mut recv: RecvStream,
+    max_len: u32,
+    tx: mpsc::Sender<Result<Message, LinkError>>,
+) {
+    loop {
+        let m = read_message(&mut recv, max_len).await;
+        let stop = m.is_err();
+        if tx.send(m).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+type Control = mpsc::Receiver<Result<Message, LinkError>>;
+
+async fn next_control(ctl: &mut Control) -> Result<Message, LinkError> {
+    ctl.recv().await.unwrap_or(Err(LinkError::Closed))
+}
+
+/// This node's claim on a dataset: while it lives, no other receive writes into the dataset's
+/// staging area.
+struct Claim {
+    ctx: Arc<Ctx>,
+    dataset: String,
+    generation: u64,
+    _released: oneshot::Sender<()>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut active = self.ctx.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active
+            .get(&self.dataset)
+            .is_some_and(|a| a.generation == self.generation)
+        {
+            active.remove(&self.dataset);
+        }
+    }
+}
+
+/// Claims `dataset` for this receive. A receive already running into it (whose parent is
+/// gone, or which a rerun replaces) is stopped, and waited for until it lets go.
+async fn claim(
+    ctx: &Arc<Ctx>,
+    dataset: &str,
+    generation: u64,
+    conn: &quinn::Connection,
+) -> Result<Claim, TransferError> {
+    let (tx, rx) = oneshot::channel();
+    let previous = {
+        let mut active = ctx.active.lock().unwrap_or_else(|p| p.into_inner());
+        active.insert(
+            dataset.to_owned(),
+            crate::agent::Active {
+                generation,
+                conn: conn.clone(),
+                released: Some(rx),
+            },
+        )
+    };
+    if let Some(mut p) = previous {
+        tracing::info!(%dataset, "a newer transfer replaces the one running into this dataset");
+        p.conn.close(
+            link::close::SUPERSEDED.into(),
+            b"replaced by a newer transfer into the same dataset",
+        );
+        if let Some(rx) = p.released.take() {
+            if tokio::time::timeout(SUPERSEDE_WAIT, rx).await.is_err() {
+                return Err(TransferError::Busy {
+                    dataset: dataset.to_owned(),
+                    secs: SUPERSEDE_WAIT.as_secs(),
+                });
             }
         }
-        link::pump_up(up_rx, control).await;
-    });
-    let mut ready = Some(ready_tx);
-    let link = ParentLink {
-        conn: parent_conn,
-        recv: &mut from_parent,
-    };
-    let result = receive(&ctx, &open, &plan, me, link, &up_tx, &mut ready, started).await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "transfer failed on this node");
-        let _ = up_tx
+    }
+    Ok(Claim {
+        ctx: ctx.clone(),
+        dataset: dataset.to_owned(),
+        generation,
+        _released: tx,
+    })
+}
+
+/// Counters of one receive.
+#[derive(Default)]
+struct Counts {
+    /// Chunks fetched again after failing verification.
+    repaired: AtomicU64,
+}
+
+/// One receive: what every step needs.
+struct Receive<'a> {
+    ctx: Arc<Ctx>,
+    open: &'a Open,
+    plan: Arc<mover_protocol::Plan>,
+    me: usize,
+    generation: u64,
+    parent_conn: quinn::Connection,
+    up: Up,
+    started: Instant,
+    /// Whether this node's own failure was reported.
+    reported: std::sync::atomic::AtomicBool,
+}
+
+/// The staging area with what goes with it.
+struct Stage {
+    /// Taken out at commit.
+    staging: Option<Arc<Staging>>,
+    record: Arc<Record>,
+    record_path: std::path::PathBuf,
+    /// Chunks of an interrupted run found damaged while seeding.
+    damaged: u64,
+}
+
+impl Receive<'_> {
+    /// Reports this node's own failure upstream, once.
+    async fn fail_own(&self, e: &TransferError) {
+        if self.reported.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(error = %e, "this node's copy failed");
+        let _ = self
+            .up
             .send(Message::Report {
-                node: ctx.node.clone(),
+                node: self.ctx.node.clone(),
                 outcome: Outcome::Failed {
-                    reason: format!("{}: {e}", ctx.node),
+                    reason: format!("{}: {e}", self.ctx.node),
                     retryable: e.retryable(),
                 },
             })
             .await;
-        if let Some(r) = ready.take() {
-            // Failed before Ready: the Report above is what the parent reads instead.
-            let _ = r.send(Err(e.to_string()));
+    }
+
+    async fn run(&self, mut ctl: Control) -> Result<(), TransferError> {
+        let ctx = &self.ctx;
+        let dataset = &self.plan.nodes()[self.me].dataset;
+        let dest = ctx
+            .cfg
+            .datasets
+            .get(dataset)
+            .ok_or_else(|| TransferError::UnknownDataset {
+                node: ctx.node.clone(),
+                dataset: dataset.clone(),
+            })?
+            .path
+            .clone();
+        let _claim = claim(ctx, dataset, self.generation, &self.parent_conn).await?;
+
+        // The manifest, checked entry by entry as it arrives.
+        let manifest = tokio::time::timeout(MANIFEST_TIMEOUT, read_manifest(&mut ctl))
+            .await
+            .map_err(|_| LinkError::Timeout {
+                what: "the manifest",
+                secs: MANIFEST_TIMEOUT.as_secs(),
+            })??;
+        let manifest = Arc::new(manifest);
+
+        let (state_dir, m2, label) = (ctx.cfg.state_dir.clone(), manifest.clone(), dataset.clone());
+        let (chunk_size, threads) = (self.open.chunk_size, ctx.cfg.workers());
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(&state_dir, &dest, &label, m2, chunk_size, threads)
+        })
+        .await
+        .map_err(|e| TransferError::Internal(e.to_string()))?;
+        let mut tracker = Tracker::new(&manifest, self.open.chunk_size);
+        let (mut stage, own_failure) = match prepared {
+            Ok((mut stage, seeded)) => {
+                for h in &seeded.held {
+                    tracker.held(h.file, h.offset, h.hash);
+                }
+                if !seeded.held.is_empty() || seeded.damaged > 0 {
+                    tracing::info!(
+                        resumed = seeded.resumed,
+                        reused = seeded.reused,
+                        damaged = seeded.damaged,
+                        held_bytes = tracker.bytes_done(),
+                        "staging seeded from what was already here"
+                    );
+                }
+                for part in seeded.held.chunks(MAX_LIST_ENTRIES as usize) {
+                    let _ = self
+                        .up
+                        .send(Message::Have {
+                            node: ctx.node.clone(),
+                            chunks: part.to_vec(),
+                        })
+                        .await;
+                }
+                stage.damaged = seeded.damaged;
+                (Some(stage), None)
+            }
+            // A relay that cannot hold its own copy (a full disk) still passes the data on.
+            // (Its failure is reported after Ready: before, it would read as a refusal.)
+            Err(e) if !self.plan.children(self.me).is_empty() => (None, Some(e)),
+            Err(e) => return Err(e),
+        };
+        let tracker = Arc::new(Mutex::new(tracker));
+        let counts = Arc::new(Counts::default());
+        if let Some(s) = &stage {
+            counts.repaired.store(s.damaged, Ordering::Relaxed);
+        }
+        let result = self
+            .receive_into(
+                &mut ctl,
+                &manifest,
+                &mut stage,
+                &tracker,
+                &counts,
+                own_failure.as_ref(),
+            )
+            .await;
+        let result = match own_failure {
+            Some(e) => Err(e),
+            None => result,
+        };
+        let Some(Stage {
+            staging,
+            record,
+            record_path,
+            ..
+        }) = stage
+        else {
+            return result;
+        };
+        drop(record);
+        let Some(staging) = staging else {
+            // Committed (or consumed by a commit that failed).
+            let _ = std::fs::remove_file(&record_path);
+            return result;
+        };
+        match &result {
+            Ok(()) => {}
+            Err(e) if e.retryable() => {
+                // Kept for the next run; wait for the last writer so that nothing writes into
+                // it once the claim is released.
+                if let Some(s) = sole(staging).await {
+                    tracing::info!(path = %s.path().display(), "staging kept to resume from");
+                }
+            }
+            Err(_) => {
+                if let Some(s) = sole(staging).await {
+                    let path = s.path().to_owned();
+                    match tokio::task::spawn_blocking(move || s.abort()).await {
+                        Ok(Ok(())) => {
+                            tracing::info!(path = %path.display(), "removed staging area")
+                        }
+                        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove staging area"),
+                        Err(e) => tracing::warn!(error = %e, "could not remove staging area"),
+                    }
+                }
+                let _ = std::fs::remove_file(&record_path);
+            }
+        }
+        result
+    }
+
+    async fn receive_into(
+        &self,
+        ctl: &mut Control,
+        manifest: &Arc<Manifest>,
+        stage: &mut Option<Stage>,
+        tracker: &Arc<Mutex<Tracker>>,
+        counts: &Arc<Counts>,
+        own_failure: Option<&TransferError>,
+    ) -> Result<(), TransferError> {
+        let (ctx, open, plan, me, up) = (&self.ctx, self.open, &self.plan, self.me, &self.up);
+        // Children first, so that they are ready when data starts to flow; what they hold
+        // goes up before our Ready.
+        let mut links = crate::source::open_children(ctx, open, me, manifest, plan, up).await;
+        for l in &mut links {
+            for h in std::mem::take(&mut l.early) {
+                let _ = up.send(h).await;
+            }
+        }
+        let link::Fanout {
+            events: events_tasks,
+            streams: per_stream,
+            links: mut controls,
+        } = link::Fanout::new(links, open.connections, plan, up);
+
+        let (attach_tx, mut attach_rx) = mpsc::channel::<RecvStream>(usize::from(open.connections));
+        ctx.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                open.transfer_id,
+                crate::agent::Registration {
+                    parent: plan.nodes()[usize::from(plan.nodes()[me].parent.unwrap_or(0))]
+                        .name
+                        .clone(),
+                    streams: attach_tx,
+                    generation: self.generation,
+                },
+            );
+        let _ = up.send(Message::Ready).await;
+        tracing::debug!(children = controls.len(), "ready");
+        if let Some(e) = own_failure {
+            self.fail_own(e).await;
+        }
+
+        let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
+        // Buffers in use at once: a frame being read, forwarded or decoded per stream, and a
+        // frame and its decompressed copy per worker.
+        let pool = Pool::new(
+            crate::chunk::buffer_capacity(open.chunk_size),
+            2 * ctx.cfg.workers() + 3 * usize::from(open.connections),
+        );
+        let failure: Arc<Mutex<Option<TransferError>>> = Arc::new(Mutex::new(None));
+        let progress = spawn_progress(ctx.node.clone(), tracker.clone(), up.clone());
+        let writer = stage.as_ref().and_then(|st| {
+            Some(Writer {
+                tracker: tracker.clone(),
+                staging: st.staging.clone()?,
+                record: st.record.clone(),
+                counts: counts.clone(),
+                ctx: ctx.clone(),
+                pool: pool.clone(),
+            })
+        });
+
+        let mut data_tasks = JoinSet::new();
+        for streams in per_stream {
+            let attach = tokio::time::timeout(ATTACH_TIMEOUT, attach_rx.recv());
+            let recv = tokio::select! {
+                r = attach => r.map_err(|_| LinkError::Timeout {
+                    what: "the parent's data streams",
+                    secs: ATTACH_TIMEOUT.as_secs(),
+                })?
+                .ok_or(LinkError::Closed)?,
+                e = self.parent_conn.closed() => return Err(LinkError::Connection(e).into()),
+            };
+            let job = DataJob {
+                writer: writer.clone(),
+                pool: pool.clone(),
+                workers: workers.clone(),
+                failure: failure.clone(),
+                max_len: max_frame_len(open.chunk_size),
+            };
+            data_tasks.spawn(job.run(recv, streams));
+        }
+        tracing::debug!("data streams attached");
+        let (outcome, ended) = self
+            .rounds(
+                ctl,
+                &mut data_tasks,
+                &mut controls,
+                writer.as_ref(),
+                &workers,
+                &failure,
+            )
+            .await;
+        progress.abort();
+        drop(writer);
+        let result = match outcome {
+            Ok(digest) => self.commit(stage, tracker, counts, digest).await,
+            Err(e) => Err(e),
+        };
+        if !ended {
+            for l in &controls {
+                l.close(link::close::FAILED, "upstream failed");
+            }
+        }
+        for t in events_tasks {
+            let _ = t.await;
+        }
+        for l in &controls {
+            l.close(link::close::DONE, "done");
+        }
+        result
+    }
+
+    /// Makes the staging area the dataset and reports it.
+    async fn commit(
+        &self,
+        stage: &mut Option<Stage>,
+        tracker: &Arc<Mutex<Tracker>>,
+        counts: &Counts,
+        digest: [u8; 32],
+    ) -> Result<(), TransferError> {
+        let (bytes, files, held_bytes) = {
+            let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+            (t.bytes_done(), t.files_done(), t.held_bytes())
+        };
+        let staging = stage
+            .as_mut()
+            .and_then(|s| s.staging.take())
+            .ok_or_else(|| TransferError::Internal("no staging area".into()))?;
+        commit(staging).await?;
+        tracing::info!(bytes, files, "committed");
+        let _ = self
+            .up
+            .send(Message::Report {
+                node: self.ctx.node.clone(),
+                outcome: Outcome::Committed {
+                    bytes,
+                    files,
+                    elapsed_ms: self.started.elapsed().as_millis() as u64,
+                    digest,
+                    held: held_bytes,
+                    repaired: counts.repaired.load(Ordering::Relaxed),
+                },
+            })
+            .await;
+        Ok(())
+    }
+
+    /// The main pass on the data streams, then repair rounds on the control stream until the
+    /// parent's `End`. Returns the source's digest once ours equals it, and whether `End` was
+    /// passed on to the children (after which they finish on their own).
+    ///
+    /// Once this node's own copy has failed it asks for nothing more, but it keeps passing
+    /// everything on to its children until the end.
+    async fn rounds(
+        &self,
+        ctl: &mut Control,
+        data_tasks: &mut JoinSet<Result<(), LinkError>>,
+        controls: &mut [Downlink],
+        writer: Option<&Writer>,
+        workers: &Arc<Semaphore>,
+        failure: &Arc<Mutex<Option<TransferError>>>,
+    ) -> (Result<[u8; 32], TransferError>, bool) {
+        // The main pass ends when every data stream has; the parent says nothing on the
+        // control stream until it has our needs, so anything there now means it is gone.
+        loop {
+            tokio::select! {
+                r = data_tasks.join_next() => match r {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => return (Err(e.into()), false),
+                    Some(Err(e)) => return (Err(TransferError::Internal(e.to_string())), false),
+                },
+                m = next_control(ctl) => {
+                    // The parent spoke out of turn or is gone. Give the data streams a moment
+                    // to drain: a chunk that broke the rules says more than what followed it.
+                    let drain = async { while data_tasks.join_next().await.is_some() {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                    data_tasks.abort_all();
+                    if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        return (Err(e), false);
+                    }
+                    return (Err(match m {
+                        Err(e) => e.into(),
+                        Ok(other) => LinkError::Unexpected { got: other.name(), expected: "data" }.into(),
+                    }), false);
+                }
+            }
+        }
+        tracing::debug!("main pass done");
+        if let Err(e) = settle(workers, self.ctx.cfg.workers()).await {
+            return (Err(e), false);
+        }
+        let mut own: Option<TransferError> =
+            failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut writer = writer.filter(|_| own.is_none());
+        if let Some(w) = writer {
+            // Read everything back before asking for what is missing: damage on disk is
+            // repaired like damage in transit.
+            let w2 = w.clone();
+            let threads = self.ctx.cfg.workers();
+            match tokio::task::spawn_blocking(move || w2.check_staging(threads)).await {
+                Ok(0) => {}
+                Ok(lost) => {
+                    tracing::warn!(
+                        chunks = lost,
+                        "chunks in staging did not match their hash; asking again"
+                    );
+                    w.counts.repaired.fetch_add(lost, Ordering::Relaxed);
+                }
+                Err(e) => own = Some(TransferError::Internal(e.to_string())),
+            }
+        }
+        if let Some(e) = &own {
+            self.fail_own(e).await;
+            writer = None;
+        } else if let Some(w) = writer {
+            if let Err(e) = self.send_needs(&w.tracker, 0).await {
+                return (Err(e), false);
+            }
+        }
+        loop {
+            let m = match next_control(ctl).await {
+                Ok(m) => m,
+                Err(e) => return (Err(own.unwrap_or_else(|| e.into())), false),
+            };
+            match &m {
+                Message::Chunk(c) => {
+                    forward_control(controls, &m).await;
+                    if let Some(w) = writer {
+                        if let Err(e) = w.repair(c.clone()).await {
+                            self.fail_own(&e).await;
+                            own = Some(e);
+                            writer = None;
+                        }
+                    }
+                }
+                Message::Repaired { round } => {
+                    forward_control(controls, &m).await;
+                    if let Some(w) = writer {
+                        if let Err(e) = self.send_needs(&w.tracker, round + 1).await {
+                            return (Err(e), false);
+                        }
+                    }
+                }
+                Message::End { digest, .. } => {
+                    forward_control(controls, &m).await;
+                    for l in controls.iter_mut() {
+                        let _ = l.control.finish();
+                    }
+                    if let Some(e) = own {
+                        return (Err(e), true);
+                    }
+                    let Some(w) = writer else {
+                        return (Err(TransferError::Internal("no staging area".into())), true);
+                    };
+                    let t = w.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                    if !t.is_complete() {
+                        return (
+                            Err(TransferError::Incomplete {
+                                missing: t.missing_chunks(),
+                            }),
+                            true,
+                        );
+                    }
+                    if t.digest() != Some(*digest) {
+                        return (Err(TransferError::DigestMismatch), true);
+                    }
+                    return (Ok(*digest), true);
+                }
+                other => {
+                    return (
+                        Err(LinkError::Unexpected {
+                            got: other.name(),
+                            expected: "repairs or end",
+                        }
+                        .into()),
+                        false,
+                    )
+                }
+            }
         }
     }
-    drop(up_tx);
-    let _ = pump.await;
-    ctx.registry
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&open.transfer_id);
+
+    /// Tells the source which chunks this node still lacks after `round`.
+    async fn send_needs(&self, tracker: &Mutex<Tracker>, round: u32) -> Result<(), TransferError> {
+        if round > MAX_ROUNDS {
+            let missing = tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .missing_chunks();
+            return Err(TransferError::Unrepaired {
+                missing,
+                rounds: MAX_ROUNDS,
+            });
+        }
+        let missing = tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .missing(MAX_NEED + 1);
+        if missing.len() > MAX_NEED {
+            return Err(TransferError::Incomplete {
+                missing: missing.len() as u64,
+            });
+        }
+        if !missing.is_empty() {
+            tracing::info!(round, chunks = missing.len(), "asking for missing chunks");
+        }
+        let parts: Vec<&[(u32, u64)]> = if missing.is_empty() {
+            vec![&[]]
+        } else {
+            missing.chunks(MAX_LIST_ENTRIES as usize).collect()
+        };
+        let last = parts.len() - 1;
+        for (i, part) in parts.into_iter().enumerate() {
+            let _ = self
+                .up
+                .send(Message::Need {
+                    node: self.ctx.node.clone(),
+                    round,
+                    done: i == last,
+                    chunks: part.to_vec(),
+                })
+                .await;
+        }
+        Ok(())
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn receive(
-    ctx: &Arc<Ctx>,
-    open: &Open,
-    plan: &Arc<mover_protocol::Plan>,
-    me: usize,
-    mut from_parent: ParentLink<'_>,
-    up: &Up,
-    ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-    started: Instant,
-) -> Result<(), TransferError> {
-    let dataset = &plan.nodes()[me].dataset;
-    let dest = ctx
-        .cfg
-        .datasets
-        .get(dataset)
-        .ok_or_else(|| TransferError::UnknownDataset {
-            node: ctx.node.clone(),
-            dataset: dataset.clone(),
-        })?
-        .path
-        .clone();
-
-    // The manifest, checked entry by entry as it arrives.
+async fn read_manifest(ctl: &mut Control) -> Result<Manifest, TransferError> {
     let mut builder = ManifestBuilder::new();
-    let manifest = loop {
-        match read_message(from_parent.recv, manifest_frame_budget()).await? {
+    loop {
+        match next_control(ctl).await? {
             Message::ManifestPart(entries) => builder.push(entries)?,
             Message::ManifestEnd {
                 entries,
                 total_bytes,
-            } => break builder.finish(entries, total_bytes)?,
+            } => return Ok(builder.finish(entries, total_bytes)?),
             other => {
                 return Err(LinkError::Unexpected {
                     got: other.name(),
@@ -146,261 +722,109 @@ async fn receive(
                 .into())
             }
         }
-    };
-    let manifest = Arc::new(manifest);
-    let label = format!("{dataset}-{:016x}", open.transfer_id);
-    let (state_dir, m2, d2) = (ctx.cfg.state_dir.clone(), manifest.clone(), dest.clone());
-    let staging = tokio::task::spawn_blocking(move || Staging::create(&state_dir, &d2, &label, m2))
-        .await
-        .map_err(|e| TransferError::Internal(e.to_string()))??;
-    // The one long-lived reference: commit takes it out of this slot; on failure it is still
-    // here and the staging area is removed.
-    let mut slot = Some(Arc::new(staging));
-    let outcome = receive_into(
-        ctx,
-        open,
-        plan,
-        me,
-        &mut from_parent,
-        up,
-        ready,
-        started,
-        &manifest,
-        &mut slot,
-    )
-    .await;
-    if outcome.is_err() {
-        if let Some(s) = slot.take() {
-            abort_staging(s).await;
-        }
     }
-    outcome
 }
 
-/// Removes a staging area once the last worker has let go of it.
-async fn abort_staging(mut staging: Arc<Staging>) {
-    for _ in 0..100 {
-        match Arc::try_unwrap(staging) {
-            Ok(s) => {
-                let path = s.path().to_owned();
-                match tokio::task::spawn_blocking(move || s.abort()).await {
-                    Ok(Ok(())) => tracing::info!(path = %path.display(), "removed staging area"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "could not remove staging area"),
-                    Err(e) => tracing::warn!(error = %e, "could not remove staging area"),
-                }
-                return;
+/// Makes the staging area (from an interrupted run's, when there is one) and seeds it.
+fn prepare(
+    state_dir: &std::path::Path,
+    dest: &std::path::Path,
+    label: &str,
+    manifest: Arc<Manifest>,
+    chunk_size: u32,
+    threads: usize,
+) -> Result<(Stage, basis::Seeded), TransferError> {
+    let dir = Staging::locate(state_dir, dest, label)?;
+    let leftover = basis::set_aside(&dir)?;
+    let staging = match Staging::create(state_dir, dest, label, manifest) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(l) = leftover {
+                basis::discard(l);
             }
+            return Err(e.into());
+        }
+    };
+    let record_path = basis::record_path(&dir);
+    let seeded = Record::create(&record_path)
+        .map_err(|e| TransferError::Internal(format!("create {}: {e}", record_path.display())))
+        .and_then(|record| {
+            let old = dest.is_dir().then_some(dest);
+            let seeded = basis::seed(
+                &staging,
+                chunk_size,
+                leftover.as_ref(),
+                old,
+                &record,
+                threads,
+            )?;
+            Ok((record, seeded))
+        });
+    if let Some(l) = leftover {
+        basis::discard(l);
+    }
+    match seeded {
+        Ok((record, seeded)) => Ok((
+            Stage {
+                staging: Some(Arc::new(staging)),
+                record: Arc::new(record),
+                record_path,
+                damaged: 0,
+            },
+            seeded,
+        )),
+        Err(e) => {
+            let _ = staging.abort();
+            let _ = std::fs::remove_file(&record_path);
+            Err(e)
+        }
+    }
+}
+
+/// Waits until every worker has let go of the staging area, and returns it.
+async fn sole(mut staging: Arc<Staging>) -> Option<Staging> {
+    for _ in 0..600 {
+        match Arc::try_unwrap(staging) {
+            Ok(s) => return Some(s),
             Err(s) => staging = s,
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::warn!(path = %staging.path().display(), "staging area still in use; left in place");
+    None
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn receive_into(
-    ctx: &Arc<Ctx>,
-    open: &Open,
-    plan: &Arc<mover_protocol::Plan>,
-    me: usize,
-    from_parent: &mut ParentLink<'_>,
-    up: &Up,
-    ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-    started: Instant,
-    manifest: &Arc<mover_protocol::Manifest>,
-    slot: &mut Option<Arc<Staging>>,
-) -> Result<(), TransferError> {
-    let staging = slot
-        .clone()
-        .ok_or_else(|| TransferError::Internal("no staging area".into()))?;
-    // Children first, so that they are ready when data starts to flow.
-    let links = crate::source::open_children(ctx, open, me, manifest, plan, up).await;
-    let link::Fanout {
-        events: events_tasks,
-        streams: per_stream,
-        links: mut controls,
-    } = link::Fanout::new(links, open.connections, plan, up);
-
-    let (attach_tx, mut attach_rx) = mpsc::channel::<RecvStream>(usize::from(open.connections));
-    ctx.registry
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            open.transfer_id,
-            crate::agent::Registration {
-                parent: plan.nodes()[usize::from(plan.nodes()[me].parent.unwrap_or(0))]
-                    .name
-                    .clone(),
-                streams: attach_tx,
-            },
-        );
-    if let Some(r) = ready.take() {
-        let _ = r.send(Ok(()));
-    }
-    tracing::debug!(children = controls.len(), "ready");
-
-    let tracker = Arc::new(Mutex::new(Tracker::new(manifest, open.chunk_size)));
-    let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
-    // Buffers in use at once: a frame being read, forwarded or decoded per stream, and a
-    // frame and its decompressed copy per worker.
-    let pool = Pool::new(
-        crate::chunk::buffer_capacity(open.chunk_size),
-        2 * ctx.cfg.workers() + 3 * usize::from(open.connections),
-    );
-    let failure: Arc<Mutex<Option<TransferError>>> = Arc::new(Mutex::new(None));
-    let progress = spawn_progress(ctx.node.clone(), tracker.clone(), up.clone());
-
-    let mut data_tasks = Vec::new();
-    for streams in per_stream {
-        let attach = tokio::time::timeout(ATTACH_TIMEOUT, attach_rx.recv());
-        let recv = tokio::select! {
-            r = attach => r.map_err(|_| LinkError::Timeout {
-                what: "the parent's data streams",
-                secs: ATTACH_TIMEOUT.as_secs(),
-            })?
-            .ok_or(LinkError::Closed)?,
-            e = from_parent.conn.closed() => return Err(LinkError::Connection(e).into()),
-        };
-        let job = DataJob {
-            tracker: tracker.clone(),
-            workers: workers.clone(),
-            staging: staging.clone(),
-            failure: failure.clone(),
-            pool: pool.clone(),
-            max_len: max_frame_len(open.chunk_size),
-        };
-        data_tasks.push(tokio::spawn(job.run(recv, streams)));
-    }
-    tracing::debug!("data streams attached");
-    // The parent sends End on the control stream after finishing its data streams.
-    let end = read_message(from_parent.recv, manifest_frame_budget()).await;
-    tracing::debug!(ok = end.is_ok(), "control stream ended");
-    let mut link_error = None;
-    if end.is_err() {
-        // The parent is gone: a data stream on another of its connections may never see the
-        // close (packets drop under load), so stop reading rather than wait for idle timeouts.
-        for t in &data_tasks {
-            t.abort();
-        }
-    }
-    for t in data_tasks {
-        match t.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => link_error = Some(e.into()),
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => link_error = Some(TransferError::Internal(e.to_string())),
-        }
-    }
-    // Pass End on (or close) to the children once their data streams are finished.
-    let end = end.map_err(TransferError::from);
-    for l in &mut controls {
-        if let Ok(m @ Message::End { .. }) = &end {
-            let _ = write_message(&mut l.control, m).await;
-            let _ = l.control.finish();
-        } else {
-            l.close(link::close::FAILED, "upstream failed");
-        }
-    }
-    tracing::debug!("data streams done");
-    drop(staging);
-    let local = finish_local(
-        ctx, &workers, &tracker, &failure, slot, end, link_error, started,
-    )
-    .await;
-    progress.abort();
-    tracing::debug!(ok = local.is_ok(), "local copy finished");
-    let result = match local {
-        Ok(outcome) => {
-            let _ = up
-                .send(Message::Report {
-                    node: ctx.node.clone(),
-                    outcome,
-                })
-                .await;
-            Ok(())
-        }
-        Err(e) => Err(e),
-    };
-    for t in events_tasks {
-        let _ = t.await;
-    }
-    for l in &controls {
-        l.close(link::close::DONE, "done");
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn finish_local(
-    ctx: &Arc<Ctx>,
-    workers: &Arc<Semaphore>,
-    tracker: &Arc<Mutex<Tracker>>,
-    failure: &Arc<Mutex<Option<TransferError>>>,
-    slot: &mut Option<Arc<Staging>>,
-    end: Result<Message, TransferError>,
-    link_error: Option<TransferError>,
-    started: Instant,
-) -> Result<Outcome, TransferError> {
-    // Every write job holds a permit; taking them all waits for the last one.
-    let _all = workers
-        .acquire_many(ctx.cfg.workers() as u32)
+async fn commit(staging: Arc<Staging>) -> Result<(), TransferError> {
+    let staging = sole(staging)
         .await
-        .map_err(|e| TransferError::Internal(e.to_string()))?;
-    if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(e);
-    }
-    if let Some(e) = link_error {
-        return Err(e);
-    }
-    let digest = match end? {
-        Message::End { digest, .. } => digest,
-        other => {
-            return Err(LinkError::Unexpected {
-                got: other.name(),
-                expected: "end",
-            }
-            .into())
-        }
-    };
-    let (ours, bytes, files) = {
-        let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-        if !t.is_complete() {
-            return Err(TransferError::Incomplete {
-                missing: t.missing_chunks(),
-            });
-        }
-        (t.digest(), t.bytes_done(), t.files_done())
-    };
-    if ours != Some(digest) {
-        return Err(TransferError::DigestMismatch);
-    }
-    let staging = slot
-        .take()
-        .ok_or_else(|| TransferError::Internal("no staging area".into()))?;
-    let staging = match Arc::try_unwrap(staging) {
-        Ok(s) => s,
-        Err(s) => {
-            *slot = Some(s);
-            return Err(TransferError::Internal(
-                "staging area still in use at commit".into(),
-            ));
-        }
-    };
-    let done = tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
+        .ok_or_else(|| TransferError::Internal("staging area still in use at commit".into()))?;
+    tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
         staging.finalize()?;
         staging.commit()?;
         Ok(())
     })
     .await
-    .map_err(|e| TransferError::Internal(e.to_string()))?;
-    done?;
-    tracing::info!(bytes, files, "committed");
-    Ok(Outcome::Committed {
-        bytes,
-        files,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-        digest,
-    })
+    .map_err(|e| TransferError::Internal(e.to_string()))?
+}
+
+/// Waits for every write in flight (each holds a worker permit).
+async fn settle(workers: &Semaphore, n: usize) -> Result<(), TransferError> {
+    let _all = workers
+        .acquire_many(n as u32)
+        .await
+        .map_err(|e| TransferError::Internal(e.to_string()))?;
+    Ok(())
+}
+
+/// Passes a control message on to every child; a child whose stream fails is left to its
+/// events task to report.
+async fn forward_control(controls: &mut [Downlink], m: &Message) {
+    let frame = m.to_frame();
+    for l in controls.iter_mut() {
+        if let Err(e) = l.control.write_all(&frame).await {
+            tracing::debug!(child = %l.node, error = %e, "control stream to child failed");
+        }
+    }
 }
 
 fn spawn_progress(
@@ -425,14 +849,171 @@ fn spawn_progress(
     })
 }
 
+/// Decodes, verifies and writes this node's copy of chunks.
+#[derive(Clone)]
+struct Writer {
+    tracker: Arc<Mutex<Tracker>>,
+    staging: Arc<Staging>,
+    record: Arc<Record>,
+    counts: Arc<Counts>,
+    ctx: Arc<Ctx>,
+    pool: Arc<Pool>,
+}
+
+impl Writer {
+    /// Decodes and writes an admitted chunk (on a blocking thread). A chunk that fails
+    /// verification is missing again, to be asked for; only a write that fails is an error.
+    fn write(&self, mut chunk: Chunk) -> Result<(), TransferError> {
+        if self.ctx.faults.flip_chunk() {
+            let mut damaged = chunk.payload.to_vec();
+            crate::fault::flip(&mut damaged);
+            chunk.payload = Bytes::from(damaged);
+        }
+        let entry = &self.staging.manifest().entries[chunk.file as usize];
+        let size = entry.size();
+        let decoded = crate::chunk::decode(&chunk, size, &self.pool);
+        let raw = match decoded {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::warn!(path = %display_path(&entry.path), error = %e, "chunk failed verification; it will be fetched again");
+                self.tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .failed(chunk.file, chunk.offset);
+                self.counts.repaired.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        };
+        let written = self
+            .staging
+            .write_at(chunk.file, chunk.offset, &raw)
+            .map_err(TransferError::from)
+            .and_then(|()| {
+                self.record
+                    .append(
+                        &entry.path,
+                        &Recorded {
+                            file_size: size,
+                            offset: chunk.offset,
+                            len: chunk.raw_len,
+                            hash: chunk.hash,
+                        },
+                    )
+                    .map_err(|e| TransferError::Internal(format!("append to record: {e}")))
+            });
+        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        match written {
+            Ok(()) => {
+                t.verified(chunk.file, chunk.offset, chunk.hash);
+                Ok(())
+            }
+            Err(e) => {
+                t.failed(chunk.file, chunk.offset);
+                Err(e)
+            }
+        }
+    }
+
+    /// A chunk resent on the control stream.
+    async fn repair(&self, chunk: Chunk) -> Result<(), TransferError> {
+        let admitted = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(&chunk)?;
+        if admitted == Admit::Skip {
+            return Ok(());
+        }
+        let w = self.clone();
+        tokio::task::spawn_blocking(move || w.write(chunk))
+            .await
+            .map_err(|e| TransferError::Internal(e.to_string()))?
+    }
+
+    /// Reads every present chunk back from staging and checks its hash; a chunk that does not
+    /// match is missing again. Returns how many did not.
+    fn check_staging(&self, threads: usize) -> u64 {
+        let present = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .present();
+        for &(file, offset, _) in present.iter().take(self.ctx.faults.flip_staging() as usize) {
+            self.damage(file, offset);
+        }
+        let next = AtomicU64::new(0);
+        let lost = Mutex::new(Vec::new());
+        let cs = self.staging.manifest().entries.len();
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    let mut buf = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(&(file, offset, hash)) = present.get(i) else {
+                            return;
+                        };
+                        if (file as usize) >= cs || !self.matches(file, offset, hash, &mut buf) {
+                            lost.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((file, offset));
+                        }
+                    }
+                });
+            }
+        });
+        let lost = lost.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        lost.iter().filter(|&&(f, o)| t.lost(f, o)).count() as u64
+    }
+
+    fn matches(&self, file: u32, offset: u64, hash: [u8; 32], buf: &mut Vec<u8>) -> bool {
+        use std::os::unix::fs::FileExt;
+        let len = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .chunk_len(file, offset);
+        let (Some(len), Some(path)) = (len, self.staging.entry_path_of(file)) else {
+            return false;
+        };
+        let size = self.staging.manifest().entries[file as usize].size();
+        buf.resize(len as usize, 0);
+        std::fs::File::open(&path)
+            .and_then(|f| f.read_exact_at(buf, offset))
+            .is_ok_and(|()| chunk_hash(buf, offset, size) == hash)
+    }
+
+    /// Test fault: flips a bit of one chunk in staging.
+    fn damage(&self, file: u32, offset: u64) {
+        use std::os::unix::fs::FileExt;
+        let Some(path) = self.staging.entry_path_of(file) else {
+            return;
+        };
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        else {
+            return;
+        };
+        let mut b = [0u8; 1];
+        if f.read_exact_at(&mut b, offset).is_ok() {
+            crate::fault::flip(&mut b);
+            let _ = f.write_all_at(&b, offset);
+            tracing::warn!(path = %path.display(), offset, "TEST FAULT: flipped a bit in staging");
+        }
+    }
+}
+
 /// Reads one data stream: forwards each frame to the children, then decodes and writes our
 /// own copy on a worker thread.
 struct DataJob {
-    tracker: Arc<Mutex<Tracker>>,
-    workers: Arc<Semaphore>,
-    staging: Arc<Staging>,
-    failure: Arc<Mutex<Option<TransferError>>>,
+    /// `None` on a relay that holds no copy of its own.
+    writer: Option<Writer>,
     pool: Arc<Pool>,
+    workers: Arc<Semaphore>,
+    failure: Arc<Mutex<Option<TransferError>>>,
     max_len: u32,
 }
 
@@ -454,6 +1035,9 @@ impl DataJob {
     ) -> Result<(), LinkError> {
         while let Some(frame) = read_frame_pooled(recv, self.max_len, &self.pool).await? {
             link::forward(std::slice::from_ref(&frame.bytes), children).await;
+            let Some(writer) = &self.writer else {
+                continue;
+            };
             let chunk = match frame.decode()? {
                 Message::Chunk(c) => c,
                 other => {
@@ -472,14 +1056,18 @@ impl DataJob {
                 // Our own copy already failed; keep forwarding for the nodes below.
                 continue;
             }
-            let admitted = self
+            let admitted = writer
                 .tracker
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .admit(&chunk);
-            if let Err(e) = admitted {
-                self.fail(e.into());
-                continue;
+            match admitted {
+                Ok(Admit::Write) => {}
+                Ok(Admit::Skip) => continue,
+                Err(e) => {
+                    self.fail(e.into());
+                    continue;
+                }
             }
             let permit = self
                 .workers
@@ -487,38 +1075,17 @@ impl DataJob {
                 .acquire_owned()
                 .await
                 .map_err(|_| LinkError::Closed)?;
-            let (tracker, staging, failure, pool) = (
-                self.tracker.clone(),
-                self.staging.clone(),
-                self.failure.clone(),
-                self.pool.clone(),
-            );
+            let (writer, failure) = (writer.clone(), self.failure.clone());
             tokio::task::spawn_blocking(move || {
-                let entry = &staging.manifest().entries[chunk.file as usize];
-                let path = display_path(&entry.path);
-                let result = crate::chunk::decode(&chunk, entry.size(), &pool)
-                    .map_err(|source| TransferError::ChunkCodec { path, source })
-                    .and_then(|raw| Ok(staging.write_at(chunk.file, chunk.offset, &raw)?));
-                match result {
-                    Ok(()) => {
-                        tracker.lock().unwrap_or_else(|p| p.into_inner()).verified(
-                            chunk.file,
-                            chunk.offset,
-                            chunk.hash,
-                        );
-                    }
-                    Err(e) => {
-                        tracker
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .failed(chunk.file, chunk.offset);
-                        let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
-                        f.get_or_insert(e);
-                    }
+                if let Err(e) = writer.write(chunk) {
+                    failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
                 }
                 // Let go of the staging area before the permit: whoever takes every permit
                 // may then own it.
-                drop(staging);
+                drop(writer);
                 drop(permit);
             });
         }

@@ -1,14 +1,23 @@
 //! The source side of a transfer: scan the dataset, read, hash and compress chunks on worker
 //! threads, and stream them to the plan's first hops.
+//!
+//! A chunk that every target already holds with the same hash (they said so with `Have`) is
+//! read and hashed but not sent. After the main pass the source collects every target's
+//! `Need`, resends those chunks on the control streams, and repeats until no target needs
+//! anything (or the rounds run out), then sends `End`.
 
-use std::os::unix::fs::FileExt;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use mover_protocol::manifest::{display_path, EntryKind, Manifest};
-use mover_protocol::{Message, Open, Start, Tracker};
-use tokio::sync::{mpsc, Semaphore};
+use mover_protocol::message::MAX_ROUNDS;
+use mover_protocol::{Message, Open, Plan, Start, Tracker};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::agent::Ctx;
 use crate::chunk;
@@ -16,11 +25,17 @@ use crate::error::TransferError;
 use crate::link::{self, close, Downlink, Streams, Up};
 use crate::pool::Pool;
 
+/// How long the source waits for every target's needs after a round.
+const NEED_TIMEOUT: Duration = Duration::from_secs(900);
+
 /// What the source reports when everything was read and sent.
+#[derive(Default)]
 struct Totals {
     bytes: u64,
-    wire_bytes: u64,
+    wire_bytes: Arc<AtomicU64>,
     chunks: u64,
+    skipped: Arc<AtomicU64>,
+    resent: u64,
 }
 
 /// Runs a transfer started by the controller. Every outcome goes to `up` as messages; the
@@ -73,33 +88,71 @@ async fn run_inner(
         connections: start.connections,
         plan: start.plan.clone(),
     };
-    let links = open_children(ctx, &open, 0, &manifest, &plan, &up).await;
+    // Children's events pass through a router that keeps the needs and the reports for the
+    // repair rounds and hands the rest to the controller.
+    let rounds = Arc::new(Rounds::new(&plan));
+    let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let router = tokio::spawn(route(ev_rx, up.clone(), rounds.clone()));
+    let mut links = open_children(ctx, &open, 0, &manifest, &plan, &ev_tx).await;
+    let haves = Arc::new(Haves::merge(&mut links, plan.nodes().len() - 1, &ev_tx).await);
+    if haves.skippable > 0 {
+        tracing::info!(
+            chunks = haves.skippable,
+            "every target already holds some chunks; they are not sent"
+        );
+    }
     let link::Fanout {
         events: events_tasks,
         streams: data_streams,
         links: mut all_links,
-    } = link::Fanout::new(links, start.connections, &plan, &up);
+    } = link::Fanout::new(links, start.connections, &plan, &ev_tx);
+    drop(ev_tx);
+    let finish = |all_links: &Vec<Downlink>, code, why: &str| {
+        for l in all_links {
+            l.close(code, why);
+        }
+    };
     if !all_links.is_empty() {
-        let totals = stream_chunks(ctx, &root, &manifest, &start, data_streams).await;
-        match totals {
-            Ok((totals, digest)) => {
-                for l in &mut all_links {
-                    let _ = crate::frame::write_message(
-                        &mut l.control,
-                        &Message::End {
-                            chunks: totals.chunks,
-                            digest,
-                        },
-                    )
-                    .await;
-                    let _ = l.control.finish();
-                }
+        let sent = async {
+            let (mut totals, tracker) =
+                stream_chunks(ctx, &root, &manifest, &start, data_streams, &haves).await?;
+            let digest = tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .digest()
+                .ok_or_else(|| TransferError::Internal("source did not hash every chunk".into()))?;
+            totals.resent = repair(
+                ctx,
+                &root,
+                &manifest,
+                &start,
+                &tracker,
+                &rounds,
+                &mut all_links,
+                &totals,
+            )
+            .await?;
+            for l in &mut all_links {
+                let end = Message::End {
+                    chunks: totals.chunks,
+                    digest,
+                };
+                let _ = crate::frame::write_message(&mut l.control, &end).await;
+                let _ = l.control.finish();
+            }
+            Ok::<_, TransferError>(totals)
+        }
+        .await;
+        match sent {
+            Ok(totals) => {
                 let _ = up
                     .send(Message::Sent {
                         bytes: totals.bytes,
-                        wire_bytes: totals.wire_bytes,
+                        wire_bytes: totals.wire_bytes.load(Ordering::Relaxed),
                         chunks: totals.chunks,
                         files: manifest.file_count(),
+                        skipped: totals.skipped.load(Ordering::Relaxed),
+                        resent: totals.resent,
                     })
                     .await;
             }
@@ -107,6 +160,7 @@ async fn run_inner(
                 for t in events_tasks {
                     let _ = t.await;
                 }
+                let _ = router.await;
                 return Ok(());
             }
             Err(e) => {
@@ -116,12 +170,11 @@ async fn run_inner(
                 let targets: Vec<usize> = (1..plan.nodes().len()).collect();
                 let reason = format!("source {} failed: {e}", ctx.node);
                 link::report_failed(&up, &plan, &targets, &reason, e.retryable()).await;
-                for l in &all_links {
-                    l.close(close::FAILED, "source failed");
-                }
+                finish(&all_links, close::FAILED, "source failed");
                 for t in events_tasks {
                     let _ = t.await;
                 }
+                let _ = router.await;
                 return Ok(());
             }
         }
@@ -129,10 +182,263 @@ async fn run_inner(
     for t in events_tasks {
         let _ = t.await;
     }
-    for l in &all_links {
-        l.close(close::DONE, "done");
-    }
+    let _ = router.await;
+    finish(&all_links, close::DONE, "done");
     Ok(())
+}
+
+/// What the targets hold: a chunk is skipped when every target holds it with one hash.
+#[derive(Default)]
+pub(crate) struct Haves {
+    map: HashMap<(u32, u64), ([u8; 32], usize)>,
+    targets: usize,
+    skippable: usize,
+}
+
+impl Haves {
+    /// Merges what the links' subtrees hold; their other early messages go to `events`.
+    async fn merge(links: &mut [Downlink], targets: usize, events: &Up) -> Self {
+        let mut per_node: HashMap<String, Vec<mover_protocol::Held>> = HashMap::new();
+        for l in links.iter_mut() {
+            for m in std::mem::take(&mut l.early) {
+                match m {
+                    Message::Have { node, chunks } => {
+                        per_node.entry(node).or_default().extend(chunks)
+                    }
+                    other => {
+                        let _ = events.send(other).await;
+                    }
+                }
+            }
+        }
+        let mut map: HashMap<(u32, u64), ([u8; 32], usize)> = HashMap::new();
+        for (_, mut list) in per_node {
+            list.sort_unstable_by_key(|h| (h.file, h.offset));
+            list.dedup_by_key(|h| (h.file, h.offset));
+            for h in list {
+                let e = map.entry((h.file, h.offset)).or_insert((h.hash, 0));
+                // Targets that disagree: nobody can be trusted to hold it.
+                e.1 = if e.0 == h.hash {
+                    e.1 + 1
+                } else {
+                    usize::MAX / 2
+                };
+            }
+        }
+        let skippable = map.values().filter(|(_, n)| *n == targets).count();
+        Self {
+            map,
+            targets,
+            skippable,
+        }
+    }
+
+    fn skip(&self, file: u32, offset: u64, hash: &[u8; 32]) -> bool {
+        self.map
+            .get(&(file, offset))
+            .is_some_and(|(h, n)| *n == self.targets && h == hash)
+    }
+}
+
+/// The repair rounds' view of the targets: who still owes its needs for a round, and what
+/// they need.
+struct Rounds {
+    state: Mutex<RoundState>,
+    changed: Notify,
+}
+
+struct RoundState {
+    targets: Vec<String>,
+    finished: HashSet<String>,
+    needs: BTreeMap<u32, BTreeSet<(u32, u64)>>,
+    done: BTreeMap<u32, HashSet<String>>,
+}
+
+impl Rounds {
+    fn new(plan: &Plan) -> Self {
+        Self {
+            state: Mutex::new(RoundState {
+                targets: plan.targets().iter().map(|t| t.name.clone()).collect(),
+                finished: HashSet::new(),
+                needs: BTreeMap::new(),
+                done: BTreeMap::new(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoundState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn need(&self, node: String, round: u32, done: bool, chunks: Vec<(u32, u64)>) {
+        {
+            let mut s = self.lock();
+            s.needs.entry(round).or_default().extend(chunks);
+            if done {
+                s.done.entry(round).or_default().insert(node);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn finished(&self, node: String) {
+        self.lock().finished.insert(node);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until every target that has not finished has sent its needs for `round`, and
+    /// returns their union. Targets still silent at the deadline are left to fail at `End`.
+    async fn wait(&self, round: u32) -> BTreeSet<(u32, u64)> {
+        let deadline = tokio::time::Instant::now() + NEED_TIMEOUT;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut s = self.lock();
+                let done = s.done.get(&round).cloned().unwrap_or_default();
+                let waiting = s
+                    .targets
+                    .iter()
+                    .filter(|t| !s.finished.contains(*t) && !done.contains(*t))
+                    .count();
+                if waiting == 0 {
+                    return s.needs.remove(&round).unwrap_or_default();
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(round, "some targets never said what they need");
+                return self.lock().needs.remove(&round).unwrap_or_default();
+            }
+        }
+    }
+}
+
+/// Passes children's events to the controller, keeping needs and reports for the rounds.
+async fn route(mut rx: mpsc::Receiver<Message>, up: Up, rounds: Arc<Rounds>) {
+    while let Some(m) = rx.recv().await {
+        match m {
+            Message::Need {
+                node,
+                round,
+                done,
+                chunks,
+            } => rounds.need(node, round, done, chunks),
+            // From a node that joined after the main pass began: its needs cover it.
+            Message::Have { .. } => {}
+            Message::Report { node, outcome } => {
+                rounds.finished(node.clone());
+                let _ = up.send(Message::Report { node, outcome }).await;
+            }
+            Message::Progress { .. } => {
+                let _ = up.try_send(m);
+            }
+            other => {
+                let _ = up.send(other).await;
+            }
+        }
+    }
+}
+
+/// Runs the repair rounds: resends what targets need on the control streams until nobody
+/// needs anything. Returns how many chunks were resent.
+#[allow(clippy::too_many_arguments)]
+async fn repair(
+    ctx: &Arc<Ctx>,
+    root: &std::path::Path,
+    manifest: &Arc<Manifest>,
+    start: &Start,
+    tracker: &Arc<Mutex<Tracker>>,
+    rounds: &Rounds,
+    links: &mut [Downlink],
+    totals: &Totals,
+) -> Result<u64, TransferError> {
+    let mut resent = 0;
+    for round in 0..MAX_ROUNDS {
+        let needs = rounds.wait(round).await;
+        if needs.is_empty() {
+            break;
+        }
+        tracing::info!(round, chunks = needs.len(), "resending what targets need");
+        let (tx, mut rx) = mpsc::channel::<mover_protocol::Chunk>(ctx.cfg.workers());
+        let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
+        let pool = Pool::new(
+            crate::chunk::buffer_capacity(start.chunk_size),
+            4 * ctx.cfg.workers(),
+        );
+        let producer = {
+            let (tracker, manifest, root) = (tracker.clone(), manifest.clone(), root.to_owned());
+            let level = start.compress;
+            async move {
+                for (file, offset) in needs {
+                    let (len, want) = {
+                        let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+                        (t.chunk_len(file, offset), t.hash_of(file, offset))
+                    };
+                    let (Some(len), Some(want)) = (len, want) else {
+                        continue;
+                    };
+                    let entry = &manifest.entries[file as usize];
+                    let job = ReadJob {
+                        path: crate::scan::source_path(&root, entry),
+                        file,
+                        offset,
+                        size: entry.size(),
+                        mtime: (entry.mtime_sec, entry.mtime_nsec),
+                        len: len as usize,
+                        level,
+                        pool: pool.clone(),
+                    };
+                    let permit = workers
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| TransferError::Internal(e.to_string()))?;
+                    let c = tokio::task::spawn_blocking(move || job.run())
+                        .await
+                        .map_err(|e| TransferError::Internal(e.to_string()))??;
+                    drop(permit);
+                    if c.hash != want {
+                        return Err(TransferError::SourceChanged {
+                            path: display_path(&entry.path),
+                            detail: format!(
+                                "the chunk at {offset} read differently the second time"
+                            ),
+                        });
+                    }
+                    if tx.send(c).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+        };
+        let consumer = async {
+            let mut n = 0u64;
+            while let Some(c) = rx.recv().await {
+                let parts = [c.frame_prefix(), c.payload.clone()];
+                let len = (parts[0].len() + parts[1].len()) as u64;
+                for l in links.iter_mut() {
+                    if crate::frame::write_parts(&mut l.control, &parts)
+                        .await
+                        .is_ok()
+                    {
+                        totals.wire_bytes.fetch_add(len, Ordering::Relaxed);
+                    }
+                }
+                n += 1;
+            }
+            n
+        };
+        let (produced, n) = tokio::join!(producer, consumer);
+        produced?;
+        resent += n;
+        for l in links.iter_mut() {
+            let _ = crate::frame::write_message(&mut l.control, &Message::Repaired { round }).await;
+        }
+    }
+    Ok(resent)
 }
 
 /// Opens links to the children of `me`; a child that cannot be reached is reported failed
@@ -181,11 +487,14 @@ async fn stream_chunks(
     manifest: &Arc<Manifest>,
     start: &Start,
     data_streams: Vec<Streams>,
-) -> Result<(Totals, [u8; 32]), TransferError> {
+    haves: &Arc<Haves>,
+) -> Result<(Totals, Arc<Mutex<Tracker>>), TransferError> {
     let n = data_streams.len();
     let mut senders = Vec::with_capacity(n);
     let mut writers = Vec::with_capacity(n);
-    let wire = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let totals = Totals::default();
+    let wire = totals.wire_bytes.clone();
+    let skipped = totals.skipped.clone();
     for mut streams in data_streams {
         let (tx, mut rx) = mpsc::channel::<[Bytes; 2]>(2);
         senders.push(tx);
@@ -237,12 +546,18 @@ async fn stream_chunks(
                 .await
                 .map_err(|e| TransferError::Internal(e.to_string()))?;
             let tx = senders[(chunks % n as u64) as usize].clone();
-            let (tracker, err_tx) = (tracker.clone(), err_tx.clone());
+            let (tracker, err_tx, haves, skipped) = (
+                tracker.clone(),
+                err_tx.clone(),
+                haves.clone(),
+                skipped.clone(),
+            );
             let job = ReadJob {
                 path: path.clone(),
                 file: id as u32,
                 offset,
                 size,
+                mtime: (e.mtime_sec, e.mtime_nsec),
                 len,
                 level: start.compress,
                 pool: pool.clone(),
@@ -261,8 +576,12 @@ async fn stream_chunks(
                                 t.verified(c.file, c.offset, c.hash);
                             }
                         }
-                        let prefix = c.frame_prefix();
-                        let _ = tx.send([prefix, c.payload]).await;
+                        if haves.skip(c.file, c.offset, &c.hash) {
+                            skipped.fetch_add(u64::from(c.raw_len), Ordering::Relaxed);
+                        } else {
+                            let prefix = c.frame_prefix();
+                            let _ = tx.send([prefix, c.payload]).await;
+                        }
                     }
                     Err(e) => {
                         let _ = err_tx.try_send(e);
@@ -287,17 +606,14 @@ async fn stream_chunks(
     for w in writers {
         let _ = w.await;
     }
-    let digest = tracker
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .digest()
-        .ok_or_else(|| TransferError::Internal("source did not hash every chunk".into()))?;
-    let totals = Totals {
-        bytes,
-        wire_bytes: wire.load(std::sync::atomic::Ordering::Relaxed),
-        chunks,
-    };
-    Ok((totals, digest))
+    Ok((
+        Totals {
+            bytes,
+            chunks,
+            ..totals
+        },
+        tracker,
+    ))
 }
 
 /// One chunk to read and encode on a worker thread.
@@ -306,6 +622,8 @@ struct ReadJob {
     file: u32,
     offset: u64,
     size: u64,
+    /// The modification time the scan saw, as (seconds, nanoseconds).
+    mtime: (i64, u32),
     len: usize,
     level: u8,
     pool: Arc<Pool>,
@@ -336,6 +654,20 @@ impl ReadJob {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(io(e)),
             }
+        }
+        // A write during or before this read moves the file's mtime (or size): what was read
+        // may be a mix of two versions, so the transfer must not go on with it.
+        let meta = f.metadata().map_err(io)?;
+        let now = (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0));
+        if meta.len() != self.size || now != self.mtime {
+            return Err(TransferError::SourceChanged {
+                path: display_path(self.path.as_os_str().as_encoded_bytes()),
+                detail: if meta.len() != self.size {
+                    format!("its size is now {}, the scan saw {}", meta.len(), self.size)
+                } else {
+                    "it was modified after the scan".to_owned()
+                },
+            });
         }
         Ok(chunk::encode(
             self.file,

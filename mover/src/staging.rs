@@ -141,6 +141,34 @@ impl Staging {
         label: &str,
         manifest: Arc<Manifest>,
     ) -> Result<Staging, StagingError> {
+        let dir = Self::locate(state_dir, dest, label)?;
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StagingError::StagingExists { path: dir })
+            }
+            Err(e) => return Err(StagingError::io("create directory", &dir, e)),
+        }
+        let staging = Staging {
+            dir,
+            dest: dest.to_path_buf(),
+            manifest,
+            finalized: AtomicBool::new(false),
+        };
+        if let Err(e) = staging.populate() {
+            if let Err(rm) = remove_tree(&staging.dir) {
+                tracing::warn!(path = %staging.dir.display(), error = %rm,
+                    "failed to remove a partly created staging tree");
+            }
+            return Err(e);
+        }
+        Ok(staging)
+    }
+
+    /// Where [`Staging::create`] puts the staging directory for `dest` and `label` (see
+    /// there), after checking the label and the destination. Creates nothing but the
+    /// `staging` directory under `state_dir`.
+    pub fn locate(state_dir: &Path, dest: &Path, label: &str) -> Result<PathBuf, StagingError> {
         check_label(label)?;
         let parent = dest_parent(dest)?;
         let parent_meta = match fs::metadata(&parent) {
@@ -187,28 +215,47 @@ impl Staging {
             } else {
                 parent.join(format!(".mover-staging-{label}"))
             };
+        Ok(dir)
+    }
 
-        match DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(StagingError::StagingExists { path: dir })
-            }
-            Err(e) => return Err(StagingError::io("create directory", &dir, e)),
-        }
-        let staging = Staging {
-            dir,
-            dest: dest.to_path_buf(),
-            manifest,
-            finalized: AtomicBool::new(false),
+    /// The path of entry `file` inside the staging tree.
+    pub fn entry_path_of(&self, file: u32) -> Option<PathBuf> {
+        Some(self.entry_path(self.manifest.entries.get(file as usize)?))
+    }
+
+    /// Moves an already open regular file, `name` in directory `from_dir`, into place as file
+    /// `file` of the tree (replacing the empty one `create` made), at the manifest's size.
+    /// What it holds is kept: a resumed transfer checks it chunk by chunk.
+    pub fn adopt(&self, file: u32, from_dir: &File, name: &CString) -> Result<(), StagingError> {
+        let entry = &self.manifest.entries[file as usize];
+        let EntryKind::File { size } = entry.kind else {
+            return Err(StagingError::NotAFile {
+                file,
+                path: display_path(&entry.path),
+            });
         };
-        if let Err(e) = staging.populate() {
-            if let Err(rm) = remove_tree(&staging.dir) {
-                tracing::warn!(path = %staging.dir.display(), error = %rm,
-                    "failed to remove a partly created staging tree");
-            }
-            return Err(e);
+        let to = self.entry_path(entry);
+        let to_c = cstring(&to).map_err(|e| StagingError::io("adopt", &to, e))?;
+        // SAFETY: both descriptors and both strings live for the call.
+        let r = unsafe {
+            libc::renameat(
+                from_dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_FDCWD,
+                to_c.as_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(StagingError::io("adopt", &to, io::Error::last_os_error()));
         }
-        Ok(staging)
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&to)
+            .map_err(|e| StagingError::io("open", &to, e))?;
+        f.set_len(size)
+            .map_err(|e| StagingError::io("size file", &to, e))?;
+        preallocate(&f, &to, size)
     }
 
     /// The staging directory.
@@ -509,6 +556,11 @@ fn create_file(path: &Path, size: u64) -> Result<(), StagingError> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| StagingError::io("create file", path, e))?;
+    preallocate(&f, path, size)
+}
+
+/// Reserves `size` bytes for `f` (`fallocate`, or `set_len` where unsupported).
+fn preallocate(f: &File, path: &Path, size: u64) -> Result<(), StagingError> {
     if size == 0 {
         return Ok(());
     }
@@ -529,6 +581,16 @@ fn create_file(path: &Path, size: u64) -> Result<(), StagingError> {
             .set_len(size)
             .map_err(|e| StagingError::io("size file", path, e)),
         _ => Err(StagingError::io("preallocate", path, err)),
+    }
+}
+
+/// Removes a tree if it exists (see [`remove_tree`]).
+pub(crate) fn remove_tree_if_present(path: &Path) -> Result<(), StagingError> {
+    match remove_tree(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(StagingError::io("remove old staging tree", path, e))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -27,15 +27,27 @@
 //! parent opens a bidirectional **control stream**:
 //!
 //! ```text
-//! parent -> child: Open, ManifestPart*, ManifestEnd, ...,   End
-//! child -> parent:            Ready,   Progress*, Report*  (its own and its subtree's)
+//! parent -> child: Open, ManifestPart*, ManifestEnd,            [Chunk* Repaired]*, End
+//! child -> parent:        Have*, Ready, Progress*, Need+, ..., Need+, Report*
 //! ```
 //!
-//! After `Ready`, the parent opens one unidirectional **data stream** per connection, each
-//! starting with `Attach { transfer_id }` and followed by `Chunk` frames; it finishes each data
-//! stream and then sends `End` (the chunk count and a digest over every file's root hash) on
-//! the control stream. Progress and reports flow up the tree hop by hop to the source, which
-//! relays them, with its own `Sent`, on the controller's stream.
+//! Upstream messages carry the node they are about and are relayed hop by hop; a child sends
+//! its own and its subtree's. Before `Ready` every node of the subtree says with `Have` which
+//! chunks it already holds (verified in an interrupted run's staging area, or found in an
+//! older copy of the dataset), by hash. After `Ready`, the parent opens one unidirectional
+//! **data stream** per connection, each starting with `Attach { transfer_id }` and followed by
+//! `Chunk` frames: the **main pass**. The source skips a chunk that every target holds with the
+//! hash it reads.
+//!
+//! When a node's data streams have ended it reads its staging area back and sends `Need` for
+//! round 0: the chunks it still lacks (never sent, lost with a link, or failed verification in
+//! transit or on disk), possibly empty, the last part marked `done`. Once every target has
+//! answered, the source resends the union of the needs as `Chunk` frames on the control
+//! streams (relays pass them on, and each node takes what it lacks), then `Repaired { round }`,
+//! after which each node sends its needs for the next round. When nobody needs anything (or
+//! after [`message::MAX_ROUNDS`]) the source sends `End`: the chunk count and a digest over
+//! every file's root hash, which each node checks before it commits. The source relays every
+//! report, with its own `Sent`, on the controller's stream.
 //!
 //! # Chunks and hashes
 //!
@@ -50,10 +62,6 @@
 //! `Start` and `Open` carry [`PROTOCOL_VERSION`]; a peer that speaks another version is
 //! refused with an error naming both. New message kinds get new numbers; unknown kinds are
 //! errors, never ignored.
-//!
-//! # Non-goals (for now)
-//!
-//! Resume and delta (a target telling its parent what it already has) extend `Ready` later.
 
 pub mod codec;
 pub mod hash;
@@ -64,9 +72,9 @@ pub mod receive;
 
 pub use codec::{DecodeError, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use manifest::{Entry, EntryKind, Manifest, ManifestBuilder, ManifestError};
-pub use message::{Chunk, Encoding, Message, Open, Outcome, Start, PROTOCOL_VERSION};
+pub use message::{Chunk, Encoding, Held, Message, Open, Outcome, Start, PROTOCOL_VERSION};
 pub use plan::{Plan, PlanNode, Topology};
-pub use receive::{ChunkError, Tracker};
+pub use receive::{Admit, ChunkError, Tracker};
 
 /// Smallest chunk: BLAKE3 subtrees need whole 1 KiB chunks; smaller would only add overhead.
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;

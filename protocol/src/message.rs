@@ -10,11 +10,15 @@ use crate::manifest::Entry;
 use crate::plan::{Plan, MAX_NAME};
 
 /// The protocol version this build speaks. Start and Open carry it; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Longest failure reason carried in a report.
 pub const MAX_REASON: usize = 4096;
 /// Most entries in one manifest part (parts also respect the frame length bound).
 pub const MAX_PART_ENTRIES: u32 = 65_536;
+/// Most chunks named in one `Have` or `Need` message; longer lists take several messages.
+pub const MAX_LIST_ENTRIES: u32 = 65_536;
+/// Most repair rounds a transfer may run.
+pub const MAX_ROUNDS: u32 = 16;
 
 /// How a chunk's payload is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +59,14 @@ pub struct Chunk {
     pub payload: Bytes,
 }
 
+/// A chunk a receiver already holds in its staging area, with the hash of its bytes there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub file: u32,
+    pub offset: u64,
+    pub hash: [u8; 32],
+}
+
 /// How a target's part of a transfer ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -63,6 +75,10 @@ pub enum Outcome {
         files: u64,
         elapsed_ms: u64,
         digest: [u8; 32],
+        /// Bytes that were already here (an interrupted run, an older copy) and were kept.
+        held: u64,
+        /// Chunks fetched again after failing verification (in transit or on disk).
+        repaired: u64,
     },
     Failed {
         reason: String,
@@ -109,6 +125,31 @@ pub enum Message {
         wire_bytes: u64,
         chunks: u64,
         files: u64,
+        /// Bytes not sent because every target already held them.
+        skipped: u64,
+        /// Chunks sent again in repair rounds.
+        resent: u64,
+    },
+    /// Upstream, before `Ready`: chunks `node` already holds (from an interrupted run, or an
+    /// older copy of the dataset). The source does not send a chunk that every target holds
+    /// with the hash it reads.
+    Have {
+        node: String,
+        chunks: Vec<Held>,
+    },
+    /// Upstream, after each round of data: the chunks `node` still lacks (never arrived, or
+    /// failed verification). `done` marks the last `Need` of the round; an empty list with
+    /// `done` means the node has everything.
+    Need {
+        node: String,
+        round: u32,
+        done: bool,
+        chunks: Vec<(u32, u64)>,
+    },
+    /// Downstream on the control stream: every chunk resent for the needs of `round` has been
+    /// sent; report the needs of `round + 1`.
+    Repaired {
+        round: u32,
     },
 }
 
@@ -124,6 +165,9 @@ mod kind {
     pub const PROGRESS: u8 = 9;
     pub const REPORT: u8 = 10;
     pub const SENT: u8 = 11;
+    pub const HAVE: u8 = 12;
+    pub const NEED: u8 = 13;
+    pub const REPAIRED: u8 = 14;
 }
 
 impl Message {
@@ -140,6 +184,9 @@ impl Message {
             Self::Progress { .. } => kind::PROGRESS,
             Self::Report { .. } => kind::REPORT,
             Self::Sent { .. } => kind::SENT,
+            Self::Have { .. } => kind::HAVE,
+            Self::Need { .. } => kind::NEED,
+            Self::Repaired { .. } => kind::REPAIRED,
         }
     }
 
@@ -156,6 +203,9 @@ impl Message {
             Self::Progress { .. } => "progress",
             Self::Report { .. } => "report",
             Self::Sent { .. } => "sent",
+            Self::Have { .. } => "have",
+            Self::Need { .. } => "need",
+            Self::Repaired { .. } => "repaired",
         }
     }
 
@@ -229,12 +279,16 @@ impl Message {
                         files,
                         elapsed_ms,
                         digest,
+                        held,
+                        repaired,
                     } => {
                         buf.put_u8(0);
                         buf.put_u64(*bytes);
                         buf.put_u64(*files);
                         buf.put_u64(*elapsed_ms);
                         buf.put_slice(digest);
+                        buf.put_u64(*held);
+                        buf.put_u64(*repaired);
                     }
                     Outcome::Failed { reason, retryable } => {
                         buf.put_u8(1);
@@ -249,12 +303,41 @@ impl Message {
                 wire_bytes,
                 chunks,
                 files,
+                skipped,
+                resent,
             } => {
                 buf.put_u64(*bytes);
                 buf.put_u64(*wire_bytes);
                 buf.put_u64(*chunks);
                 buf.put_u64(*files);
+                buf.put_u64(*skipped);
+                buf.put_u64(*resent);
             }
+            Self::Have { node, chunks } => {
+                put_bytes16(buf, node.as_bytes());
+                buf.put_u32(chunks.len() as u32);
+                for c in chunks {
+                    buf.put_u32(c.file);
+                    buf.put_u64(c.offset);
+                    buf.put_slice(&c.hash);
+                }
+            }
+            Self::Need {
+                node,
+                round,
+                done,
+                chunks,
+            } => {
+                put_bytes16(buf, node.as_bytes());
+                buf.put_u32(*round);
+                buf.put_u8(u8::from(*done));
+                buf.put_u32(chunks.len() as u32);
+                for (file, offset) in chunks {
+                    buf.put_u32(*file);
+                    buf.put_u64(*offset);
+                }
+            }
+            Self::Repaired { round } => buf.put_u32(*round),
         }
     }
 
@@ -329,6 +412,8 @@ impl Message {
                         files: get_u64(body, "files")?,
                         elapsed_ms: get_u64(body, "elapsed")?,
                         digest: get_hash(body, "tree digest")?,
+                        held: get_u64(body, "held bytes")?,
+                        repaired: get_u64(body, "repaired chunks")?,
                     },
                     1 => Outcome::Failed {
                         reason: get_string(body, MAX_REASON, "failure reason")?,
@@ -348,6 +433,52 @@ impl Message {
                 wire_bytes: get_u64(body, "wire bytes")?,
                 chunks: get_u64(body, "chunks")?,
                 files: get_u64(body, "files")?,
+                skipped: get_u64(body, "skipped bytes")?,
+                resent: get_u64(body, "resent chunks")?,
+            },
+            kind::HAVE => {
+                let node = get_string(body, MAX_NAME, "node name")?;
+                let n = list_len(body, 44, "have list")?;
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunks.push(Held {
+                        file: get_u32(body, "have file id")?,
+                        offset: get_u64(body, "have offset")?,
+                        hash: get_hash(body, "have hash")?,
+                    });
+                }
+                Self::Have { node, chunks }
+            }
+            kind::NEED => {
+                let node = get_string(body, MAX_NAME, "node name")?;
+                let round = check_round(get_u32(body, "round")?)?;
+                let done = match get_u8(body, "need done flag")? {
+                    0 => false,
+                    1 => true,
+                    d => {
+                        return Err(DecodeError::Invalid {
+                            what: "need done flag",
+                            why: format!("{d} is not 0 or 1"),
+                        })
+                    }
+                };
+                let n = list_len(body, 12, "need list")?;
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunks.push((
+                        get_u32(body, "need file id")?,
+                        get_u64(body, "need offset")?,
+                    ));
+                }
+                Self::Need {
+                    node,
+                    round,
+                    done,
+                    chunks,
+                }
+            }
+            kind::REPAIRED => Self::Repaired {
+                round: check_round(get_u32(body, "round")?)?,
             },
             k => return Err(DecodeError::UnknownKind(k)),
         };
@@ -428,6 +559,37 @@ impl Chunk {
             payload,
         })
     }
+}
+
+/// Reads a list's count and checks it against the bound and against what the body can hold
+/// (`item` bytes each) before anything is reserved for it.
+fn list_len(body: &mut impl Buf, item: usize, what: &'static str) -> Result<usize, DecodeError> {
+    let n = get_u32(body, what)?;
+    if n > MAX_LIST_ENTRIES {
+        return Err(DecodeError::TooLarge {
+            what,
+            len: n.into(),
+            max: MAX_LIST_ENTRIES.into(),
+        });
+    }
+    let n = n as usize;
+    if n * item > body.remaining() {
+        return Err(DecodeError::Truncated {
+            what,
+            need: n * item - body.remaining(),
+        });
+    }
+    Ok(n)
+}
+
+fn check_round(round: u32) -> Result<u32, DecodeError> {
+    if round > MAX_ROUNDS {
+        return Err(DecodeError::Invalid {
+            what: "round",
+            why: format!("{round} is past the last round, {MAX_ROUNDS}"),
+        });
+    }
+    Ok(round)
 }
 
 fn check_version(body: &mut impl Buf) -> Result<(), DecodeError> {

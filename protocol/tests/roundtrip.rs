@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use bytes::{Buf, Bytes};
 use mover_protocol::manifest::{MAX_FILE_SIZE, MAX_NAME_LEN, MAX_PATH_LEN};
-use mover_protocol::message::{MAX_PART_ENTRIES, MAX_REASON};
+use mover_protocol::message::{Held, MAX_LIST_ENTRIES, MAX_PART_ENTRIES, MAX_REASON, MAX_ROUNDS};
 use mover_protocol::plan::MAX_NAME;
 use mover_protocol::{
     check_chunk_size, Chunk, DecodeError, Encoding, Entry, EntryKind, FrameHeader, Manifest,
@@ -175,14 +175,24 @@ fn node_name() -> impl Strategy<Value = String> {
 }
 
 fn committed() -> impl Strategy<Value = Outcome> {
-    (any::<u64>(), any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
-        |(bytes, files, elapsed_ms, digest)| Outcome::Committed {
-            bytes,
-            files,
-            elapsed_ms,
-            digest,
-        },
+    (
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<[u8; 32]>(),
+        any::<u64>(),
+        any::<u64>(),
     )
+        .prop_map(
+            |(bytes, files, elapsed_ms, digest, held, repaired)| Outcome::Committed {
+                bytes,
+                files,
+                elapsed_ms,
+                digest,
+                held,
+                repaired,
+            },
+        )
 }
 
 fn failed() -> impl Strategy<Value = Outcome> {
@@ -216,14 +226,40 @@ fn any_message() -> BoxedStrategy<Message> {
             .prop_map(|(node, bytes, files)| { Message::Progress { node, bytes, files } }),
         report(committed().boxed()),
         report(failed().boxed()),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-            |(bytes, wire_bytes, chunks, files)| Message::Sent {
+        (any::<[u64; 4]>(), any::<u64>(), any::<u64>()).prop_map(
+            |([bytes, wire_bytes, chunks, files], skipped, resent)| Message::Sent {
                 bytes,
                 wire_bytes,
                 chunks,
                 files,
+                skipped,
+                resent,
             }
         ),
+        (
+            node_name(),
+            vec((any::<u32>(), any::<u64>(), any::<[u8; 32]>()), 0..40)
+        )
+            .prop_map(|(node, list)| Message::Have {
+                node,
+                chunks: list
+                    .into_iter()
+                    .map(|(file, offset, hash)| Held { file, offset, hash })
+                    .collect(),
+            }),
+        (
+            node_name(),
+            0..=MAX_ROUNDS,
+            any::<bool>(),
+            vec((any::<u32>(), any::<u64>()), 0..40)
+        )
+            .prop_map(|(node, round, done, chunks)| Message::Need {
+                node,
+                round,
+                done,
+                chunks
+            }),
+        (0..=MAX_ROUNDS).prop_map(|round| Message::Repaired { round }),
     ]
     .boxed()
 }
@@ -446,9 +482,14 @@ proptest! {
         wire_bytes in any::<u64>(),
         chunks in any::<u64>(),
         files in any::<u64>(),
+        skipped in any::<u64>(),
+        resent in any::<u64>(),
         extra in vec(any::<u8>(), 0..8),
     ) {
-        check_message(&Message::Sent { bytes, wire_bytes, chunks, files }, &extra)?;
+        check_message(
+            &Message::Sent { bytes, wire_bytes, chunks, files, skipped, resent },
+            &extra,
+        )?;
     }
 
     /// Frames back to back on one stream decode one by one, each taking exactly its own bytes.
@@ -541,11 +582,61 @@ fn every_kind_refuses_or_decodes_fixed_bodies_without_panicking() {
     for kind in 0..=u8::MAX {
         for body in bodies {
             let got = Message::decode(kind, &mut &body[..]);
-            if !(1..=11).contains(&kind) {
+            if !(1..=14).contains(&kind) {
                 assert_eq!(got, Err(DecodeError::UnknownKind(kind)));
             }
         }
     }
+}
+
+#[test]
+fn have_and_need_lists_are_bounded_before_allocating() {
+    let name = |body: &mut Vec<u8>| {
+        body.extend_from_slice(&2u16.to_be_bytes());
+        body.extend_from_slice(b"e1");
+    };
+    // Have: a count above the bound, then a count the body cannot hold.
+    for (count, want_too_large) in [(MAX_LIST_ENTRIES + 1, true), (1000, false)] {
+        let mut body = Vec::new();
+        name(&mut body);
+        body.extend_from_slice(&count.to_be_bytes());
+        body.extend_from_slice(&[0; 44]);
+        let got = Message::decode(12, &mut &body[..]);
+        if want_too_large {
+            assert!(matches!(got, Err(DecodeError::TooLarge { .. })), "{got:?}");
+        } else {
+            assert!(matches!(got, Err(DecodeError::Truncated { .. })), "{got:?}");
+        }
+    }
+    // Need: the same, and a round past the last and a done flag that is not a bool.
+    let need = |round: u32, done: u8, count: u32| {
+        let mut body = Vec::new();
+        name(&mut body);
+        body.extend_from_slice(&round.to_be_bytes());
+        body.push(done);
+        body.extend_from_slice(&count.to_be_bytes());
+        body.extend_from_slice(&[0; 12]);
+        Message::decode(13, &mut &body[..])
+    };
+    assert!(matches!(
+        need(0, 1, u32::MAX),
+        Err(DecodeError::TooLarge { .. })
+    ));
+    assert!(matches!(need(0, 1, 2), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        need(MAX_ROUNDS + 1, 1, 1),
+        Err(DecodeError::Invalid { .. })
+    ));
+    assert!(matches!(need(0, 2, 1), Err(DecodeError::Invalid { .. })));
+    assert_eq!(
+        need(3, 1, 1),
+        Ok(Message::Need {
+            node: "e1".into(),
+            round: 3,
+            done: true,
+            chunks: vec![(0, 0)]
+        })
+    );
 }
 
 #[test]

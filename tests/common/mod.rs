@@ -113,12 +113,18 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, node: &str) {
+        self.start_agent_with_env(node, &[]);
+    }
+
+    /// Starts a node's agent with extra environment variables (the test-only fault switches).
+    pub fn start_agent_with_env(&mut self, node: &str, env: &[(&str, &str)]) {
         let i = self.index(node);
         let log_path = self.path().join(format!("{node}.log"));
         let log = std::fs::File::create(&log_path).expect("log");
         let child = mover()
             .args(["agent", "--config"])
             .arg(self.path().join(format!("{node}.toml")))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -140,6 +146,15 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether a node's agent is running.
+    pub fn is_running(&mut self, node: &str) -> bool {
+        let i = self.index(node);
+        self.agents[i]
+            .1
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Sends `sig` to a node's agent and waits for it to exit.
@@ -189,10 +204,13 @@ impl Cluster {
         }
     }
 
-    /// Counts the staging areas `node` holds.
+    /// Counts the staging areas `node` holds (directories; not their records).
     pub fn staging_count(&self, node: &str) -> usize {
         std::fs::read_dir(self.state_dir(node).join("staging"))
-            .map(|d| d.count())
+            .map(|d| {
+                d.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+                    .count()
+            })
             .unwrap_or(0)
     }
 
@@ -317,4 +335,85 @@ pub fn mixed_tree(root: &Path, size: u64) {
     filetime::set_file_mtime(odd.join("with space.txt"), t).expect("mtime");
     filetime::set_file_mtime(&odd, t).expect("mtime");
     filetime::set_symlink_file_times(root.join("outside-link"), t, t).expect("mtime");
+}
+
+/// A tmpfs mounted for one test, unmounted on drop. `None` (after saying SKIP loudly) when this
+/// process may not mount one.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: not root, cannot mount a tmpfs");
+            return None;
+        }
+        std::fs::create_dir_all(at).ok()?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs(at.to_path_buf())),
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: mount tmpfs failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Bytes of verified chunks listed in `node`'s record of its staging area for `data`.
+pub fn recorded_bytes(c: &Cluster, node: &str) -> u64 {
+    let bytes =
+        std::fs::read(c.state_dir(node).join("staging").join("data.record")).unwrap_or_default();
+    // Each record: path_len u16, path, file_size u64, offset u64, len u32, hash, check.
+    let mut rest = &bytes[..];
+    let mut total = 0;
+    while rest.len() >= 2 {
+        let plen = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let rec = 2 + plen + 8 + 8 + 4 + 32 + 4;
+        if rest.len() < rec {
+            break;
+        }
+        let len = &rest[2 + plen + 16..2 + plen + 20];
+        total += u64::from(u32::from_be_bytes(len.try_into().expect("4 bytes")));
+        rest = &rest[rec..];
+    }
+    total
+}
+
+/// Waits until `node` has verified at least `bytes` of chunks, and returns how much.
+pub fn wait_recorded(c: &Cluster, node: &str, bytes: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = recorded_bytes(c, node);
+        if n >= bytes {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node} verified only {n} bytes in 120 s:\n{}",
+            c.log(node)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A number from the summary's JSON.
+pub fn num(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }

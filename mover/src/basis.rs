@@ -1,0 +1,625 @@
+//! What a receiver already holds before data arrives: chunks it verified in an interrupted run
+//! (left in its staging area and listed in the staging area's record) and an older copy of the
+//! dataset. Both are hashed again here and reported as held; the source skips a chunk only
+//! when every target holds it with the hash the source reads, so nothing stale is ever kept.
+//!
+//! Files of an interrupted run are moved into the new staging area (no copy); chunks of an old
+//! copy are copied in as they are hashed (the old copy stays untouched until the commit).
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use mover_protocol::hash::{chunk_count, chunk_hash};
+use mover_protocol::manifest::EntryKind;
+use mover_protocol::Held;
+
+use crate::staging::{Staging, StagingError};
+
+/// Largest record file read back; a larger one is ignored (and the run starts over).
+const MAX_RECORD_BYTES: u64 = 1 << 30;
+/// Bytes in a record after its path.
+const RECORD_TAIL: usize = 8 + 8 + 4 + 32 + 4;
+
+/// The durable list of chunks verified into a staging area, next to it. Appended after each
+/// chunk is written; a crash mid-append leaves a torn last record, which loading ignores.
+///
+/// One record per chunk: `path_len u16, path, file_size u64, offset u64, len u32, hash [32],
+/// check [4]` (big endian), `check` being the first bytes of BLAKE3 over the rest.
+#[derive(Debug)]
+pub(crate) struct Record {
+    file: Mutex<File>,
+}
+
+/// A chunk named in a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Recorded {
+    pub file_size: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub hash: [u8; 32],
+}
+
+impl Record {
+    /// Starts an empty record at `path`.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            // Appends (std refuses append together with truncate, so the flag goes here).
+            .custom_flags(libc::O_APPEND | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(Self {
+            file: Mutex::new(file),
+        })
+    }
+
+    pub fn append(&self, path: &[u8], c: &Recorded) -> io::Result<()> {
+        let mut rec = Vec::with_capacity(2 + path.len() + RECORD_TAIL);
+        rec.extend_from_slice(&(path.len() as u16).to_be_bytes());
+        rec.extend_from_slice(path);
+        rec.extend_from_slice(&c.file_size.to_be_bytes());
+        rec.extend_from_slice(&c.offset.to_be_bytes());
+        rec.extend_from_slice(&c.len.to_be_bytes());
+        rec.extend_from_slice(&c.hash);
+        let check = blake3::hash(&rec);
+        rec.extend_from_slice(&check.as_bytes()[..4]);
+        // One write per record, appended: a process killed between writes loses nothing
+        // written before.
+        self.file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&rec)
+    }
+}
+
+/// Reads a record back: chunks by path. A missing file is an empty record; reading stops at
+/// the first record that is torn or fails its check.
+pub(crate) fn load(path: &Path) -> io::Result<HashMap<Vec<u8>, Vec<Recorded>>> {
+    let mut out: HashMap<Vec<u8>, Vec<Recorded>> = HashMap::new();
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len() > MAX_RECORD_BYTES {
+        tracing::warn!(path = %path.display(), "record too large; starting over");
+        return Ok(out);
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_RECORD_BYTES).read_to_end(&mut buf)?;
+    let mut rest = &buf[..];
+    while rest.len() >= 2 {
+        let plen = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let total = 2 + plen + RECORD_TAIL;
+        if rest.len() < total {
+            break;
+        }
+        let (rec, tail) = rest.split_at(total);
+        let body = &rec[..total - 4];
+        if blake3::hash(body).as_bytes()[..4] != rec[total - 4..] {
+            tracing::warn!(path = %path.display(), "record damaged; using what came before");
+            break;
+        }
+        let t = &rec[2 + plen..];
+        let u64_at = |i: usize| u64::from_be_bytes(t[i..i + 8].try_into().unwrap_or([0; 8]));
+        let mut hash = [0; 32];
+        hash.copy_from_slice(&t[20..52]);
+        out.entry(rec[2..2 + plen].to_vec())
+            .or_default()
+            .push(Recorded {
+                file_size: u64_at(0),
+                offset: u64_at(8),
+                len: u32::from_be_bytes(t[16..20].try_into().unwrap_or([0; 4])),
+                hash,
+            });
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// The record that goes with a staging directory.
+pub(crate) fn record_path(staging_dir: &Path) -> PathBuf {
+    sibling(staging_dir, ".record")
+}
+
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// What an interrupted run left: its staging tree (moved aside) and its record.
+#[derive(Debug)]
+pub(crate) struct Leftover {
+    pub tree: PathBuf,
+    pub chunks: HashMap<Vec<u8>, Vec<Recorded>>,
+}
+
+/// Moves an interrupted run's staging tree at `staging_dir` aside so that a fresh one can be
+/// made, and reads its record. Returns `None` when there is nothing to resume from.
+pub(crate) fn set_aside(staging_dir: &Path) -> Result<Option<Leftover>, StagingError> {
+    let prev = sibling(staging_dir, ".prev");
+    let record = record_path(staging_dir);
+    // A leftover of a leftover (a crash while resuming) is dropped; the newer one is kept.
+    crate::staging::remove_tree_if_present(&prev)?;
+    match std::fs::symlink_metadata(staging_dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) | Err(_) => {
+            let _ = std::fs::remove_file(&record);
+            return Ok(None);
+        }
+    }
+    let chunks = load(&record).unwrap_or_else(|e| {
+        tracing::warn!(path = %record.display(), error = %e, "cannot read record; starting over");
+        HashMap::new()
+    });
+    std::fs::rename(staging_dir, &prev).map_err(|e| io_err("move aside", staging_dir, e))?;
+    let _ = std::fs::remove_file(&record);
+    Ok(Some(Leftover { tree: prev, chunks }))
+}
+
+/// Removes a leftover tree once seeding is done with it.
+pub(crate) fn discard(leftover: Leftover) {
+    if let Err(e) = crate::staging::remove_tree_if_present(&leftover.tree) {
+        tracing::warn!(path = %leftover.tree.display(), error = %e, "cannot remove old staging");
+    }
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> StagingError {
+    if source.raw_os_error() == Some(libc::ENOSPC) {
+        return StagingError::NoSpace {
+            path: path.to_path_buf(),
+        };
+    }
+    StagingError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What seeding found.
+#[derive(Debug, Default)]
+pub(crate) struct Seeded {
+    pub held: Vec<Held>,
+    /// Chunks kept from an interrupted run.
+    pub resumed: u64,
+    /// Chunks copied from an older copy of the dataset.
+    pub reused: u64,
+    /// Chunks of an interrupted run whose bytes no longer matched their record.
+    pub damaged: u64,
+}
+
+/// Fills a fresh staging area from what is already here, on `threads` threads, appending
+/// every chunk it keeps to `record`. Only staging errors (a full disk) fail it; a leftover or
+/// old file that cannot be read is simply not used.
+pub(crate) fn seed(
+    staging: &Staging,
+    chunk_size: u32,
+    leftover: Option<&Leftover>,
+    old: Option<&Path>,
+    record: &Record,
+    threads: usize,
+) -> Result<Seeded, StagingError> {
+    let files: Vec<(u32, u64)> = staging
+        .manifest()
+        .entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match e.kind {
+            EntryKind::File { size } if size > 0 => Some((i as u32, size)),
+            _ => None,
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
+    let held = Mutex::new(Vec::new());
+    let (resumed, reused, damaged) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let failure: Mutex<Option<StagingError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; chunk_size as usize];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(file, size)) = files.get(i) else {
+                        return;
+                    };
+                    if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        return;
+                    }
+                    let mut job = FileSeed {
+                        staging,
+                        chunk_size,
+                        record,
+                        file,
+                        size,
+                        buf: &mut buf,
+                        held: HashMap::new(),
+                        damaged: 0,
+                        reused: 0,
+                    };
+                    let result = job.run(leftover, old);
+                    resumed.fetch_add(job.held.len() as u64 - job.reused, Ordering::Relaxed);
+                    reused.fetch_add(job.reused, Ordering::Relaxed);
+                    damaged.fetch_add(job.damaged, Ordering::Relaxed);
+                    held.lock().unwrap_or_else(|p| p.into_inner()).extend(
+                        job.held
+                            .into_iter()
+                            .map(|(offset, hash)| Held { file, offset, hash }),
+                    );
+                    if let Err(e) = result {
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let mut held = held.into_inner().unwrap_or_else(|p| p.into_inner());
+    held.sort_unstable_by_key(|h| (h.file, h.offset));
+    Ok(Seeded {
+        held,
+        resumed: resumed.into_inner(),
+        reused: reused.into_inner(),
+        damaged: damaged.into_inner(),
+    })
+}
+
+/// Seeds one file.
+struct FileSeed<'a> {
+    staging: &'a Staging,
+    chunk_size: u32,
+    record: &'a Record,
+    file: u32,
+    size: u64,
+    buf: &'a mut Vec<u8>,
+    held: HashMap<u64, [u8; 32]>,
+    damaged: u64,
+    reused: u64,
+}
+
+impl FileSeed<'_> {
+    fn run(&mut self, leftover: Option<&Leftover>, old: Option<&Path>) -> Result<(), StagingError> {
+        let path = self.staging.manifest().entries[self.file as usize]
+            .path
+            .clone();
+        let to = self
+            .staging
+            .entry_path_of(self.file)
+            .ok_or_else(|| io_err("seed", Path::new(""), io::ErrorKind::NotFound.into()))?;
+        if let Some(l) = leftover {
+            if let Some(recorded) = l.chunks.get(&path) {
+                if let Ok((dir, name, _)) = open_beneath(&l.tree, &path) {
+                    self.staging.adopt(self.file, &dir, &name)?;
+                    self.check_resumed(&to, &path, recorded)?;
+                }
+            }
+        }
+        if self.held.len() as u64 == chunk_count(self.size, self.chunk_size) {
+            return Ok(());
+        }
+        if let Some(old) = old {
+            if let Ok((_, _, f)) = open_beneath(old, &path) {
+                self.copy_old(&f, &to, &path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk_len(&self, offset: u64) -> Option<usize> {
+        let cs = u64::from(self.chunk_size);
+        (offset % cs == 0 && offset < self.size).then(|| (self.size - offset).min(cs) as usize)
+    }
+
+    /// Hashes each recorded chunk of an adopted file again: it is held only if its bytes are
+    /// still what was verified.
+    fn check_resumed(
+        &mut self,
+        to: &Path,
+        path: &[u8],
+        recorded: &[Recorded],
+    ) -> Result<(), StagingError> {
+        let f = File::open(to).map_err(|e| io_err("open", to, e))?;
+        for r in recorded {
+            let Some(len) = self.chunk_len(r.offset) else {
+                continue;
+            };
+            if len != r.len as usize || self.held.contains_key(&r.offset) {
+                continue;
+            }
+            let buf = &mut self.buf[..len];
+            if f.read_exact_at(buf, r.offset).is_err() {
+                continue;
+            }
+            let hash = chunk_hash(buf, r.offset, self.size);
+            if r.file_size == self.size && hash != r.hash {
+                self.damaged += 1;
+                continue;
+            }
+            self.keep(path, r.offset, len, hash, to)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the chunks an old copy of the file can give into staging, hashing each.
+    fn copy_old(&mut self, old: &File, to: &Path, path: &[u8]) -> Result<(), StagingError> {
+        let old_size = old.metadata().map(|m| m.len()).unwrap_or(0);
+        let out = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(to)
+            .map_err(|e| io_err("open", to, e))?;
+        let mut offset = 0;
+        while let Some(len) = self.chunk_len(offset) {
+            if offset + len as u64 > old_size {
+                break;
+            }
+            if !self.held.contains_key(&offset) {
+                let buf = &mut self.buf[..len];
+                if old.read_exact_at(buf, offset).is_err() {
+                    break;
+                }
+                let hash = chunk_hash(buf, offset, self.size);
+                out.write_all_at(buf, offset)
+                    .map_err(|e| io_err("write", to, e))?;
+                self.keep(path, offset, len, hash, to)?;
+                self.reused += 1;
+            }
+            offset += len as u64;
+        }
+        Ok(())
+    }
+
+    fn keep(
+        &mut self,
+        path: &[u8],
+        offset: u64,
+        len: usize,
+        hash: [u8; 32],
+        to: &Path,
+    ) -> Result<(), StagingError> {
+        self.record
+            .append(
+                path,
+                &Recorded {
+                    file_size: self.size,
+                    offset,
+                    len: len as u32,
+                    hash,
+                },
+            )
+            .map_err(|e| io_err("record", to, e))?;
+        self.held.insert(offset, hash);
+        Ok(())
+    }
+}
+
+/// Opens the regular file at manifest path `rel` under `root` without following any symlink
+/// on the way (a symlink anywhere in the path is an error, so nothing outside `root` is ever
+/// read). Returns its directory, its name there, and the file.
+pub(crate) fn open_beneath(root: &Path, rel: &[u8]) -> io::Result<(File, CString, File)> {
+    let not_found = || io::Error::from(io::ErrorKind::NotFound);
+    let mut comps: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+    let name = comps
+        .pop()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(not_found)?;
+    let mut dir = File::open(root)?;
+    for c in comps {
+        dir = openat(&dir, c, libc::O_DIRECTORY)?;
+    }
+    let file = openat(&dir, name, libc::O_NONBLOCK)?;
+    if !file.metadata()?.is_file() {
+        return Err(not_found());
+    }
+    let name = CString::new(name).map_err(|_| not_found())?;
+    Ok((dir, name, file))
+}
+
+fn openat(dir: &File, name: &[u8], flags: libc::c_int) -> io::Result<File> {
+    if name.is_empty() || name == b"." || name == b".." {
+        return Err(io::ErrorKind::NotFound.into());
+    }
+    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::NotFound))?;
+    // SAFETY: `dir` is open and `c` lives for the call.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | flags,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use mover_protocol::manifest::{Entry, Manifest};
+    use std::sync::Arc;
+
+    fn rec(offset: u64, hash: u8) -> Recorded {
+        Recorded {
+            file_size: 1 << 20,
+            offset,
+            len: 4096,
+            hash: [hash; 32],
+        }
+    }
+
+    #[test]
+    fn a_record_reads_back_and_stops_at_a_torn_or_damaged_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.record");
+        let r = Record::create(&path).unwrap();
+        r.append(b"a/b", &rec(0, 1)).unwrap();
+        r.append(b"a/b", &rec(4096, 2)).unwrap();
+        r.append(b"c", &rec(0, 3)).unwrap();
+        drop(r);
+        let all = load(&path).unwrap();
+        assert_eq!(all[&b"a/b".to_vec()], vec![rec(0, 1), rec(4096, 2)]);
+        assert_eq!(all[&b"c".to_vec()], vec![rec(0, 3)]);
+
+        // A crash mid-append: the last record is cut short.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let torn = load(&path).unwrap();
+        assert_eq!(torn.len(), 1);
+        assert_eq!(torn[&b"a/b".to_vec()].len(), 2);
+
+        // A flipped bit in the second record: only the first is trusted.
+        let mut bad = bytes.clone();
+        let second = 2 + 3 + RECORD_TAIL + 20;
+        bad[second] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert_eq!(load(&path).unwrap()[&b"a/b".to_vec()], vec![rec(0, 1)]);
+
+        assert!(load(&dir.path().join("missing")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn open_beneath_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"x").unwrap();
+        std::fs::write(root.join("d/f"), b"ok").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("flink")).unwrap();
+        assert!(open_beneath(&root, b"d/f").is_ok());
+        for bad in [
+            &b"link/secret"[..],
+            b"flink",
+            b"d/../d/f",
+            b"d",
+            b"",
+            b"nope",
+        ] {
+            assert!(
+                open_beneath(&root, bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    fn file_entry(path: &str, size: u64) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: EntryKind::File { size },
+            mode: 0o644,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+        }
+    }
+
+    #[test]
+    fn seeding_keeps_verified_leftovers_and_copies_matching_old_chunks() {
+        const CS: u32 = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let dest = dir.path().join("dest");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(&dest).unwrap();
+        let size = 3 * u64::from(CS);
+        let new: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let root = Entry {
+            path: Vec::new(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+        };
+        let m = Arc::new(
+            Manifest::from_entries(vec![root, file_entry("a", size), file_entry("b", size)])
+                .unwrap(),
+        );
+        let cs = CS as usize;
+        // An old copy of "b" whose middle chunk differs.
+        let mut old_b = new.clone();
+        old_b[cs + 3] ^= 0xff;
+        std::fs::write(dest.join("b"), &old_b).unwrap();
+
+        // An interrupted run verified chunks 0 and 2 of "a"; chunk 2 was damaged since.
+        let staging_dir = Staging::locate(&state, &dest, "ds").unwrap();
+        let first = Staging::create(&state, &dest, "ds", m.clone()).unwrap();
+        let record = Record::create(&record_path(&staging_dir)).unwrap();
+        for idx in [0u64, 2] {
+            let off = idx * u64::from(CS);
+            let data = &new[off as usize..off as usize + cs];
+            first.write_at(1, off, data).unwrap();
+            record
+                .append(
+                    b"a",
+                    &Recorded {
+                        file_size: size,
+                        offset: off,
+                        len: CS,
+                        hash: chunk_hash(data, off, size),
+                    },
+                )
+                .unwrap();
+        }
+        first.write_at(1, 2 * u64::from(CS) + 9, b"rot").unwrap();
+        drop((first, record));
+
+        let leftover = set_aside(&staging_dir).unwrap().unwrap();
+        let staging = Staging::create(&state, &dest, "ds", m).unwrap();
+        let record = Record::create(&record_path(&staging_dir)).unwrap();
+        let seeded = seed(&staging, CS, Some(&leftover), Some(&dest), &record, 2).unwrap();
+        discard(leftover);
+        assert_eq!((seeded.resumed, seeded.damaged), (1, 1));
+        assert_eq!(
+            seeded.reused, 3,
+            "every chunk of the old b is copied in and hashed"
+        );
+        let held: Vec<(u32, u64, [u8; 32])> = seeded
+            .held
+            .iter()
+            .map(|h| (h.file, h.offset, h.hash))
+            .collect();
+        let hash = |data: &[u8], idx: usize| {
+            let off = idx * cs;
+            chunk_hash(&data[off..off + cs], off as u64, size)
+        };
+        assert_eq!(
+            held,
+            vec![
+                (1, 0, hash(&new, 0)),
+                (2, 0, hash(&new, 0)),
+                (2, u64::from(CS), hash(&old_b, 1)),
+                (2, 2 * u64::from(CS), hash(&new, 2)),
+            ]
+        );
+        assert_ne!(hash(&old_b, 1), hash(&new, 1));
+        // What was held is in the new staging area and in its record.
+        let b = std::fs::read(staging.entry_path_of(2).unwrap()).unwrap();
+        assert_eq!(b, old_b);
+        let again = load(&record_path(&staging_dir)).unwrap();
+        assert_eq!(again[&b"a".to_vec()].len(), 1);
+        assert_eq!(again[&b"b".to_vec()].len(), 3);
+        assert!(!staging_dir.with_extension("prev").exists());
+    }
+}

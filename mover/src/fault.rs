@@ -1,0 +1,58 @@
+//! Fault injection for tests, off unless an environment variable turns it on. Documented in the
+//! README as test-only: nothing in a production run sets these.
+//!
+//! - `MOVER_TEST_FLIP_CHUNKS=N`: the agent flips one bit in the payload of the first N chunks
+//!   it receives for its own copy, after forwarding them untouched, before verifying them.
+//! - `MOVER_TEST_FLIP_STAGING=N`: after the data of a transfer has arrived, the agent flips one
+//!   bit in N chunks of its staging area, before the final check reads them back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The faults this agent injects.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    flip_chunks: AtomicU64,
+    flip_staging: AtomicU64,
+}
+
+impl Faults {
+    pub fn from_env() -> Self {
+        let get = |name: &str| {
+            let n = std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            if n > 0 {
+                tracing::warn!(variable = name, count = n, "TEST FAULT INJECTION IS ON");
+            }
+            n
+        };
+        Self {
+            flip_chunks: AtomicU64::new(get("MOVER_TEST_FLIP_CHUNKS")),
+            flip_staging: AtomicU64::new(get("MOVER_TEST_FLIP_STAGING")),
+        }
+    }
+
+    fn take(counter: &AtomicU64) -> bool {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Whether to damage the next received chunk.
+    pub fn flip_chunk(&self) -> bool {
+        Self::take(&self.flip_chunks)
+    }
+
+    /// How many chunks of the staging area to damage now.
+    pub fn flip_staging(&self) -> u64 {
+        self.flip_staging.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// Flips the lowest bit of the byte in the middle of `data`.
+pub(crate) fn flip(data: &mut [u8]) {
+    if let Some(b) = data.get_mut(data.len() / 2) {
+        *b ^= 1;
+    }
+}
