@@ -1,220 +1,42 @@
 //! A rogue parent with a valid node certificate feeds a real agent hostile input: the agent
-//! refuses it with a clear error, writes nothing outside its staging area, and leaves no
-//! staging behind.
+//! refuses it with a clear error, writes nothing outside its staging area, leaves no staging
+//! behind, and then still serves a valid transfer.
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use mover::config::{AgentConfig, DatasetConfig};
-use mover::tls::{Identity, TlsPaths};
-use mover_protocol::{
-    Chunk, Encoding, Entry, EntryKind, FrameHeader, Message, Open, Outcome, Plan, PlanNode,
-    FRAME_HEADER_LEN,
-};
+use common::*;
+use mover_protocol::manifest::{MAX_ENTRIES, MAX_FILE_SIZE};
+use mover_protocol::message::MAX_PART_ENTRIES;
+use mover_protocol::{Chunk, Encoding, Entry, EntryKind, FrameHeader, Message, FRAME_HEADER_LEN};
 
-struct Agent {
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
+/// The frame kind of `ManifestPart` on the wire (hand-built frames need it).
+const MANIFEST_PART_KIND: u8 = 5;
 
-fn tls(dir: &Path, node: &str) -> TlsPaths {
-    TlsPaths {
-        ca: dir.join("certs/ca.pem"),
-        cert: dir.join(format!("certs/{node}.pem")),
-        key: dir.join(format!("certs/{node}.key")),
-    }
-}
-
-async fn start_east1() -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    mover::certs::init(&dir.path().join("certs"), &["west1".into(), "east1".into()]).unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut datasets = BTreeMap::new();
-    datasets.insert(
-        "data".to_owned(),
-        DatasetConfig {
-            path: dir.path().join("east1/data"),
-        },
-    );
-    std::fs::create_dir_all(dir.path().join("east1")).unwrap();
-    let cfg = AgentConfig {
-        node: "east1".into(),
-        listen: addr,
-        state_dir: dir.path().join("east1/state"),
-        tls: tls(dir.path(), "east1"),
-        datasets,
-        workers: None,
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        mover::agent::run(cfg, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    Agent {
-        dir,
-        addr,
-        stop: Some(tx),
-        task,
-    }
-}
-
-impl Agent {
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
-            .await
-            .expect("agent stops")
-            .unwrap();
-        self.dir
-    }
-}
-
-/// Connects to east1 as west1, a legitimate node that behaves badly.
-async fn rogue(agent: &Agent) -> (quinn::Endpoint, quinn::Connection) {
-    let id = Identity::load(&tls(agent.path(), "west1")).unwrap();
-    let client = mover::tls::client_config(&id, Arc::new(mover::net::transport_config())).unwrap();
-    let ep = mover::net::client_endpoint("127.0.0.1:0".parse().unwrap(), client).unwrap();
-    let conn = mover::net::connect(&ep, agent.addr, "east1").await.unwrap();
-    (ep, conn)
-}
-
-fn open_frame(chunk_size: u32) -> Bytes {
-    let node = |name: &str, parent| PlanNode {
-        name: name.into(),
-        address: "127.0.0.1:1".into(),
-        dataset: "data".into(),
-        parent,
-    };
-    let plan = Plan::from_nodes(vec![node("west1", None), node("east1", Some(0))]).unwrap();
-    Message::Open(Open {
-        transfer_id: 7,
-        chunk_size,
-        connections: 1,
-        plan,
-    })
-    .to_frame()
-}
-
-async fn read_message(recv: &mut quinn::RecvStream) -> Option<Message> {
-    let mut head = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut head).await.ok()?;
-    let h = FrameHeader::decode(&mut &head[..], 1 << 20).ok()?;
-    let mut body = vec![0u8; h.len as usize];
-    recv.read_exact(&mut body).await.ok()?;
-    Message::decode(h.kind, &mut Bytes::from(body)).ok()
-}
-
-/// Reads until east1 reports, and returns the failure reason.
-async fn failure_reason(recv: &mut quinn::RecvStream) -> String {
-    let read = async {
-        loop {
-            match read_message(recv).await {
-                Some(Message::Report {
-                    outcome: Outcome::Failed { reason, .. },
-                    ..
-                }) => return reason,
-                Some(Message::Report { outcome, .. }) => panic!("unexpected outcome {outcome:?}"),
-                Some(_) => continue,
-                None => panic!("stream ended without a report"),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), read)
-        .await
-        .expect("a report in time")
-}
-
-fn entry(path: &str, kind: EntryKind) -> Entry {
-    Entry {
-        path: path.as_bytes().to_vec(),
-        kind,
-        mode: 0o644,
-        mtime_sec: 0,
-        mtime_nsec: 0,
-    }
-}
-
-fn dir(path: &str) -> Entry {
-    entry(path, EntryKind::Dir)
-}
-
-fn file(path: &str, size: u64) -> Entry {
-    entry(path, EntryKind::File { size })
-}
-
-fn staging_is_empty(root: &Path) -> bool {
-    let s: PathBuf = root.join("east1/state/staging");
-    std::fs::read_dir(&s)
-        .map(|d| d.count() == 0)
-        .unwrap_or(true)
-}
-
-async fn send_manifest(entries: Vec<Entry>) -> (String, tempfile::TempDir) {
-    let agent = start_east1().await;
-    let (_ep, conn) = rogue(&agent).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_frame(1 << 20)).await.unwrap();
-    let total = entries.iter().map(Entry::size).sum();
-    let n = entries.len() as u64;
-    send.write_all(&Message::ManifestPart(entries).to_frame())
-        .await
-        .unwrap();
-    send.write_all(
-        &Message::ManifestEnd {
-            entries: n,
-            total_bytes: total,
-        }
-        .to_frame(),
-    )
-    .await
-    .unwrap();
-    let reason = failure_reason(&mut recv).await;
-    let dir = agent.stop().await;
-    (reason, dir)
-}
-
-fn assert_nothing_written(root: &Path) {
-    assert!(!root.join("east1/data").exists(), "the dataset was created");
-    assert!(!root.join("escape").exists() && !root.join("east1/escape").exists());
-    assert!(staging_is_empty(root), "staging left behind");
+/// Sends an Open and `entries` as the manifest, and returns the agent's failure reason after
+/// checking that nothing was written and that the agent still serves.
+async fn send_manifest(entries: Vec<Entry>) -> String {
+    let declared = (entries.len() as u64, entries.iter().map(Entry::size).sum());
+    send_manifest_declaring(entries, declared).await
 }
 
 #[tokio::test]
 async fn manifest_with_dot_dot_is_refused() {
-    let (reason, dir) = send_manifest(vec![dir(""), dir("a"), file("a/../../escape", 5)]).await;
+    let reason = send_manifest(vec![dir(""), dir("a"), file("a/../../escape", 5)]).await;
     assert!(reason.contains("'..' component"), "{reason}");
-    assert_nothing_written(dir.path());
 }
 
 #[tokio::test]
 async fn manifest_with_absolute_path_is_refused() {
     let target = tempfile::tempdir().unwrap();
     let abs = target.path().join("planted");
-    let (reason, dir) = send_manifest(vec![dir(""), file(abs.to_str().unwrap(), 5)]).await;
+    let reason = send_manifest(vec![dir(""), file(abs.to_str().unwrap(), 5)]).await;
     assert!(reason.contains("absolute path"), "{reason}");
     assert!(!abs.exists());
-    assert_nothing_written(dir.path());
 }
 
 #[tokio::test]
@@ -226,7 +48,7 @@ async fn manifest_through_a_symlink_is_refused() {
             target: outside.path().as_os_str().as_encoded_bytes().to_vec(),
         },
     );
-    let (reason, dir) = send_manifest(vec![dir(""), link, file("l/planted", 5)]).await;
+    let reason = send_manifest(vec![dir(""), link, file("l/planted", 5)]).await;
     assert!(
         reason.contains("no directory") && reason.contains("l/planted"),
         "{reason}"
@@ -236,46 +58,197 @@ async fn manifest_through_a_symlink_is_refused() {
         0,
         "wrote through the link"
     );
-    assert_nothing_written(dir.path());
 }
 
 #[tokio::test]
 async fn manifest_with_duplicate_paths_is_refused() {
-    let (reason, dir) = send_manifest(vec![dir(""), file("x", 1), file("x", 2)]).await;
+    let reason = send_manifest(vec![dir(""), file("x", 1), file("x", 2)]).await;
     assert!(reason.contains("listed twice"), "{reason}");
-    assert_nothing_written(dir.path());
+}
+
+#[tokio::test]
+async fn a_file_larger_than_the_bound_is_refused() {
+    let reason = send_manifest(vec![dir(""), file("huge", MAX_FILE_SIZE + 1)]).await;
+    assert!(
+        reason.contains("file size is") && reason.contains(&MAX_FILE_SIZE.to_string()),
+        "{reason}"
+    );
+}
+
+/// Like [`send_manifest`], with a ManifestEnd declaring `declared` (entries, bytes).
+async fn send_manifest_declaring(entries: Vec<Entry>, declared: (u64, u64)) -> String {
+    let agent = start_east1().await;
+    let (_ep, conn) = rogue(&agent).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send.write_all(&Message::ManifestPart(entries).to_frame())
+        .await
+        .unwrap();
+    send.write_all(
+        &Message::ManifestEnd {
+            entries: declared.0,
+            total_bytes: declared.1,
+        }
+        .to_frame(),
+    )
+    .await
+    .unwrap();
+    let reason = failure_reason(&mut recv).await;
+    assert_nothing_written(agent.path());
+    prove_alive(&agent, TRANSFER + 1).await;
+    agent.stop().await;
+    reason
+}
+
+#[tokio::test]
+async fn manifest_end_with_other_total_bytes_is_refused() {
+    let reason = send_manifest_declaring(vec![dir(""), file("f", 5)], (2, 1 << 40)).await;
+    assert!(
+        reason.contains(&format!("declared {} bytes but sent 5", 1u64 << 40)),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn manifest_end_claiming_more_entries_than_sent_is_refused() {
+    let reason = send_manifest_declaring(vec![dir(""), file("f", 5)], (u64::MAX, 5)).await;
+    assert!(
+        reason.contains(&format!("declared {} entries but sent 2", u64::MAX)),
+        "{reason}"
+    );
+}
+
+/// Sends an Open and then `raw` bytes on the control stream, finishing it if `finish`;
+/// returns the agent's failure reason after checking that nothing was written and that it
+/// still serves.
+async fn send_raw_after_open(raw: Vec<u8>, finish: bool) -> String {
+    let agent = start_east1().await;
+    let (_ep, conn) = rogue(&agent).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send.write_all(&raw).await.unwrap();
+    if finish {
+        send.finish().unwrap();
+    }
+    let reason = failure_reason(&mut recv).await;
+    assert_nothing_written(agent.path());
+    prove_alive(&agent, TRANSFER + 1).await;
+    agent.stop().await;
+    reason
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    FrameHeader {
+        kind,
+        len: body.len() as u32,
+    }
+    .encode(&mut f);
+    f.extend_from_slice(body);
+    f
+}
+
+#[tokio::test]
+async fn a_manifest_part_counting_u32_max_entries_in_a_short_body_is_refused() {
+    let mut body = u32::MAX.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0; 16]);
+    let reason = send_raw_after_open(frame(MANIFEST_PART_KIND, &body), false).await;
+    assert!(
+        reason.contains(&format!("manifest part count is {}", u32::MAX)),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_part_counting_more_entries_than_its_body_holds_is_refused() {
+    // Within the per-part bound, but 65,536 entries cannot fit in 16 bytes: refused before
+    // room for them is reserved.
+    let mut body = MAX_PART_ENTRIES.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0; 16]);
+    let reason = send_raw_after_open(frame(MANIFEST_PART_KIND, &body), false).await;
+    assert!(reason.contains("truncated, manifest part"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_frame_cut_short_by_the_end_of_the_stream_is_refused() {
+    // A header promising 1000 bytes, 10 of them, and the end of the stream.
+    let mut raw = frame(MANIFEST_PART_KIND, &[0; 1000]);
+    raw.truncate(FRAME_HEADER_LEN + 10);
+    let reason = send_raw_after_open(raw, true).await;
+    assert!(reason.contains("closed the stream early"), "{reason}");
+}
+
+#[tokio::test]
+async fn an_unknown_message_kind_is_refused() {
+    let reason = send_raw_after_open(frame(200, &[1, 2, 3]), false).await;
+    assert!(reason.contains("unknown frame kind 200"), "{reason}");
+}
+
+#[tokio::test]
+async fn an_unknown_message_kind_opening_a_stream_gets_nothing() {
+    let agent = start_east1().await;
+    let (_ep, conn) = rogue(&agent).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame(200, &[])).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv))
+        .await
+        .expect("the agent ends the stream");
+    assert_eq!(answer, None, "the agent answered an unknown kind");
+    // On a data stream too: the agent stops reading it.
+    let mut data = conn.open_uni().await.unwrap();
+    data.write_all(&frame(200, &[])).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), data.stopped())
+        .await
+        .expect("the agent stops the stream");
+    assert!(matches!(stopped, Ok(Some(_))), "{stopped:?}");
+    assert_nothing_written(agent.path());
+    prove_alive(&agent, TRANSFER + 1).await;
+    agent.stop().await;
+}
+
+/// Opens transfer [`TRANSFER`] with a one-file manifest, waits for Ready, attaches a data
+/// stream and returns it with the control streams.
+async fn ready_with_one_file(
+    agent: &Agent,
+    conn: &quinn::Connection,
+) -> (quinn::SendStream, quinn::RecvStream, quinn::SendStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send_manifest_frames(&mut send, vec![dir(""), file("f", 10)]).await;
+    wait_ready(&mut recv).await.expect("east1 gets ready");
+    assert!(
+        !staging_is_empty(agent.path()),
+        "staging exists while receiving"
+    );
+    let mut data = conn.open_uni().await.unwrap();
+    data.write_all(
+        &Message::Attach {
+            transfer_id: TRANSFER,
+        }
+        .to_frame(),
+    )
+    .await
+    .unwrap();
+    (send, recv, data)
+}
+
+async fn end(send: &mut quinn::SendStream) {
+    send.write_all(
+        &Message::End {
+            chunks: 1,
+            digest: [0; 32],
+        }
+        .to_frame(),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn a_chunk_for_a_file_not_in_the_manifest_fails_the_transfer_and_cleans_up() {
     let agent = start_east1().await;
     let (_ep, conn) = rogue(&agent).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_frame(1 << 16)).await.unwrap();
-    send.write_all(&Message::ManifestPart(vec![dir(""), file("f", 10)]).to_frame())
-        .await
-        .unwrap();
-    send.write_all(
-        &Message::ManifestEnd {
-            entries: 2,
-            total_bytes: 10,
-        }
-        .to_frame(),
-    )
-    .await
-    .unwrap();
-    let ready = tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv))
-        .await
-        .unwrap();
-    assert_eq!(ready, Some(Message::Ready));
-    assert!(
-        !staging_is_empty(agent.path()),
-        "staging exists while receiving"
-    );
-    let mut data = conn.open_uni().await.unwrap();
-    data.write_all(&Message::Attach { transfer_id: 7 }.to_frame())
-        .await
-        .unwrap();
+    let (mut send, mut recv, mut data) = ready_with_one_file(&agent, &conn).await;
     let bogus = Chunk {
         file: 99,
         offset: 0,
@@ -288,40 +261,118 @@ async fn a_chunk_for_a_file_not_in_the_manifest_fails_the_transfer_and_cleans_up
         .await
         .unwrap();
     data.finish().unwrap();
-    send.write_all(
-        &Message::End {
-            chunks: 1,
-            digest: [0; 32],
-        }
-        .to_frame(),
-    )
-    .await
-    .unwrap();
+    end(&mut send).await;
     let reason = failure_reason(&mut recv).await;
     assert!(
         reason.contains("file id 99 is not in the manifest"),
         "{reason}"
     );
-    let dir = agent.stop().await;
-    assert_nothing_written(dir.path());
+    assert_nothing_written(agent.path());
+    prove_alive(&agent, TRANSFER + 1).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_chunk_frame_cut_short_on_a_data_stream_fails_the_transfer_and_cleans_up() {
+    let agent = start_east1().await;
+    let (_ep, conn) = rogue(&agent).await;
+    let (mut send, mut recv, mut data) = ready_with_one_file(&agent, &conn).await;
+    let chunk = Chunk {
+        file: 1,
+        offset: 0,
+        raw_len: 10,
+        encoding: Encoding::Raw,
+        hash: [0; 32],
+        payload: Bytes::from_static(b"0123456789"),
+    };
+    let mut f = Message::Chunk(chunk).to_frame().to_vec();
+    f.truncate(f.len() - 4);
+    data.write_all(&f).await.unwrap();
+    data.finish().unwrap();
+    end(&mut send).await;
+    let reason = failure_reason(&mut recv).await;
+    assert!(reason.contains("closed the stream early"), "{reason}");
+    assert_nothing_written(agent.path());
+    prove_alive(&agent, TRANSFER + 1).await;
+    agent.stop().await;
 }
 
 #[tokio::test]
 async fn a_frame_larger_than_allowed_is_refused_before_it_is_read() {
+    // A manifest part declaring a 3 GiB body: refused from its header alone.
+    let mut head = Vec::new();
+    FrameHeader {
+        kind: MANIFEST_PART_KIND,
+        len: 3 << 30,
+    }
+    .encode(&mut head);
+    let reason = send_raw_after_open(head, false).await;
+    assert!(reason.contains("frame body is"), "{reason}");
+}
+
+/// Peak resident memory of this process, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// A parent that keeps sending valid manifest parts is refused once the manifest would pass
+/// `MAX_ENTRIES`, and the agent stops reading: memory stays bounded by the entry bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow and memory-hungry: streams 20 million manifest entries; run with --ignored"]
+async fn a_manifest_that_never_ends_is_refused_at_the_entry_bound() {
     let agent = start_east1().await;
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&open_frame(1 << 16)).await.unwrap();
-    // A manifest part declaring a 3 GiB body: refused from its header alone.
-    let mut head = Vec::new();
-    FrameHeader {
-        kind: 5,
-        len: 3 << 30,
-    }
-    .encode(&mut head);
-    send.write_all(&head).await.unwrap();
-    let reason = failure_reason(&mut recv).await;
-    assert!(reason.contains("frame body is"), "{reason}");
-    let dir = agent.stop().await;
-    assert_nothing_written(dir.path());
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut next = 0u64;
+        loop {
+            let mut part = Vec::with_capacity(MAX_PART_ENTRIES as usize);
+            if sent == 0 {
+                part.push(dir(""));
+            }
+            while part.len() < MAX_PART_ENTRIES as usize {
+                part.push(file(&format!("{next:08x}"), 0));
+                next += 1;
+            }
+            let n = part.len() as u64;
+            if send
+                .write_all(&Message::ManifestPart(part).to_frame())
+                .await
+                .is_err()
+            {
+                return sent;
+            }
+            sent += n;
+        }
+    });
+    let reason = failure_reason_within(&mut recv, 600).await;
+    assert!(
+        reason.contains("entry count is") && reason.contains(&MAX_ENTRIES.to_string()),
+        "{reason}"
+    );
+    let sent = tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .expect("the agent stops reading the endless manifest")
+        .unwrap();
+    // What flow control lets through after the refusal: one window of the smallest entries.
+    let slack = u64::from(mover::net::WINDOW) / 30 + 2 * u64::from(MAX_PART_ENTRIES);
+    assert!(
+        sent <= MAX_ENTRIES + slack,
+        "the agent read {sent} entries, {} past the bound",
+        sent - MAX_ENTRIES
+    );
+    let peak = peak_rss();
+    eprintln!("peak rss {} MiB after {sent} entries", peak >> 20);
+    assert!(peak < 12 << 30, "peak rss {} MiB", peak >> 20);
+    assert_nothing_written(agent.path());
+    prove_alive(&agent, TRANSFER + 1).await;
+    agent.stop().await;
 }

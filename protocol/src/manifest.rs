@@ -19,6 +19,11 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_NAME_LEN: usize = 255;
 /// Most entries one manifest may hold.
 pub const MAX_ENTRIES: u64 = 20_000_000;
+/// Most bytes one manifest's entries may take on the wire (the sum of
+/// [`Entry::encoded_len`]). With [`MAX_ENTRIES`] it bounds what a receiver holds for a
+/// manifest: entries may be up to ~8 KiB each (a 4 KiB path and a 4 KiB symlink target), so
+/// the entry count alone would let a peer make a receiver hold over 100 GiB.
+pub const MAX_MANIFEST_BYTES: u64 = 2 << 30;
 /// Largest file a manifest may declare (1 PiB).
 pub const MAX_FILE_SIZE: u64 = 1 << 50;
 
@@ -209,18 +214,42 @@ impl Manifest {
     }
 }
 
-/// Accumulates manifest parts as they arrive, checking each entry once, with bounded memory.
-#[derive(Debug, Default)]
+/// Accumulates manifest parts as they arrive, checking each entry once, with bounded memory:
+/// a part that would take the manifest past [`MAX_ENTRIES`] entries, or an entry that would
+/// take it past [`MAX_MANIFEST_BYTES`], is refused before it is stored.
+#[derive(Debug)]
 pub struct ManifestBuilder {
     entries: Vec<Entry>,
     dirs: HashSet<Vec<u8>>,
     others: HashSet<Vec<u8>>,
     total_bytes: u64,
+    encoded_bytes: u64,
+    max_entries: u64,
+    max_encoded_bytes: u64,
+}
+
+impl Default for ManifestBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ManifestBuilder {
     pub fn new() -> Self {
-        Self::default()
+        Self::with_limits(MAX_ENTRIES, MAX_MANIFEST_BYTES)
+    }
+
+    /// A builder with the given bounds (smaller ones let tests reach them).
+    fn with_limits(max_entries: u64, max_encoded_bytes: u64) -> Self {
+        Self {
+            entries: Vec::new(),
+            dirs: HashSet::new(),
+            others: HashSet::new(),
+            total_bytes: 0,
+            encoded_bytes: 0,
+            max_entries,
+            max_encoded_bytes,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -233,11 +262,11 @@ impl ManifestBuilder {
 
     pub fn push(&mut self, part: Vec<Entry>) -> Result<(), ManifestError> {
         let total = self.entries.len() as u64 + part.len() as u64;
-        if total > MAX_ENTRIES {
+        if total > self.max_entries {
             return Err(ManifestError::TooLarge {
                 what: "entry count",
                 value: total,
-                max: MAX_ENTRIES,
+                max: self.max_entries,
             });
         }
         for e in part {
@@ -247,6 +276,15 @@ impl ManifestBuilder {
     }
 
     fn push_one(&mut self, e: Entry) -> Result<(), ManifestError> {
+        let encoded = self.encoded_bytes + e.encoded_len() as u64;
+        if encoded > self.max_encoded_bytes {
+            return Err(ManifestError::TooLarge {
+                what: "manifest size in bytes",
+                value: encoded,
+                max: self.max_encoded_bytes,
+            });
+        }
+        self.encoded_bytes = encoded;
         if self.entries.is_empty() {
             if !e.path.is_empty() || !e.is_dir() {
                 return Err(ManifestError::NoRoot);
@@ -399,6 +437,80 @@ pub(crate) mod tests {
         assert_eq!(err, ManifestError::NoRoot);
         let err = Manifest::from_entries(vec![dir(""), dir("")]).unwrap_err();
         assert!(matches!(err, ManifestError::BadPath { .. }));
+    }
+
+    #[test]
+    fn entry_bound_refuses_the_part_that_crosses_it_before_storing_it() {
+        let mut b = ManifestBuilder::with_limits(10, u64::MAX);
+        b.push(vec![dir("")]).unwrap();
+        for i in 0..3 {
+            b.push((0..3).map(|j| file(&format!("f{i}-{j}"), 1)).collect())
+                .unwrap();
+        }
+        assert_eq!(b.len(), 10);
+        // A parent that keeps sending: every further part is refused, and none is stored.
+        for _ in 0..3 {
+            let err = b.push(vec![file("more", 1)]).unwrap_err();
+            assert_eq!(
+                err,
+                ManifestError::TooLarge {
+                    what: "entry count",
+                    value: 11,
+                    max: 10
+                }
+            );
+            assert_eq!(b.len(), 10);
+        }
+        // A huge part is refused from its length alone, before any entry is checked.
+        let mut b = ManifestBuilder::with_limits(10, u64::MAX);
+        let err = b
+            .push((0..11).map(|j| file(&format!("../{j}"), 1)).collect())
+            .unwrap_err();
+        assert!(
+            matches!(err, ManifestError::TooLarge { value: 11, .. }),
+            "{err}"
+        );
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn byte_bound_refuses_long_entries_before_storing_them() {
+        let long = "x".repeat(MAX_NAME_LEN);
+        let target = vec![b'/'; MAX_PATH_LEN];
+        let big = Entry {
+            kind: EntryKind::Symlink { target },
+            ..dir(&long)
+        };
+        let root = dir("");
+        let bound = (root.encoded_len() + 2 * big.encoded_len()) as u64;
+        let mut b = ManifestBuilder::with_limits(MAX_ENTRIES, bound);
+        b.push(vec![root]).unwrap();
+        let mut n = 0;
+        let err = loop {
+            let e = Entry {
+                path: format!("{n}{}", &long[1..]).into_bytes(),
+                ..big.clone()
+            };
+            match b.push(vec![e]) {
+                Ok(()) => n += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(n, 2, "two long entries fit, the third does not");
+        assert!(
+            matches!(err, ManifestError::TooLarge { what: "manifest size in bytes", max, .. } if max == bound),
+            "{err}"
+        );
+        assert_eq!(b.len(), 3);
+    }
+
+    #[test]
+    fn default_bounds_are_the_documented_constants() {
+        let b = ManifestBuilder::new();
+        assert_eq!(
+            (b.max_entries, b.max_encoded_bytes),
+            (MAX_ENTRIES, MAX_MANIFEST_BYTES)
+        );
     }
 
     #[test]
