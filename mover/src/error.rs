@@ -28,6 +28,20 @@ pub enum LinkError {
     Timeout { what: &'static str, secs: u64 },
 }
 
+impl LinkError {
+    /// Whether the link failed (a rerun may find it working) rather than the peer breaking
+    /// the protocol.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Closed | Self::Decode(_) | Self::Unexpected { .. } | Self::ClosedStream(_) => {
+                false
+            }
+            Self::Net(e) => e.is_retryable(),
+            Self::Connection(_) | Self::Write(_) | Self::Read(_) | Self::Timeout { .. } => true,
+        }
+    }
+}
+
 // quinn's "connection lost" hides why; keep the connection error, which says (timed out,
 // reset, closed by peer with its reason).
 impl From<quinn::ReadError> for LinkError {
@@ -119,6 +133,9 @@ pub enum TransferError {
 impl TransferError {
     /// Whether running the same transfer again may succeed without changing anything.
     pub fn retryable(&self) -> bool {
+        if let Self::Link(l) = self {
+            return l.retryable();
+        }
         matches!(
             self,
             Self::Link(_)

@@ -552,11 +552,21 @@ impl Receive<'_> {
                 m = next_control(ctl) => {
                     // The parent spoke out of turn or is gone. Give the data streams a moment
                     // to drain: a chunk that broke the rules says more than what followed it.
-                    let drain = async { while data_tasks.join_next().await.is_some() {} };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                    let drain = async {
+                        while let Some(r) = data_tasks.join_next().await {
+                            if let Ok(Err(e)) = r {
+                                return Some(e);
+                            }
+                        }
+                        None
+                    };
+                    let data_error = tokio::time::timeout(Duration::from_secs(1), drain).await;
                     data_tasks.abort_all();
                     if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
                         return (Err(e), false);
+                    }
+                    if let Ok(Some(e)) = data_error {
+                        return (Err(e.into()), false);
                     }
                     return (Err(match m {
                         Err(e) => e.into(),

@@ -83,8 +83,13 @@ async fn a_relay_refuses_a_child_whose_certificate_names_another_node() {
         .await
         .unwrap();
     send_manifest_frames(&mut send, f.entries.clone()).await;
-    wait_ready(&mut recv).await.expect("east1 gets ready");
-    match outcome_of(&mut recv, "east2").await {
+    // east1 could not reach its child: it says so (before Ready) and still serves its own.
+    let early = wait_ready(&mut recv).await.expect("east1 gets ready");
+    let east2 = early.into_iter().find_map(|m| match m {
+        Message::Report { node, outcome } if node == "east2" => Some(outcome),
+        _ => None,
+    });
+    match east2.expect("east2 reported before Ready") {
         Outcome::Failed { reason, .. } => assert!(
             reason.contains("east2") && reason.contains("certificate"),
             "{reason}"
@@ -97,7 +102,7 @@ async fn a_relay_refuses_a_child_whose_certificate_names_another_node() {
     );
     assert_eq!(watcher.established(), 0, "east1 accepted the impostor");
     // The rest of the plan goes on.
-    feed(&conn, &mut send, TRANSFER, &f).await;
+    feed(&conn, &mut send, &mut recv, TRANSFER, &f).await;
     let outcome = outcome_of(&mut recv, "east1").await;
     assert!(matches!(outcome, Outcome::Committed { .. }), "{outcome:?}");
     agent.stop().await;
@@ -225,7 +230,7 @@ async fn a_data_stream_from_a_node_that_does_not_feed_the_transfer_is_stopped() 
     assert!(matches!(stopped, Ok(Some(_))), "{stopped:?}");
 
     // Had east2's chunk been taken, west1's would be a duplicate and the digest would differ.
-    feed(&conn, &mut send, TRANSFER, &f).await;
+    feed(&conn, &mut send, &mut recv, TRANSFER, &f).await;
     let outcome = outcome_of(&mut recv, "east1").await;
     assert!(matches!(outcome, Outcome::Committed { .. }), "{outcome:?}");
     assert_eq!(std::fs::read(agent.data().join("f")).unwrap(), f.content);
@@ -254,7 +259,7 @@ async fn a_node_cannot_push_a_dataset_that_no_controller_started() {
     send_manifest_frames(&mut send, f.entries.clone()).await;
     let ready = wait_ready(&mut recv).await;
     if ready.is_ok() {
-        feed(&conn, &mut send, TRANSFER, &f).await;
+        feed(&conn, &mut send, &mut recv, TRANSFER, &f).await;
         let outcome = outcome_of(&mut recv, "east1").await;
         panic!("east2 pushed a dataset no controller started: east1 {outcome:?}");
     }

@@ -256,19 +256,23 @@ pub async fn failure_reason(recv: &mut quinn::RecvStream) -> String {
     failure_reason_within(recv, 20).await
 }
 
-/// Waits for `Ready`, skipping whatever else a target may send first; a failure report is
-/// returned as its reason.
-pub async fn wait_ready(recv: &mut quinn::RecvStream) -> Result<(), String> {
+/// Waits for `Ready` and returns what east1 sent before it (what it holds, reports of nodes
+/// below it); east1's own failure report is returned as its reason.
+pub async fn wait_ready(recv: &mut quinn::RecvStream) -> Result<Vec<Message>, String> {
     let read = async {
+        let mut early = Vec::new();
         loop {
             match read_message(recv).await {
-                Some(Message::Ready) => return Ok(()),
+                Some(Message::Ready) => return Ok(early),
                 Some(Message::Report {
+                    node,
                     outcome: Outcome::Failed { reason, .. },
-                    ..
-                }) => return Err(reason),
+                }) if node == "east1" => return Err(reason),
+                Some(m @ Message::Report { .. }) if !matches!(&m, Message::Report { node, .. } if node == "east1") => {
+                    early.push(m)
+                }
                 Some(Message::Report { outcome, .. }) => panic!("report before ready: {outcome:?}"),
-                Some(_) => continue,
+                Some(m) => early.push(m),
                 None => panic!("stream ended before ready"),
             }
         }
@@ -364,10 +368,12 @@ pub async fn send_manifest_frames(send: &mut quinn::SendStream, entries: Vec<Ent
     .unwrap();
 }
 
-/// After `Ready`: one data stream with the file's chunk, then `End` on the control stream.
+/// After `Ready`: one data stream with the file's chunk; once east1 says what it needs (here:
+/// nothing), `End` on the control stream.
 pub async fn feed(
     conn: &quinn::Connection,
     control: &mut quinn::SendStream,
+    events: &mut quinn::RecvStream,
     transfer_id: u64,
     f: &OneFile,
 ) {
@@ -379,6 +385,19 @@ pub async fn feed(
         .await
         .unwrap();
     data.finish().unwrap();
+    let needs = async {
+        loop {
+            match read_message(events).await {
+                Some(Message::Need { done: true, .. }) => return,
+                Some(Message::Report { outcome, .. }) => panic!("report before needs: {outcome:?}"),
+                Some(_) => continue,
+                None => panic!("stream ended before east1 said what it needs"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), needs)
+        .await
+        .expect("needs in time");
     control
         .write_all(
             &Message::End {
@@ -402,7 +421,7 @@ pub async fn prove_alive(agent: &Agent, transfer_id: u64) {
         .unwrap();
     send_manifest_frames(&mut send, f.entries.clone()).await;
     wait_ready(&mut recv).await.expect("east1 gets ready");
-    feed(&conn, &mut send, transfer_id, &f).await;
+    feed(&conn, &mut send, &mut recv, transfer_id, &f).await;
     let outcome = outcome_of(&mut recv, "east1").await;
     assert!(
         matches!(outcome, Outcome::Committed { files: 1, .. }),
