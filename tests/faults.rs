@@ -263,3 +263,39 @@ fn largest_file(root: &std::path::Path) -> std::path::PathBuf {
 fn smallest_file(root: &std::path::Path) -> std::path::PathBuf {
     files(root).into_iter().find(|(len, _)| *len > 0).unwrap().1
 }
+
+/// Kills `dead` (SIGKILL) in the chain west1 -> east1 -> east2 -> east3 once data flows to
+/// the end of it, and checks the others go on around it.
+fn a_dead_hop_is_linked_around(dead: &str) {
+    let nodes = ["west1", "east1", "east2", "east3"];
+    let mut c = Cluster::start(&nodes);
+    mixed_tree(&c.data("west1"), 192 << 20);
+    let send = c.spawn_send("west1:data", "east1,east2,east3", &["--chunk-size", "256K"]);
+    wait_recorded(&c, "east3", 32 << 20);
+    c.stop_agent(dead, SIGKILL);
+    let (code, summary) = Cluster::finish_send(send);
+    assert_eq!(code, Some(3), "partial: {summary}");
+    for t in nodes.iter().skip(1).filter(|t| **t != dead) {
+        assert_eq!(target(&summary, t)["result"], "committed", "{t}: {summary}");
+        assert_same_tree(&c.data("west1"), &c.data(t));
+    }
+    let d = target(&summary, dead);
+    assert_eq!(d["result"], "failed", "{summary}");
+    let reason = d["reason"].as_str().unwrap();
+    assert!(reason.contains(dead), "names the dead node: {reason}");
+    assert!(!c.data(dead).exists());
+    eprintln!(
+        "dead hop {dead}: {} chunks resent; reason: {reason}",
+        num(&summary["source"]["resent_chunks"])
+    );
+}
+
+#[test]
+fn a_dead_relay_in_the_middle_is_linked_around() {
+    a_dead_hop_is_linked_around("east2");
+}
+
+#[test]
+fn a_dead_first_hop_is_linked_around() {
+    a_dead_hop_is_linked_around("east1");
+}

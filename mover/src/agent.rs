@@ -52,6 +52,7 @@ pub(crate) struct Registration {
 /// A receive in progress into one of this agent's datasets.
 pub(crate) struct Active {
     pub generation: u64,
+    pub transfer_id: u64,
     /// The parent's connection: closing it stops that receive.
     pub conn: quinn::Connection,
     /// Resolves when that receive has let go of its staging area.
@@ -66,6 +67,9 @@ pub(crate) struct Ctx {
     pub registry: Mutex<HashMap<u64, Registration>>,
     /// Receives in progress, by dataset name: one at a time per dataset.
     pub active: Mutex<HashMap<String, Active>>,
+    /// Transfers replaced by a newer one into the same dataset (the latest few): their
+    /// senders may not bring them back.
+    pub replaced: Mutex<std::collections::VecDeque<u64>>,
     generations: std::sync::atomic::AtomicU64,
     pub faults: crate::fault::Faults,
 }
@@ -106,6 +110,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         endpoint: endpoint.clone(),
         registry: Mutex::new(HashMap::new()),
         active: Mutex::new(HashMap::new()),
+        replaced: Mutex::new(std::collections::VecDeque::new()),
         generations: std::sync::atomic::AtomicU64::new(1),
         faults: crate::fault::Faults::from_env(),
     });

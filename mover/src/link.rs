@@ -250,7 +250,14 @@ pub(crate) struct Fanout {
 }
 
 impl Fanout {
-    pub fn new(links: Vec<Downlink>, connections: u8, plan: &Arc<Plan>, up: &Up) -> Self {
+    /// `relinker` takes over the children of a child that dies.
+    pub fn new(
+        links: Vec<Downlink>,
+        connections: u8,
+        plan: &Arc<Plan>,
+        up: &Up,
+        relinker: &Arc<Relinker>,
+    ) -> Self {
         let mut events = Vec::new();
         let mut streams: Vec<Streams> = (0..connections).map(|_| Vec::new()).collect();
         let mut kept = Vec::new();
@@ -261,6 +268,7 @@ impl Fanout {
                     plan.clone(),
                     l.idx,
                     up.clone(),
+                    Some(relinker.clone()),
                 )));
             }
             for (i, s) in std::mem::take(&mut l.data).into_iter().enumerate() {
@@ -283,6 +291,7 @@ pub(crate) async fn relay_events(
     plan: Arc<Plan>,
     child: usize,
     up: Up,
+    relinker: Option<Arc<Relinker>>,
 ) -> HashSet<String> {
     let mut subtree = vec![child];
     subtree.extend(plan.descendants(child));
@@ -297,6 +306,19 @@ pub(crate) async fn relay_events(
             Ok(Message::Progress { node, bytes, files }) if names.contains(node.as_str()) => {
                 // Progress is advisory: drop it rather than wait when the controller is slow.
                 let _ = up.try_send(Message::Progress { node, bytes, files });
+            }
+            // From a node linked in after a relay died: the source ignores it by then.
+            Ok(m @ Message::Have { .. }) => {
+                let Message::Have { node, .. } = &m else {
+                    continue;
+                };
+                if !names.contains(node.as_str()) {
+                    break format!(
+                        "protocol error: {} sent a have for {node}, outside its subtree",
+                        plan.nodes()[child].name
+                    );
+                }
+                let _ = up.send(m).await;
             }
             Ok(m @ Message::Need { .. }) => {
                 let Message::Need { node, .. } = &m else {
@@ -337,6 +359,12 @@ pub(crate) async fn relay_events(
         .copied()
         .filter(|&i| !reported.contains(&plan.nodes()[i].name))
         .collect();
+    if let Some(r) = relinker.filter(|r| !r.is_cancelled()) {
+        let lost = format!("link to {child_name} failed: {end}");
+        let more = Box::pin(r.recover(plan.clone(), child, lost, missing)).await;
+        committed.extend(more);
+        return committed;
+    }
     for i in missing {
         let reason = if i == child {
             format!("link to {child_name} failed: {end}")
@@ -379,4 +407,276 @@ pub(crate) async fn pump_up(mut rx: mpsc::Receiver<Message>, mut send: SendStrea
     let _ = send.finish();
     // Wait until the peer has everything so that closing the connection loses nothing.
     let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
+}
+
+/// How long a parent keeps trying to reach a child again after its link failed.
+const REDIAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// Takes over when a child's link fails mid-transfer: dials the child again (a link that was
+/// down for longer than the idle timeout), and if it cannot be reached, reports it failed and
+/// links this node directly to the nodes below it, which go on from what they hold. New links
+/// join the running transfer: their data streams through `joiners` (one per stream index),
+/// their control streams through `new_links`.
+pub(crate) struct Relinker {
+    pub ctx: Arc<crate::agent::Ctx>,
+    pub open: Open,
+    pub manifest: Arc<Manifest>,
+    /// This node's index in the plan.
+    pub me: usize,
+    pub up: Up,
+    pub joiners: Vec<mpsc::UnboundedSender<(String, SendStream)>>,
+    pub new_links: mpsc::UnboundedSender<Downlink>,
+    /// Re-links under way; while any is, senders keep waiting for joiners.
+    pub pending: std::sync::atomic::AtomicUsize,
+    /// Set when this node's own part has failed: it no longer takes over anything.
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+/// The receiving ends of a [`Relinker`]'s channels.
+pub(crate) struct Joining {
+    pub joiners: Vec<mpsc::UnboundedReceiver<(String, SendStream)>>,
+    pub new_links: mpsc::UnboundedReceiver<Downlink>,
+}
+
+impl Relinker {
+    pub fn new(
+        ctx: Arc<crate::agent::Ctx>,
+        open: Open,
+        manifest: Arc<Manifest>,
+        me: usize,
+        up: Up,
+    ) -> (Arc<Self>, Joining) {
+        let (mut joiners, mut rxs) = (Vec::new(), Vec::new());
+        for _ in 0..open.connections {
+            let (tx, rx) = mpsc::unbounded_channel();
+            joiners.push(tx);
+            rxs.push(rx);
+        }
+        let (new_links, links_rx) = mpsc::unbounded_channel();
+        let r = Arc::new(Self {
+            ctx,
+            open,
+            manifest,
+            me,
+            up,
+            joiners,
+            new_links,
+            pending: std::sync::atomic::AtomicUsize::new(0),
+            cancelled: std::sync::atomic::AtomicBool::new(false),
+        });
+        (
+            r,
+            Joining {
+                joiners: rxs,
+                new_links: links_rx,
+            },
+        )
+    }
+
+    /// Stops taking over children: this node is failing (or being replaced) itself.
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn relinking(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    /// Child `failed` lost its link for `reason`; `unreported` are the nodes of its subtree
+    /// that have not reported. Returns the nodes that then committed.
+    async fn recover(
+        self: Arc<Self>,
+        plan: Arc<Plan>,
+        failed: usize,
+        reason: String,
+        unreported: Vec<usize>,
+    ) -> HashSet<String> {
+        use std::sync::atomic::Ordering;
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let committed = self.recover_inner(plan, failed, reason, unreported).await;
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        committed
+    }
+
+    async fn recover_inner(
+        self: &Arc<Self>,
+        plan: Arc<Plan>,
+        failed: usize,
+        reason: String,
+        unreported: Vec<usize>,
+    ) -> HashSet<String> {
+        let name = plan.nodes()[failed].name.clone();
+        if reason.contains("replaced by a newer transfer") {
+            // A newer transfer took this one's place below: nothing to take over.
+            report_failed(&self.up, &plan, &unreported, &reason, true).await;
+            return HashSet::new();
+        }
+        // A child that is shutting down or refused will not be back soon; one whose link timed
+        // out may have been cut for a while.
+        let gone = [
+            "agent shutting down",
+            "refused",
+            "replaced by a newer transfer",
+        ]
+        .iter()
+        .any(|w| reason.contains(w));
+        if unreported.contains(&failed) && !gone {
+            tracing::warn!(child = %name, %reason, "link to child failed; dialing it again");
+            let deadline = tokio::time::Instant::now() + REDIAL_WINDOW;
+            let mut wait = Duration::from_secs(1);
+            loop {
+                if self.is_cancelled() {
+                    break;
+                }
+                match self.link(&plan, failed).await {
+                    Ok(committed) => return committed,
+                    Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                        // (A dial to a dead host takes the handshake timeout itself.)
+                        tracing::debug!(child = %name, error = %e, "child still unreachable");
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                    }
+                    Err(e) => {
+                        tracing::warn!(child = %name, error = %e, "child unreachable");
+                        break;
+                    }
+                }
+            }
+        }
+        if unreported.contains(&failed) {
+            report_failed(&self.up, &plan, &[failed], &reason, true).await;
+        }
+        let mut committed = HashSet::new();
+        for below in topmost(&plan, failed, &unreported) {
+            let b = plan.nodes()[below].name.clone();
+            if self.is_cancelled() {
+                let why = format!("upstream relay {name} failed: {reason}");
+                let rest: Vec<usize> = std::iter::once(below)
+                    .chain(plan.descendants(below))
+                    .filter(|i| unreported.contains(i))
+                    .collect();
+                report_failed(&self.up, &plan, &rest, &why, true).await;
+                continue;
+            }
+            tracing::warn!(node = %b, dead = %name, "linking past a dead relay");
+            match self.link(&plan, below).await {
+                Ok(c) => committed.extend(c),
+                Err(e) => {
+                    let why = format!(
+                        "upstream relay {name} failed ({reason}) and {b} could not be reached: {e}"
+                    );
+                    let rest: Vec<usize> = std::iter::once(below)
+                        .chain(plan.descendants(below))
+                        .filter(|i| unreported.contains(i))
+                        .collect();
+                    let more = Box::pin(self.clone().recover(plan.clone(), below, why, rest)).await;
+                    committed.extend(more);
+                }
+            }
+        }
+        committed
+    }
+
+    /// Links this node to `node` of `plan` (as its parent from now on) and follows its events.
+    async fn link(
+        self: &Arc<Self>,
+        plan: &Arc<Plan>,
+        node: usize,
+    ) -> Result<HashSet<String>, TransferError> {
+        let plan = if plan.nodes()[node].parent.map(usize::from) == Some(self.me) {
+            plan.clone()
+        } else {
+            Arc::new(
+                plan.reparented(node, self.me)
+                    .map_err(|e| TransferError::Internal(e.to_string()))?,
+            )
+        };
+        let open = Open {
+            plan: (*plan).clone(),
+            ..self.open.clone()
+        };
+        let mut l = Downlink::open(&self.ctx.endpoint, &open, node, &self.manifest).await?;
+        tracing::info!(node = %l.node, "linked into the running transfer");
+        for m in std::mem::take(&mut l.early) {
+            let _ = self.up.send(m).await;
+        }
+        for (i, s) in std::mem::take(&mut l.data).into_iter().enumerate() {
+            if let Some(j) = self.joiners.get(i) {
+                if let Err(mpsc::error::SendError((_, mut s))) = j.send((l.node.clone(), s)) {
+                    // The main pass is over: this stream carries nothing.
+                    let _ = s.finish();
+                }
+            }
+        }
+        let events = l.events.take();
+        if self.new_links.send(l).is_err() {
+            return Err(TransferError::Internal("the transfer has ended".into()));
+        }
+        let Some(events) = events else {
+            return Ok(HashSet::new());
+        };
+        Ok(Box::pin(relay_events(
+            events,
+            plan,
+            node,
+            self.up.clone(),
+            Some(self.clone()),
+        ))
+        .await)
+    }
+}
+
+/// The highest nodes below `failed` that have not reported: the ones to link to directly.
+fn topmost(plan: &Plan, failed: usize, unreported: &[usize]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut stack = plan.children(failed);
+    while let Some(c) = stack.pop() {
+        if unreported.contains(&c) {
+            out.push(c);
+        } else {
+            stack.extend(plan.children(c));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Adds links that joined the transfer to `links`.
+pub(crate) fn take_new_links(
+    rx: &mut mpsc::UnboundedReceiver<Downlink>,
+    links: &mut Vec<Downlink>,
+) {
+    while let Ok(l) = rx.try_recv() {
+        links.push(l);
+    }
+}
+
+/// With no child left on a data stream, waits while a re-link is under way for one to join.
+/// Returns whether one did.
+pub(crate) async fn wait_for_joiner(
+    relinker: &Relinker,
+    join: &mut mpsc::UnboundedReceiver<(String, SendStream)>,
+    streams: &mut Streams,
+) -> bool {
+    // The events task that starts a re-link may learn of the failure a little after the
+    // write that failed: give it a moment before giving up.
+    let mut idle = Duration::ZERO;
+    let step = Duration::from_millis(200);
+    while relinker.relinking() || idle < Duration::from_secs(3) {
+        match tokio::time::timeout(step, join.recv()).await {
+            Ok(Some(s)) => {
+                streams.push(Some(s));
+                return true;
+            }
+            Ok(None) => return false,
+            Err(_) if relinker.relinking() => idle = Duration::ZERO,
+            Err(_) => idle += step,
+        }
+    }
+    false
 }

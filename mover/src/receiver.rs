@@ -164,8 +164,20 @@ async fn claim(
     ctx: &Arc<Ctx>,
     dataset: &str,
     generation: u64,
+    transfer_id: u64,
     conn: &quinn::Connection,
 ) -> Result<Claim, TransferError> {
+    if ctx
+        .replaced
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&transfer_id)
+    {
+        return Err(TransferError::Refused(format!(
+            "{}: transfer {transfer_id:016x} was replaced by a newer transfer into {dataset}",
+            ctx.node
+        )));
+    }
     let (tx, rx) = oneshot::channel();
     let previous = {
         let mut active = ctx.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,12 +185,22 @@ async fn claim(
             dataset.to_owned(),
             crate::agent::Active {
                 generation,
+                transfer_id,
                 conn: conn.clone(),
                 released: Some(rx),
             },
         )
     };
     if let Some(mut p) = previous {
+        // The same transfer again (its sender linked past a dead relay) takes over quietly;
+        // another one replaces it for good.
+        if p.transfer_id != transfer_id {
+            let mut replaced = ctx.replaced.lock().unwrap_or_else(|p| p.into_inner());
+            replaced.push_back(p.transfer_id);
+            if replaced.len() > 64 {
+                replaced.pop_front();
+            }
+        }
         tracing::info!(%dataset, "a newer transfer replaces the one running into this dataset");
         p.conn.close(
             link::close::SUPERSEDED.into(),
@@ -264,7 +286,14 @@ impl Receive<'_> {
             })?
             .path
             .clone();
-        let _claim = claim(ctx, dataset, self.generation, &self.parent_conn).await?;
+        let _claim = claim(
+            ctx,
+            dataset,
+            self.generation,
+            self.open.transfer_id,
+            &self.parent_conn,
+        )
+        .await?;
 
         // The manifest, checked entry by entry as it arrives.
         let manifest = tokio::time::timeout(MANIFEST_TIMEOUT, read_manifest(&mut ctl))
@@ -392,11 +421,17 @@ impl Receive<'_> {
                 let _ = up.send(h).await;
             }
         }
+        let (relinker, joining) =
+            link::Relinker::new(ctx.clone(), open.clone(), manifest.clone(), me, up.clone());
+        let link::Joining {
+            joiners,
+            new_links: mut joined,
+        } = joining;
         let link::Fanout {
             events: events_tasks,
             streams: per_stream,
             links: mut controls,
-        } = link::Fanout::new(links, open.connections, plan, up);
+        } = link::Fanout::new(links, open.connections, plan, up, &relinker);
 
         let (attach_tx, mut attach_rx) = mpsc::channel::<RecvStream>(usize::from(open.connections));
         ctx.registry
@@ -439,7 +474,7 @@ impl Receive<'_> {
         });
 
         let mut data_tasks = JoinSet::new();
-        for streams in per_stream {
+        for (streams, join) in per_stream.into_iter().zip(joiners) {
             let attach = tokio::time::timeout(ATTACH_TIMEOUT, attach_rx.recv());
             let recv = tokio::select! {
                 r = attach => r.map_err(|_| LinkError::Timeout {
@@ -456,14 +491,14 @@ impl Receive<'_> {
                 failure: failure.clone(),
                 max_len: max_frame_len(open.chunk_size),
             };
-            data_tasks.spawn(job.run(recv, streams));
+            data_tasks.spawn(job.run(recv, streams, join));
         }
         tracing::debug!("data streams attached");
         let (outcome, ended) = self
             .rounds(
                 ctl,
                 &mut data_tasks,
-                &mut controls,
+                (&mut controls, &mut joined),
                 writer.as_ref(),
                 &workers,
                 &failure,
@@ -475,6 +510,11 @@ impl Receive<'_> {
             Ok(digest) => self.commit(stage, tracker, counts, digest).await,
             Err(e) => Err(e),
         };
+        link::take_new_links(&mut joined, &mut controls);
+        if result.is_err() && !ended {
+            // Failing (or replaced by a newer transfer): take over nothing below.
+            relinker.cancel();
+        }
         if !ended {
             for l in &controls {
                 l.close(link::close::FAILED, "upstream failed");
@@ -483,6 +523,8 @@ impl Receive<'_> {
         for t in events_tasks {
             let _ = t.await;
         }
+        drop(relinker);
+        link::take_new_links(&mut joined, &mut controls);
         for l in &controls {
             l.close(link::close::DONE, "done");
         }
@@ -534,7 +576,7 @@ impl Receive<'_> {
         &self,
         ctl: &mut Control,
         data_tasks: &mut JoinSet<Result<(), LinkError>>,
-        controls: &mut [Downlink],
+        (controls, joined): (&mut Vec<Downlink>, &mut mpsc::UnboundedReceiver<Downlink>),
         writer: Option<&Writer>,
         workers: &Arc<Semaphore>,
         failure: &Arc<Mutex<Option<TransferError>>>,
@@ -612,6 +654,7 @@ impl Receive<'_> {
                 Ok(m) => m,
                 Err(e) => return (Err(own.unwrap_or_else(|| e.into())), false),
             };
+            link::take_new_links(joined, controls);
             match &m {
                 Message::Chunk(c) => {
                     forward_control(controls, &m).await;
@@ -1032,8 +1075,14 @@ impl DataJob {
         self,
         mut recv: RecvStream,
         mut children: Vec<Option<(String, SendStream)>>,
+        mut join: mpsc::UnboundedReceiver<(String, SendStream)>,
     ) -> Result<(), LinkError> {
-        let result = self.pump(&mut recv, &mut children).await;
+        let result = self.pump(&mut recv, &mut children, &mut join).await;
+        // Links that join from now on get no more data on this stream.
+        join.close();
+        while let Ok(s) = join.try_recv() {
+            children.push(Some(s));
+        }
         link::finish_all(&mut children);
         result
     }
@@ -1041,9 +1090,13 @@ impl DataJob {
     async fn pump(
         &self,
         recv: &mut RecvStream,
-        children: &mut [Option<(String, SendStream)>],
+        children: &mut Vec<Option<(String, SendStream)>>,
+        join: &mut mpsc::UnboundedReceiver<(String, SendStream)>,
     ) -> Result<(), LinkError> {
         while let Some(frame) = read_frame_pooled(recv, self.max_len, &self.pool).await? {
+            while let Ok(s) = join.try_recv() {
+                children.push(Some(s));
+            }
             link::forward(std::slice::from_ref(&frame.bytes), children).await;
             let Some(writer) = &self.writer else {
                 continue;

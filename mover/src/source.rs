@@ -6,7 +6,7 @@
 //! `Need`, resends those chunks on the control streams, and repeats until no target needs
 //! anything (or the rounds run out), then sends `End`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,11 +101,22 @@ async fn run_inner(
             "every target already holds some chunks; they are not sent"
         );
     }
+    let (relinker, joining) = link::Relinker::new(
+        ctx.clone(),
+        open.clone(),
+        manifest.clone(),
+        0,
+        ev_tx.clone(),
+    );
+    let link::Joining {
+        joiners,
+        new_links: mut joined,
+    } = joining;
     let link::Fanout {
         events: events_tasks,
         streams: data_streams,
         links: mut all_links,
-    } = link::Fanout::new(links, start.connections, &plan, &ev_tx);
+    } = link::Fanout::new(links, start.connections, &plan, &ev_tx, &relinker);
     drop(ev_tx);
     let finish = |all_links: &Vec<Downlink>, code, why: &str| {
         for l in all_links {
@@ -114,8 +125,17 @@ async fn run_inner(
     };
     if !all_links.is_empty() {
         let sent = async {
-            let (mut totals, tracker) =
-                stream_chunks(ctx, &root, &manifest, &start, data_streams, &haves).await?;
+            let (mut totals, tracker) = stream_chunks(
+                ctx,
+                &root,
+                &manifest,
+                &start,
+                data_streams,
+                joiners,
+                &relinker,
+                &haves,
+            )
+            .await?;
             let digest = tracker
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -129,9 +149,11 @@ async fn run_inner(
                 &tracker,
                 &rounds,
                 &mut all_links,
+                &mut joined,
                 &totals,
             )
             .await?;
+            link::take_new_links(&mut joined, &mut all_links);
             for l in &mut all_links {
                 let end = Message::End {
                     chunks: totals.chunks,
@@ -160,6 +182,7 @@ async fn run_inner(
                 for t in events_tasks {
                     let _ = t.await;
                 }
+                drop(relinker);
                 let _ = router.await;
                 return Ok(());
             }
@@ -170,10 +193,13 @@ async fn run_inner(
                 let targets: Vec<usize> = (1..plan.nodes().len()).collect();
                 let reason = format!("source {} failed: {e}", ctx.node);
                 link::report_failed(&up, &plan, &targets, &reason, e.retryable()).await;
+                relinker.cancel();
+                link::take_new_links(&mut joined, &mut all_links);
                 finish(&all_links, close::FAILED, "source failed");
                 for t in events_tasks {
                     let _ = t.await;
                 }
+                drop(relinker);
                 let _ = router.await;
                 return Ok(());
             }
@@ -182,7 +208,9 @@ async fn run_inner(
     for t in events_tasks {
         let _ = t.await;
     }
+    drop(relinker);
     let _ = router.await;
+    link::take_new_links(&mut joined, &mut all_links);
     finish(&all_links, close::DONE, "done");
     Ok(())
 }
@@ -240,8 +268,10 @@ impl Haves {
     }
 }
 
-/// The repair rounds' view of the targets: who still owes its needs for a round, and what
-/// they need.
+/// The repair rounds' view of the targets: who has answered since the last resend, and what
+/// they need. A target answers once after its main pass and once after each `Repaired`; a
+/// node that joined late (re-linked past a dead relay) answers whenever its own main pass ends,
+/// and is counted in the next round.
 struct Rounds {
     state: Mutex<RoundState>,
     changed: Notify,
@@ -250,8 +280,8 @@ struct Rounds {
 struct RoundState {
     targets: Vec<String>,
     finished: HashSet<String>,
-    needs: BTreeMap<u32, BTreeSet<(u32, u64)>>,
-    done: BTreeMap<u32, HashSet<String>>,
+    needs: BTreeSet<(u32, u64)>,
+    answered: HashSet<String>,
 }
 
 impl Rounds {
@@ -260,8 +290,8 @@ impl Rounds {
             state: Mutex::new(RoundState {
                 targets: plan.targets().iter().map(|t| t.name.clone()).collect(),
                 finished: HashSet::new(),
-                needs: BTreeMap::new(),
-                done: BTreeMap::new(),
+                needs: BTreeSet::new(),
+                answered: HashSet::new(),
             }),
             changed: Notify::new(),
         }
@@ -271,12 +301,12 @@ impl Rounds {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn need(&self, node: String, round: u32, done: bool, chunks: Vec<(u32, u64)>) {
+    fn need(&self, node: String, done: bool, chunks: Vec<(u32, u64)>) {
         {
             let mut s = self.lock();
-            s.needs.entry(round).or_default().extend(chunks);
+            s.needs.extend(chunks);
             if done {
-                s.done.entry(round).or_default().insert(node);
+                s.answered.insert(node);
             }
         }
         self.changed.notify_waiters();
@@ -287,8 +317,8 @@ impl Rounds {
         self.changed.notify_waiters();
     }
 
-    /// Waits until every target that has not finished has sent its needs for `round`, and
-    /// returns their union. Targets still silent at the deadline are left to fail at `End`.
+    /// Waits until every target that has not finished has answered, and returns the union of
+    /// what they need. Targets still silent at the deadline are left to fail at `End`.
     async fn wait(&self, round: u32) -> BTreeSet<(u32, u64)> {
         let deadline = tokio::time::Instant::now() + NEED_TIMEOUT;
         loop {
@@ -297,19 +327,21 @@ impl Rounds {
             notified.as_mut().enable();
             {
                 let mut s = self.lock();
-                let done = s.done.get(&round).cloned().unwrap_or_default();
                 let waiting = s
                     .targets
                     .iter()
-                    .filter(|t| !s.finished.contains(*t) && !done.contains(*t))
+                    .filter(|t| !s.finished.contains(*t) && !s.answered.contains(*t))
                     .count();
                 if waiting == 0 {
-                    return s.needs.remove(&round).unwrap_or_default();
+                    s.answered.clear();
+                    return std::mem::take(&mut s.needs);
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 tracing::warn!(round, "some targets never said what they need");
-                return self.lock().needs.remove(&round).unwrap_or_default();
+                let mut s = self.lock();
+                s.answered.clear();
+                return std::mem::take(&mut s.needs);
             }
         }
     }
@@ -320,11 +352,8 @@ async fn route(mut rx: mpsc::Receiver<Message>, up: Up, rounds: Arc<Rounds>) {
     while let Some(m) = rx.recv().await {
         match m {
             Message::Need {
-                node,
-                round,
-                done,
-                chunks,
-            } => rounds.need(node, round, done, chunks),
+                node, done, chunks, ..
+            } => rounds.need(node, done, chunks),
             // From a node that joined after the main pass began: its needs cover it.
             Message::Have { .. } => {}
             Message::Report { node, outcome } => {
@@ -351,12 +380,14 @@ async fn repair(
     start: &Start,
     tracker: &Arc<Mutex<Tracker>>,
     rounds: &Rounds,
-    links: &mut [Downlink],
+    links: &mut Vec<Downlink>,
+    joined: &mut mpsc::UnboundedReceiver<Downlink>,
     totals: &Totals,
 ) -> Result<u64, TransferError> {
     let mut resent = 0;
     for round in 0..MAX_ROUNDS {
         let needs = rounds.wait(round).await;
+        link::take_new_links(joined, links);
         if needs.is_empty() {
             break;
         }
@@ -434,6 +465,7 @@ async fn repair(
         let (produced, n) = tokio::join!(producer, consumer);
         produced?;
         resent += n;
+        link::take_new_links(joined, links);
         for l in links.iter_mut() {
             let _ = crate::frame::write_message(&mut l.control, &Message::Repaired { round }).await;
         }
@@ -481,12 +513,15 @@ pub(crate) async fn open_children(
 
 /// Reads every chunk, encodes it on a worker thread and sends it round-robin over the data
 /// streams. Memory is bounded by the worker count and the channel depth, not the dataset.
+#[allow(clippy::too_many_arguments)]
 async fn stream_chunks(
     ctx: &Arc<Ctx>,
     root: &std::path::Path,
     manifest: &Arc<Manifest>,
     start: &Start,
     data_streams: Vec<Streams>,
+    joiners: Vec<mpsc::UnboundedReceiver<(String, quinn::SendStream)>>,
+    relinker: &Arc<link::Relinker>,
     haves: &Arc<Haves>,
 ) -> Result<(Totals, Arc<Mutex<Tracker>>), TransferError> {
     let n = data_streams.len();
@@ -495,22 +530,32 @@ async fn stream_chunks(
     let totals = Totals::default();
     let wire = totals.wire_bytes.clone();
     let skipped = totals.skipped.clone();
-    for mut streams in data_streams {
+    for (mut streams, mut join) in data_streams.into_iter().zip(joiners) {
         let (tx, mut rx) = mpsc::channel::<[Bytes; 2]>(2);
         senders.push(tx);
         let wire = wire.clone();
+        let relinker = relinker.clone();
         writers.push(tokio::spawn(async move {
             while let Some(parts) = rx.recv().await {
+                while let Ok(s) = join.try_recv() {
+                    streams.push(Some(s));
+                }
+                // Every child on this stream dropped out (each is reported by its events
+                // task) and none joins: dropping the receiver tells the producer.
+                if streams.iter().all(Option::is_none)
+                    && !link::wait_for_joiner(&relinker, &mut join, &mut streams).await
+                {
+                    return;
+                }
                 wire.fetch_add(
                     (parts[0].len() + parts[1].len()) as u64,
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 link::forward(&parts, &mut streams).await;
-                if streams.iter().all(Option::is_none) {
-                    // Every child on this stream dropped out (each is reported by its
-                    // events task); dropping the receiver tells the producer.
-                    return;
-                }
+            }
+            join.close();
+            while let Ok(s) = join.try_recv() {
+                streams.push(Some(s));
             }
             link::finish_all(&mut streams);
         }));
