@@ -33,12 +33,34 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<String>,
     agents: Vec<(String, Option<Child>)>,
-    ports: Vec<u16>,
+    /// Where each node's agent listens.
+    addrs: Vec<String>,
+    /// Network namespaces, one per node, when the cluster runs in them.
+    netns: Option<Netns>,
 }
 
 impl Cluster {
-    /// Certificates, configs and running agents for `nodes`.
+    /// Certificates, configs and running agents for `nodes`, on loopback.
     pub fn start(nodes: &[&str]) -> Self {
+        let addrs = nodes
+            .iter()
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        Self::start_with(nodes, addrs, None)
+    }
+
+    /// The same, each node in a network namespace of its own with its uplink limited to
+    /// `rate` (`tc tbf`), all joined by a bridge. `None` (after saying SKIP loudly) when this
+    /// process may not make namespaces.
+    pub fn start_in_netns(nodes: &[&str], rate: &str) -> Option<Self> {
+        let netns = Netns::create(nodes.len(), rate)?;
+        let addrs = (0..nodes.len())
+            .map(|i| format!("{}:7400", netns.addr(i)))
+            .collect();
+        Some(Self::start_with(nodes, addrs, Some(netns)))
+    }
+
+    fn start_with(nodes: &[&str], addrs: Vec<String>, netns: Option<Netns>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("mover-e2e-")
             .tempdir()
@@ -57,17 +79,17 @@ impl Cluster {
             "certs init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let ports: Vec<u16> = nodes.iter().map(|_| free_port()).collect();
         let mut cluster = String::from("[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/controller.pem\"\nkey = \"certs/controller.key\"\n");
-        for (n, p) in nodes.iter().zip(&ports) {
-            cluster += &format!("[nodes.{n}]\naddress = \"127.0.0.1:{p}\"\n");
+        for (n, a) in nodes.iter().zip(&addrs) {
+            cluster += &format!("[nodes.{n}]\naddress = \"{a}\"\n");
         }
         std::fs::write(dir.path().join("cluster.toml"), cluster).expect("write cluster");
         let mut c = Self {
             dir,
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
             agents: Vec::new(),
-            ports,
+            addrs,
+            netns,
         };
         for (i, node) in nodes.iter().enumerate() {
             c.write_agent_config(i, "certs");
@@ -75,6 +97,31 @@ impl Cluster {
             c.start_agent(node);
         }
         c
+    }
+
+    /// `mover`, run in node `i`'s namespace when there are namespaces.
+    fn mover_on(&self, i: usize) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name(i)])
+                    .arg(env!("CARGO_BIN_EXE_mover"));
+                c
+            }
+            None => mover(),
+        }
+    }
+
+    /// Takes node `node`'s network link down (`up = false`) or brings it back.
+    pub fn set_link(&self, node: &str, up: bool) {
+        let ns = self.netns.as_ref().expect("a cluster in namespaces");
+        let i = self.index(node);
+        let st = Command::new("ip")
+            .args(["-n", &ns.name(i), "link", "set", "eth0"])
+            .arg(if up { "up" } else { "down" })
+            .status()
+            .expect("run ip");
+        assert!(st.success(), "ip link set {node} {up}");
     }
 
     pub fn path(&self) -> &Path {
@@ -106,8 +153,8 @@ impl Cluster {
         let n = &self.nodes[i];
         std::fs::create_dir_all(self.path().join(n)).expect("mkdir");
         let cfg = format!(
-            "node = \"{n}\"\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{n}/state\"\n[tls]\nca = \"{certs_dir}/ca.pem\"\ncert = \"{certs_dir}/{n}.pem\"\nkey = \"{certs_dir}/{n}.key\"\n[datasets.data]\npath = \"{n}/data\"\n[datasets.other]\npath = \"{n}/other\"\n",
-            self.ports[i]
+            "node = \"{n}\"\nlisten = \"{}\"\nstate_dir = \"{n}/state\"\n[tls]\nca = \"{certs_dir}/ca.pem\"\ncert = \"{certs_dir}/{n}.pem\"\nkey = \"{certs_dir}/{n}.key\"\n[datasets.data]\npath = \"{n}/data\"\n[datasets.other]\npath = \"{n}/other\"\n",
+            self.addrs[i]
         );
         std::fs::write(self.path().join(format!("{n}.toml")), cfg).expect("write agent config");
     }
@@ -121,7 +168,8 @@ impl Cluster {
         let i = self.index(node);
         let log_path = self.path().join(format!("{node}.log"));
         let log = std::fs::File::create(&log_path).expect("log");
-        let child = mover()
+        let child = self
+            .mover_on(i)
             .args(["agent", "--config"])
             .arg(self.path().join(format!("{node}.toml")))
             .envs(env.iter().copied())
@@ -182,7 +230,7 @@ impl Cluster {
 
     /// Starts `mover send --json` in the background (to act on the cluster while it runs).
     pub fn spawn_send(&self, from: &str, to: &str, extra: &[&str]) -> Child {
-        mover()
+        self.mover_on(0)
             .arg("send")
             .arg("--cluster")
             .arg(self.cluster_file())
@@ -235,7 +283,7 @@ impl Cluster {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let out = run(&args);
+        let out = self.mover_on(0).args(&args).output().expect("run mover");
         let code = out.status.code().unwrap_or(-1);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
@@ -416,4 +464,93 @@ pub fn wait_recorded(c: &Cluster, node: &str, bytes: u64) -> u64 {
 /// A number from the summary's JSON.
 pub fn num(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Network namespaces for one test: `mvt<pid>-<i>` per node with an `eth0` at
+/// 198.18.<k>.<i+1>/24, joined by a bridge in `mvt<pid>-sw`, each uplink limited by `tc tbf`.
+/// Deleted on drop.
+pub struct Netns {
+    prefix: String,
+    subnet: u8,
+    nodes: usize,
+}
+
+impl Netns {
+    fn create(nodes: usize, rate: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: not root, cannot make network namespaces");
+            return None;
+        }
+        if Command::new("ip").arg("-V").output().is_err() {
+            eprintln!("SKIP: no `ip` command (iproute2) to make network namespaces");
+            return None;
+        }
+        static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = Self {
+            prefix: format!("mvt{}-{k}", std::process::id()),
+            subnet: 100 + k,
+            nodes,
+        };
+        let sw = format!("{}-sw", ns.prefix);
+        let ip = |args: &[&str]| -> bool {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mut ok = ip(&["netns", "add", &sw])
+            && ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])
+            && ip(&["-n", &sw, "link", "set", "br0", "up"]);
+        for i in 0..nodes {
+            if !ok {
+                break;
+            }
+            let (name, host, peer) = (ns.name(i), format!("v{k}x{i}"), format!("v{k}x{i}p"));
+            let addr = format!("{}/24", ns.addr(i));
+            ok = ip(&["netns", "add", &name])
+                && ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])
+                && ip(&["link", "set", &host, "netns", &name])
+                && ip(&["link", "set", &peer, "netns", &sw])
+                && ip(&["-n", &sw, "link", "set", &peer, "master", "br0", "up"])
+                && ip(&["-n", &name, "link", "set", "lo", "up"])
+                && ip(&["-n", &name, "link", "set", &host, "name", "eth0"])
+                && ip(&["-n", &name, "addr", "add", &addr, "dev", "eth0"])
+                && ip(&["-n", &name, "link", "set", "eth0", "up"])
+                && Command::new("ip")
+                    .args(["netns", "exec", &name, "tc", "qdisc", "add", "dev", "eth0"])
+                    .args([
+                        "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms",
+                    ])
+                    .status()
+                    .is_ok_and(|s| s.success());
+        }
+        if !ok {
+            eprintln!("SKIP: could not set up network namespaces (see the ip errors above)");
+            return None;
+        }
+        Some(ns)
+    }
+
+    fn name(&self, i: usize) -> String {
+        format!("{}-{i}", self.prefix)
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("198.18.{}.{}", self.subnet, i + 1)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for i in 0..self.nodes {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name(i)])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &format!("{}-sw", self.prefix)])
+            .status();
+    }
 }
