@@ -60,6 +60,38 @@ fn a_target_killed_mid_transfer_resumes_from_what_it_verified() {
 }
 
 #[test]
+fn staging_from_an_older_source_version_never_mixes_into_the_new_one() {
+    let mut c = Cluster::start(&["west1", "east1"]);
+    mixed_tree(&c.data("west1"), 128 << 20);
+    let send = c.spawn_send("west1:data", "east1", &["--chunk-size", "256K"]);
+    wait_recorded(&c, "east1", 48 << 20);
+    c.stop_agent("east1", SIGKILL);
+    let _ = Cluster::finish_send(send);
+
+    // The source moves on while east1 is down: every file it had verified part of changes.
+    let root = c.data("west1");
+    let mut changed = 0;
+    for (len, path) in files(&root) {
+        if len >= CHUNK {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(b"version two", len / 2).unwrap();
+            changed += 1;
+        }
+    }
+    assert!(changed > 3);
+    c.start_agent("east1");
+    let (code, summary, stderr) = c.send("west1:data", "east1", &["--chunk-size", "256K"]);
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_same_tree(&root, &c.data("east1"));
+    // The unchanged chunks it had were kept; the changed ones were sent.
+    assert!(
+        num(&target(&summary, "east1")["held_bytes"]) > 0,
+        "{summary}"
+    );
+}
+
+#[test]
 fn a_source_killed_mid_transfer_resumes_on_every_target() {
     let mut c = Cluster::start(&["west1", "east1", "east2"]);
     mixed_tree(&c.data("west1"), 256 << 20);
