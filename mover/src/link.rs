@@ -86,6 +86,15 @@ impl Downlink {
             .collect();
         let mut early = Vec::new();
         let node_name = node.name.as_str();
+        // What the subtree may claim to hold is bounded by the manifest: every chunk, once
+        // per node.
+        let chunks: u64 = manifest
+            .entries
+            .iter()
+            .map(|e| mover_protocol::hash::chunk_count(e.size(), open.chunk_size))
+            .sum();
+        let max_held = (chunks + 1).saturating_mul(subtree.len() as u64);
+        let mut held = 0u64;
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         loop {
             let msg = tokio::time::timeout_at(
@@ -100,9 +109,17 @@ impl Downlink {
             match msg {
                 Message::Ready => break,
                 m @ Message::Have { .. } => {
-                    let Message::Have { node, .. } = &m else {
+                    let Message::Have { node, chunks } = &m else {
                         continue;
                     };
+                    held += chunks.len() as u64;
+                    if held > max_held {
+                        return Err(LinkError::Unexpected {
+                            got: "more have entries than the manifest has chunks",
+                            expected: "ready",
+                        }
+                        .into());
+                    }
                     if !subtree.contains(node.as_str()) {
                         return Err(LinkError::Unexpected {
                             got: "have for a node outside its subtree",

@@ -90,7 +90,7 @@ async fn run_inner(
     };
     // Children's events pass through a router that keeps the needs and the reports for the
     // repair rounds and hands the rest to the controller.
-    let rounds = Arc::new(Rounds::new(&plan));
+    let rounds = Arc::new(Rounds::new(&plan, &manifest, start.chunk_size));
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let router = tokio::spawn(route(ev_rx, up.clone(), rounds.clone()));
     let mut links = open_children(ctx, &open, 0, &manifest, &plan, &ev_tx).await;
@@ -275,6 +275,10 @@ impl Haves {
 struct Rounds {
     state: Mutex<RoundState>,
     changed: Notify,
+    /// Each file's size, by manifest index (`None` for other entries), and the chunk size:
+    /// what a need may name.
+    sizes: Vec<Option<u64>>,
+    chunk_size: u64,
 }
 
 struct RoundState {
@@ -285,8 +289,14 @@ struct RoundState {
 }
 
 impl Rounds {
-    fn new(plan: &Plan) -> Self {
+    fn new(plan: &Plan, manifest: &Manifest, chunk_size: u32) -> Self {
         Self {
+            sizes: manifest
+                .entries
+                .iter()
+                .map(|e| matches!(e.kind, EntryKind::File { .. }).then(|| e.size()))
+                .collect(),
+            chunk_size: u64::from(chunk_size),
             state: Mutex::new(RoundState {
                 targets: plan.targets().iter().map(|t| t.name.clone()).collect(),
                 finished: HashSet::new(),
@@ -304,7 +314,14 @@ impl Rounds {
     fn need(&self, node: String, done: bool, chunks: Vec<(u32, u64)>) {
         {
             let mut s = self.lock();
-            s.needs.extend(chunks);
+            // Only chunks of the manifest: what is kept stays bounded by it.
+            s.needs.extend(chunks.into_iter().filter(|&(file, offset)| {
+                self.sizes
+                    .get(file as usize)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|size| offset % self.chunk_size == 0 && offset < size)
+            }));
             if done {
                 s.answered.insert(node);
             }
@@ -722,5 +739,88 @@ impl ReadJob {
             self.level,
             &self.pool,
         ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use mover_protocol::manifest::Entry;
+    use mover_protocol::{PlanNode, Topology};
+
+    fn plan(targets: &[&str]) -> Plan {
+        let n = |name: &str| PlanNode {
+            name: name.into(),
+            address: "a".into(),
+            dataset: "d".into(),
+            parent: None,
+        };
+        Plan::build(
+            n("s"),
+            targets.iter().map(|t| n(t)).collect(),
+            Topology::Chain,
+        )
+        .unwrap()
+    }
+
+    fn manifest() -> Manifest {
+        let e = |path: &str, kind| Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o755,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+        };
+        Manifest::from_entries(vec![
+            e("", EntryKind::Dir),
+            e("f", EntryKind::File { size: 10_000 }),
+        ])
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_round_waits_for_every_live_target_and_keeps_only_real_chunks() {
+        let r = Arc::new(Rounds::new(&plan(&["a", "b", "c"]), &manifest(), 4096));
+        // Chunks the manifest does not have are dropped: a file id past the end, the root
+        // directory, an offset off a chunk boundary or past the end.
+        r.need(
+            "a".into(),
+            true,
+            vec![(1, 4096), (9, 0), (0, 0), (1, 100), (1, 12_288)],
+        );
+        r.finished("c".into());
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "b has not answered");
+        r.need("b".into(), false, vec![(1, 0)]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "b's answer is not done yet");
+        r.need("b".into(), true, vec![]);
+        let got = waiter.await.unwrap();
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), vec![(1, 0), (1, 4096)]);
+        // The next round starts empty: everyone must answer again.
+        r.need("a".into(), true, vec![]);
+        let next = tokio::time::timeout(Duration::from_millis(100), r.wait(1)).await;
+        assert!(next.is_err(), "b has not answered round 1");
+    }
+
+    #[test]
+    fn a_chunk_is_skipped_only_when_every_target_holds_the_same_bytes() {
+        let mut map = HashMap::new();
+        map.insert((1, 0), ([7; 32], 2));
+        map.insert((1, 4096), ([7; 32], 1));
+        let h = Haves {
+            map,
+            targets: 2,
+            skippable: 1,
+        };
+        assert!(h.skip(1, 0, &[7; 32]));
+        assert!(!h.skip(1, 0, &[8; 32]), "the source read other bytes");
+        assert!(!h.skip(1, 4096, &[7; 32]), "one target lacks it");
+        assert!(!h.skip(1, 8192, &[7; 32]));
     }
 }
