@@ -29,13 +29,16 @@ fn plan_from_east1(agent: &Agent, to: &str, addr: std::net::SocketAddr) -> Plan 
     .unwrap()
 }
 
-fn start_frame(plan: Plan) -> Bytes {
+/// A `Start` as the controller sends it, grant included.
+fn start_frame(agent: &Agent, plan: Plan) -> Bytes {
+    let open = granted_open(agent, TRANSFER, 1 << 16, plan);
     Message::Start(Start {
-        transfer_id: TRANSFER,
-        chunk_size: 1 << 16,
+        transfer_id: open.transfer_id,
+        chunk_size: open.chunk_size,
         compress: 1,
-        connections: 1,
-        plan,
+        connections: open.connections,
+        plan: open.plan,
+        grant: open.grant,
     })
     .to_frame()
 }
@@ -79,7 +82,7 @@ async fn a_relay_refuses_a_child_whose_certificate_names_another_node() {
     let f = one_file("f", b"legitimate");
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_with(TRANSFER, 1 << 16, plan))
+    send.write_all(&open_with(&agent, TRANSFER, 1 << 16, plan))
         .await
         .unwrap();
     send_manifest_frames(&mut send, f.entries.clone()).await;
@@ -118,7 +121,9 @@ async fn a_node_certificate_cannot_start_a_transfer() {
     let plan = plan_from_east1(&agent, "west1", west1.local_addr().unwrap());
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&start_frame(plan.clone())).await.unwrap();
+    send.write_all(&start_frame(&agent, plan.clone()))
+        .await
+        .unwrap();
     let reason = failure_reason(&mut recv).await;
     assert!(reason.contains("node west1 may not send start"), "{reason}");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -132,7 +137,7 @@ async fn a_node_certificate_cannot_start_a_transfer() {
         .await
         .unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
-    send.write_all(&start_frame(plan)).await.unwrap();
+    send.write_all(&start_frame(&agent, plan)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), async {
         while watcher.established() == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -152,7 +157,7 @@ async fn an_open_that_would_make_the_agent_a_source_is_refused() {
     let plan = plan_from_east1(&agent, "west1", west1.local_addr().unwrap());
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_with(TRANSFER, 1 << 16, plan))
+    send.write_all(&open_with(&agent, TRANSFER, 1 << 16, plan))
         .await
         .unwrap();
     let reason = failure_reason(&mut recv).await;
@@ -174,7 +179,7 @@ async fn an_open_from_a_node_that_is_not_the_parent_is_refused() {
     // east2 sends the plan west1 -> east1: its certificate says east2, not west1.
     let (_ep, conn) = connect_as(&agent, "east2").await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send.write_all(&open_frame(&agent, 1 << 16)).await.unwrap();
     send_manifest_frames(&mut send, one_file("planted", b"planted").entries).await;
     let reason = failure_reason(&mut recv).await;
     assert!(
@@ -192,7 +197,7 @@ async fn a_data_stream_from_a_node_that_does_not_feed_the_transfer_is_stopped() 
     let f = one_file("f", b"legitimate");
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send.write_all(&open_frame(&agent, 1 << 16)).await.unwrap();
     send_manifest_frames(&mut send, f.entries.clone()).await;
     wait_ready(&mut recv).await.expect("east1 gets ready");
 
@@ -252,7 +257,7 @@ async fn a_node_cannot_push_a_dataset_that_no_controller_started() {
     .unwrap();
     let (_ep, conn) = connect_as(&agent, "east2").await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_with(TRANSFER, 1 << 16, plan))
+    send.write_all(&open_with(&agent, TRANSFER, 1 << 16, plan))
         .await
         .unwrap();
     let f = one_file("planted", b"planted by east2");
