@@ -6,8 +6,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mover_protocol::{manifest_frame_budget, Message};
+use mover_protocol::{manifest_frame_budget, Message, Open};
 use quinn::RecvStream;
+use rustls::pki_types::UnixTime;
+use rustls::RootCertStore;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -62,6 +64,8 @@ pub(crate) struct Active {
 pub(crate) struct Ctx {
     pub node: String,
     pub cfg: AgentConfig,
+    /// The cluster CA, which the controller's grants must chain to.
+    pub roots: Arc<RootCertStore>,
     pub endpoint: quinn::Endpoint,
     pub registry: Mutex<HashMap<u64, Registration>>,
     /// Receives in progress, by dataset name: one at a time per dataset.
@@ -75,6 +79,24 @@ impl Ctx {
     pub fn next_generation(&self) -> u64 {
         self.generations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Checks that the cluster's controller granted the transfer `open` belongs to; the reason
+    /// to refuse it otherwise. A valid certificate lets a node send `Open`, but only the
+    /// controller may start a transfer.
+    pub fn check_grant(&self, open: &Open) -> Result<(), String> {
+        crate::tls::verify_grant(
+            &self.roots,
+            &open.grant,
+            &open.grant_bytes(),
+            UnixTime::now(),
+        )
+        .map_err(|e| {
+            format!(
+                "{} refused: the transfer is not signed by the cluster's controller: {e}",
+                self.node
+            )
+        })
     }
 }
 
@@ -103,6 +125,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let ctx = Arc::new(Ctx {
         node: cfg.node.clone(),
         cfg,
+        roots: identity.roots(),
         endpoint: endpoint.clone(),
         registry: Mutex::new(HashMap::new()),
         active: Mutex::new(HashMap::new()),

@@ -55,6 +55,10 @@ pub(crate) async fn run(
     mut control: SendStream,
     from_parent: RecvStream,
 ) {
+    if let Err(reason) = ctx.check_grant(&open) {
+        link::refuse(&mut control, &ctx.node, reason).await;
+        return;
+    }
     let started = Instant::now();
     let plan = Arc::new(open.plan.clone());
     let Some(me) = plan.index_of(&ctx.node).filter(|&i| i > 0) else {
