@@ -1,7 +1,7 @@
 //! The agent: one long-running process per database host that sends, receives and relays
 //! transfers for the datasets its own configuration names.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,6 +71,8 @@ pub(crate) struct Ctx {
     /// Receives in progress, by dataset name: one at a time per dataset.
     pub active: Mutex<HashMap<String, Active>>,
     generations: std::sync::atomic::AtomicU64,
+    /// Transfers this agent committed since it started: a replayed grant cannot run one again.
+    committed: Mutex<HashSet<u64>>,
     pub faults: crate::fault::Faults,
 }
 
@@ -81,9 +83,10 @@ impl Ctx {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Checks that the cluster's controller granted the transfer `open` belongs to; the reason
-    /// to refuse it otherwise. A valid certificate lets a node send `Open`, but only the
-    /// controller may start a transfer.
+    /// Checks that the cluster's controller granted the transfer `open` belongs to, and that
+    /// this agent has not committed it already; the reason to refuse it otherwise. A valid
+    /// certificate lets a node send `Open`, but only the controller may start a transfer, and
+    /// a node that kept the grant of one may not run it again.
     pub fn check_grant(&self, open: &Open) -> Result<(), String> {
         crate::tls::verify_grant(
             &self.roots,
@@ -96,7 +99,29 @@ impl Ctx {
                 "{} refused: the transfer is not signed by the cluster's controller: {e}",
                 self.node
             )
-        })
+        })?;
+        // A rerun gets a new transfer id from the controller, and a re-link reuses the id only
+        // for targets that have not committed: refusing committed ids stops replays alone.
+        if self
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&open.transfer_id)
+        {
+            return Err(format!(
+                "{} refused: transfer {:016x} was already committed here",
+                self.node, open.transfer_id
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records that this agent committed `transfer_id`.
+    pub fn note_committed(&self, transfer_id: u64) {
+        self.committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(transfer_id);
     }
 }
 
@@ -130,6 +155,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         registry: Mutex::new(HashMap::new()),
         active: Mutex::new(HashMap::new()),
         generations: std::sync::atomic::AtomicU64::new(1),
+        committed: Mutex::new(HashSet::new()),
         faults: crate::fault::Faults::from_env(),
     });
     let mut tasks = JoinSet::new();

@@ -510,6 +510,7 @@ impl Receive<'_> {
             .and_then(|s| s.staging.take())
             .ok_or_else(|| TransferError::Internal("no staging area".into()))?;
         commit(staging).await?;
+        self.ctx.note_committed(self.open.transfer_id);
         tracing::info!(bytes, files, "committed");
         let _ = self
             .up

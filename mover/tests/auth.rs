@@ -451,3 +451,29 @@ async fn a_granted_plan_re_linked_around_a_relay_still_commits() {
     assert_eq!(std::fs::read(agent.data().join("f")).unwrap(), f.content);
     agent.stop().await;
 }
+
+/// A node of a granted plan that kept the `Open` sends it again after the target committed: the
+/// target does not run that transfer twice.
+#[tokio::test]
+async fn a_replayed_grant_of_a_committed_transfer_is_refused() {
+    let agent = start_east1().await;
+    prove_alive(&agent, TRANSFER).await;
+    let kept = granted_open(&agent, TRANSFER, 1 << 16, plan_to_east1());
+    let (_ep, conn) = rogue(&agent).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&Message::Open(kept).to_frame())
+        .await
+        .unwrap();
+    send_manifest_frames(&mut send, one_file("planted", b"replayed").entries).await;
+    let reason = failure_reason(&mut recv).await;
+    assert!(
+        reason.contains("east1 refused: transfer 0000000000000007 was already committed here"),
+        "{reason}"
+    );
+    assert!(!agent.data().join("planted").exists());
+    assert!(agent.data().join("alive").exists());
+    assert!(staging_is_empty(agent.path()));
+    // A new transfer, as the controller's rerun would be, still runs.
+    prove_alive(&agent, TRANSFER + 1).await;
+    agent.stop().await;
+}
