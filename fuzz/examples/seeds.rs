@@ -5,7 +5,8 @@ use std::fs;
 use std::path::Path;
 
 use mover_protocol::{
-    Chunk, Encoding, Entry, EntryKind, Message, Open, Outcome, Plan, PlanNode, Start, Topology,
+    Chunk, Encoding, Entry, EntryKind, Grant, Message, Open, Outcome, Plan, PlanNode, Start,
+    Topology,
 };
 
 fn node(name: &str) -> PlanNode {
@@ -33,6 +34,12 @@ fn main() -> std::io::Result<()> {
             .expect("valid plan")
     };
     let payload = b"hello hello hello hello".to_vec();
+    // Decoding does not judge a grant; any bytes within the bounds will do as a seed.
+    let grant = Grant {
+        controller_cert: vec![0x30; 400],
+        not_after_unix: 1_700_086_400,
+        signature: vec![0x30; 71],
+    };
     let frames = [
         Message::Start(Start {
             transfer_id: 7,
@@ -40,12 +47,14 @@ fn main() -> std::io::Result<()> {
             compress: 1,
             connections: 4,
             plan: plan(Topology::Chain),
+            grant: grant.clone(),
         }),
         Message::Open(Open {
             transfer_id: 7,
             chunk_size: 1 << 16,
             connections: 1,
             plan: plan(Topology::Tree(2)),
+            grant,
         }),
         Message::Ready,
         Message::Attach { transfer_id: 7 },
@@ -85,6 +94,8 @@ fn main() -> std::io::Result<()> {
                 files: 1,
                 elapsed_ms: 3,
                 digest: [4; 32],
+                held: 0,
+                repaired: 0,
             },
         },
         Message::Report {
@@ -99,6 +110,8 @@ fn main() -> std::io::Result<()> {
             wire_bytes: 8,
             chunks: 1,
             files: 1,
+            skipped: 0,
+            resent: 0,
         },
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");

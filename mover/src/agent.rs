@@ -1,13 +1,15 @@
 //! The agent: one long-running process per database host that sends, receives and relays
 //! transfers for the datasets its own configuration names.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mover_protocol::{manifest_frame_budget, Message};
+use mover_protocol::{manifest_frame_budget, Message, Open};
 use quinn::RecvStream;
+use rustls::pki_types::UnixTime;
+use rustls::RootCertStore;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -63,6 +65,8 @@ pub(crate) struct Active {
 pub(crate) struct Ctx {
     pub node: String,
     pub cfg: AgentConfig,
+    /// The cluster CA, which the controller's grants must chain to.
+    pub roots: Arc<RootCertStore>,
     pub endpoint: quinn::Endpoint,
     pub registry: Mutex<HashMap<u64, Registration>>,
     /// Receives in progress, by dataset name: one at a time per dataset.
@@ -71,6 +75,8 @@ pub(crate) struct Ctx {
     /// senders may not bring them back.
     pub replaced: Mutex<std::collections::VecDeque<u64>>,
     generations: std::sync::atomic::AtomicU64,
+    /// Transfers this agent committed since it started: a replayed grant cannot run one again.
+    committed: Mutex<HashSet<u64>>,
     pub faults: crate::fault::Faults,
 }
 
@@ -79,6 +85,47 @@ impl Ctx {
     pub fn next_generation(&self) -> u64 {
         self.generations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Checks that the cluster's controller granted the transfer `open` belongs to, and that
+    /// this agent has not committed it already; the reason to refuse it otherwise. A valid
+    /// certificate lets a node send `Open`, but only the controller may start a transfer, and
+    /// a node that kept the grant of one may not run it again.
+    pub fn check_grant(&self, open: &Open) -> Result<(), String> {
+        crate::tls::verify_grant(
+            &self.roots,
+            &open.grant,
+            &open.grant_bytes(),
+            UnixTime::now(),
+        )
+        .map_err(|e| {
+            format!(
+                "{} refused: the transfer is not signed by the cluster's controller: {e}",
+                self.node
+            )
+        })?;
+        // A rerun gets a new transfer id from the controller, and a re-link reuses the id only
+        // for targets that have not committed: refusing committed ids stops replays alone.
+        if self
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&open.transfer_id)
+        {
+            return Err(format!(
+                "{} refused: transfer {:016x} was already committed here",
+                self.node, open.transfer_id
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records that this agent committed `transfer_id`.
+    pub fn note_committed(&self, transfer_id: u64) {
+        self.committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(transfer_id);
     }
 }
 
@@ -107,11 +154,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let ctx = Arc::new(Ctx {
         node: cfg.node.clone(),
         cfg,
+        roots: identity.roots(),
         endpoint: endpoint.clone(),
         registry: Mutex::new(HashMap::new()),
         active: Mutex::new(HashMap::new()),
         replaced: Mutex::new(std::collections::VecDeque::new()),
         generations: std::sync::atomic::AtomicU64::new(1),
+        committed: Mutex::new(HashSet::new()),
         faults: crate::fault::Faults::from_env(),
     });
     let mut tasks = JoinSet::new();

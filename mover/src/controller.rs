@@ -3,19 +3,29 @@
 //! It dials the source with the controller certificate, sends `Start` with the plan, and reads
 //! events (progress, reports, the source's totals) until every target has reported. A target
 //! that never reports is failed with the reason the link gave.
+//!
+//! `Start` carries a grant: the controller's signature over the transfer, which every target
+//! checks before it receives anything (see `tls::verify_grant`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mover_protocol::{manifest_frame_budget, Message, Outcome, Plan, PlanNode, Start, Topology};
+use mover_protocol::{
+    manifest_frame_budget, Grant, Message, Outcome, Plan, PlanNode, Start, Topology,
+};
 use serde::Serialize;
 
 use crate::config::ClusterConfig;
 use crate::error::LinkError;
 use crate::frame::{read_message, write_message};
 use crate::tls::Identity;
+
+/// How long a grant stays valid. Long enough that no transfer outlives it (a relay that
+/// re-links a grandchild late in a transfer reuses it), short enough that a recorded grant is
+/// soon worthless.
+pub const GRANT_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Why a transfer could not be started or followed at all.
 #[derive(Debug, thiserror::Error)]
@@ -210,13 +220,22 @@ pub async fn send(
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| link(e.into()))?;
     let transfer_id = fastrand::u64(..);
-    let start = Start {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut start = Start {
         transfer_id,
         chunk_size: req.chunk_size,
         compress: req.compress,
         connections: req.connections,
         plan: plan.clone(),
+        grant: Grant {
+            controller_cert: identity.cert_der().to_vec(),
+            not_after_unix: (now + GRANT_LIFETIME).as_secs(),
+            signature: Vec::new(),
+        },
     };
+    start.grant.signature = crate::tls::sign_grant(&identity, &start.grant_bytes())?;
     write_message(&mut send, &Message::Start(start))
         .await
         .map_err(link)?;

@@ -55,6 +55,10 @@ pub(crate) async fn run(
     mut control: SendStream,
     from_parent: RecvStream,
 ) {
+    if let Err(reason) = ctx.check_grant(&open) {
+        link::refuse(&mut control, &ctx.node, reason).await;
+        return;
+    }
     let started = Instant::now();
     let plan = Arc::new(open.plan.clone());
     let Some(me) = plan.index_of(&ctx.node).filter(|&i| i > 0) else {
@@ -548,6 +552,7 @@ impl Receive<'_> {
             .and_then(|s| s.staging.take())
             .ok_or_else(|| TransferError::Internal("no staging area".into()))?;
         commit(staging).await?;
+        self.ctx.note_committed(self.open.transfer_id);
         tracing::info!(bytes, files, "committed");
         let _ = self
             .up

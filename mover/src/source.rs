@@ -87,6 +87,7 @@ async fn run_inner(
         chunk_size: start.chunk_size,
         connections: start.connections,
         plan: start.plan.clone(),
+        grant: start.grant.clone(),
     };
     // Children's events pass through a router that keeps the needs and the reports for the
     // repair rounds and hands the rest to the controller.

@@ -4,12 +4,17 @@
 //! `certs::init`) and trust nothing else. A client names the node it expects as the server
 //! name, so it cannot be talked to by a different node; a server learns who called from the
 //! DNS name in the client's certificate ([`peer_of`]).
+//!
+//! The controller's key also signs each transfer it starts: a grant ([`sign_grant`]), which
+//! every target checks ([`verify_grant`]) before it acts on an `Open`, so that a node with a
+//! valid certificate cannot start a transfer of its own by sending `Open` itself.
 
 use std::fmt;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use mover_protocol::Grant;
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
@@ -18,7 +23,7 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
+use rustls::{RootCertStore, SignatureScheme};
 use x509_parser::extensions::GeneralName;
 
 use crate::certs::CONTROLLER_NAME;
@@ -94,6 +99,19 @@ pub enum TlsError {
     NoPeerCertificate,
     #[error("identify peer: {reason}")]
     PeerName { reason: String },
+    #[error("sign grant: {reason}")]
+    GrantKey { reason: String },
+    #[error("verify grant: its certificate is not one of the cluster ca's: {reason}")]
+    GrantNotFromCa { reason: String },
+    #[error(
+        "verify grant: its certificate names {name}, not the controller ({})",
+        CONTROLLER_NAME
+    )]
+    GrantNotController { name: String },
+    #[error("verify grant: the signature does not match this transfer: {reason}")]
+    GrantSignature { reason: String },
+    #[error("verify grant: it expired at {not_after} (unix time), {} s ago", now.saturating_sub(*not_after))]
+    GrantExpired { not_after: u64, now: u64 },
 }
 
 /// A node's (or the controller's) TLS identity: the CA it trusts and its own cert and key.
@@ -163,6 +181,77 @@ impl Identity {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Our own certificate (DER), as a grant carries it.
+    pub fn cert_der(&self) -> &[u8] {
+        // `load` refuses a file without certificates, so the chain has its end entity.
+        self.chain.first().map_or(&[], |c| c.as_ref())
+    }
+
+    /// The cluster CA's certificates, which grants are checked against.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+}
+
+/// Signs `bytes` (a transfer's [`mover_protocol::grant_bytes`]) with this identity's key, as
+/// ECDSA P-256 with SHA-256: the kind of key `certs::init` makes for every certificate.
+///
+/// Any identity can sign; only the controller's signature passes [`verify_grant`].
+pub fn sign_grant(id: &Identity, bytes: &[u8]) -> Result<Vec<u8>, TlsError> {
+    let key_error = |reason: String| TlsError::GrantKey { reason };
+    let key = rustls::crypto::ring::sign::any_ecdsa_type(&id.key)
+        .map_err(|e| key_error(format!("the private key is not an ECDSA key: {e}")))?;
+    let signer = key
+        .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+        .ok_or_else(|| {
+            key_error("the private key is not an ECDSA P-256 key, which grants need".to_owned())
+        })?;
+    signer.sign(bytes).map_err(|e| key_error(e.to_string()))
+}
+
+/// Checks that `grant` is the cluster controller's signature over `signed` (the
+/// [`mover_protocol::grant_bytes`] of the transfer at hand), valid at `now`: its certificate
+/// chains to one of `roots` for client authentication and names [`CONTROLLER_NAME`], the
+/// signature verifies under that certificate's key, and `not_after` is still ahead.
+pub fn verify_grant(
+    roots: &RootCertStore,
+    grant: &Grant,
+    signed: &[u8],
+    now: UnixTime,
+) -> Result<(), TlsError> {
+    let der = CertificateDer::from(grant.controller_cert.as_slice());
+    let cert = webpki::EndEntityCert::try_from(&der).map_err(|e| TlsError::GrantNotFromCa {
+        reason: format!("the certificate does not parse: {e}"),
+    })?;
+    cert.verify_for_usage(
+        provider().signature_verification_algorithms.all,
+        &roots.roots,
+        &[],
+        now,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| TlsError::GrantNotFromCa {
+        reason: format!("{e:?}"),
+    })?;
+    let controller = ServerName::try_from(CONTROLLER_NAME).map_err(config_error)?;
+    cert.verify_is_valid_for_subject_name(&controller)
+        .map_err(|_| TlsError::GrantNotController {
+            name: dns_name(&der).unwrap_or_else(|why| format!("no usable name ({why})")),
+        })?;
+    cert.verify_signature(webpki::ring::ECDSA_P256_SHA256, signed, &grant.signature)
+        .map_err(|e| TlsError::GrantSignature {
+            reason: format!("{e:?}"),
+        })?;
+    if now.as_secs() >= grant.not_after_unix {
+        return Err(TlsError::GrantExpired {
+            not_after: grant.not_after_unix,
+            now: now.as_secs(),
+        });
+    }
+    Ok(())
 }
 
 /// Who is on the other end of a connection, by the name in its certificate.
@@ -434,5 +523,102 @@ mod tests {
         p.ca = ours.path().join("ca.pem");
         let err = Identity::load(&p).expect_err("foreign cert must fail");
         assert!(matches!(err, TlsError::NotFromCa { .. }), "{err:?}");
+    }
+
+    fn grant_by(id: &Identity, signer: &Identity, bytes: &[u8], not_after_unix: u64) -> Grant {
+        Grant {
+            controller_cert: id.cert_der().to_vec(),
+            not_after_unix,
+            signature: sign_grant(signer, bytes).expect("sign"),
+        }
+    }
+
+    fn at(secs: u64) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs))
+    }
+
+    fn now() -> UnixTime {
+        UnixTime::now()
+    }
+
+    #[test]
+    fn a_controller_grant_verifies() {
+        let dir = cluster(&["east1"]);
+        let ctl = Identity::load(&paths(dir.path(), "controller")).expect("controller");
+        let node = Identity::load(&paths(dir.path(), "east1")).expect("east1");
+        let grant = grant_by(&ctl, &ctl, b"transfer", u64::MAX);
+        verify_grant(&node.roots(), &grant, b"transfer", now()).expect("a valid grant");
+        let sig = &grant.signature;
+        assert!(
+            sig.len() <= mover_protocol::message::MAX_GRANT_SIGNATURE,
+            "{}",
+            sig.len()
+        );
+        assert!(ctl.cert_der().len() <= mover_protocol::message::MAX_GRANT_CERT);
+    }
+
+    #[test]
+    fn a_grant_for_other_bytes_is_refused() {
+        let dir = cluster(&["east1"]);
+        let ctl = Identity::load(&paths(dir.path(), "controller")).expect("controller");
+        let grant = grant_by(&ctl, &ctl, b"transfer", u64::MAX);
+        let err = verify_grant(&ctl.roots(), &grant, b"transfes", now()).expect_err("other bytes");
+        assert!(matches!(err, TlsError::GrantSignature { .. }), "{err}");
+        let mut flipped = grant.clone();
+        flipped.signature[10] ^= 1;
+        let err = verify_grant(&ctl.roots(), &flipped, b"transfer", now()).expect_err("bad sig");
+        assert!(matches!(err, TlsError::GrantSignature { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_grant_signed_by_a_node_is_refused() {
+        let dir = cluster(&["east1", "east2"]);
+        let ctl = Identity::load(&paths(dir.path(), "controller")).expect("controller");
+        let node = Identity::load(&paths(dir.path(), "east2")).expect("east2");
+        // With the node's own certificate: it is not the controller.
+        let own = grant_by(&node, &node, b"transfer", u64::MAX);
+        let err = verify_grant(&ctl.roots(), &own, b"transfer", now()).expect_err("node grant");
+        assert!(matches!(err, TlsError::GrantNotController { .. }), "{err}");
+        assert!(err.to_string().contains("names east2"), "{err}");
+        // With the controller's certificate: the signature is not the controller's.
+        let posing = grant_by(&ctl, &node, b"transfer", u64::MAX);
+        let err = verify_grant(&ctl.roots(), &posing, b"transfer", now()).expect_err("posing");
+        assert!(matches!(err, TlsError::GrantSignature { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_grant_of_another_clusters_controller_is_refused() {
+        let ours = cluster(&["east1"]);
+        let theirs = cluster(&["east1"]);
+        let node = Identity::load(&paths(ours.path(), "east1")).expect("east1");
+        let foreign = Identity::load(&paths(theirs.path(), "controller")).expect("controller");
+        let grant = grant_by(&foreign, &foreign, b"transfer", u64::MAX);
+        let err = verify_grant(&node.roots(), &grant, b"transfer", now()).expect_err("foreign");
+        assert!(matches!(err, TlsError::GrantNotFromCa { .. }), "{err}");
+        let junk = Grant {
+            controller_cert: b"not a certificate".to_vec(),
+            ..grant
+        };
+        let err = verify_grant(&node.roots(), &junk, b"transfer", now()).expect_err("junk");
+        assert!(matches!(err, TlsError::GrantNotFromCa { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_expired_grant_is_refused() {
+        let dir = cluster(&["east1"]);
+        let ctl = Identity::load(&paths(dir.path(), "controller")).expect("controller");
+        // Within the certificates' validity, which starts at `init`.
+        let end = now().as_secs() + 3600;
+        let grant = grant_by(&ctl, &ctl, b"transfer", end);
+        verify_grant(&ctl.roots(), &grant, b"transfer", at(end - 1)).expect("valid just before");
+        for t in [end, end + 90] {
+            let err = verify_grant(&ctl.roots(), &grant, b"transfer", at(t)).expect_err("expired");
+            assert!(matches!(err, TlsError::GrantExpired { .. }), "{err}");
+        }
+        let err = verify_grant(&ctl.roots(), &grant, b"transfer", at(end + 90)).expect_err("late");
+        assert!(err.to_string().contains("90 s ago"), "{err}");
+        // A time outside the certificate's validity fails the chain check instead.
+        let err = verify_grant(&ctl.roots(), &grant, b"transfer", at(1000)).expect_err("too early");
+        assert!(matches!(err, TlsError::GrantNotFromCa { .. }), "{err}");
     }
 }

@@ -80,7 +80,7 @@ async fn send_manifest_declaring(entries: Vec<Entry>, declared: (u64, u64)) -> S
     let agent = start_east1().await;
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send.write_all(&open_frame(&agent, 1 << 16)).await.unwrap();
     send.write_all(&Message::ManifestPart(entries).to_frame())
         .await
         .unwrap();
@@ -125,7 +125,7 @@ async fn send_raw_after_open(raw: Vec<u8>, finish: bool) -> String {
     let agent = start_east1().await;
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send.write_all(&open_frame(&agent, 1 << 16)).await.unwrap();
     send.write_all(&raw).await.unwrap();
     if finish {
         send.finish().unwrap();
@@ -213,7 +213,7 @@ async fn ready_with_one_file(
     conn: &quinn::Connection,
 ) -> (quinn::SendStream, quinn::RecvStream, quinn::SendStream) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send.write_all(&open_frame(agent, 1 << 16)).await.unwrap();
     send_manifest_frames(&mut send, vec![dir(""), file("f", 10)]).await;
     wait_ready(&mut recv).await.expect("east1 gets ready");
     assert!(
@@ -329,7 +329,7 @@ async fn a_manifest_that_never_ends_is_refused_at_the_entry_bound() {
     let agent = start_east1().await;
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_frame(1 << 16)).await.unwrap();
+    send.write_all(&open_frame(&agent, 1 << 16)).await.unwrap();
     let sender = tokio::spawn(async move {
         let mut sent = 0u64;
         let mut next = 0u64;

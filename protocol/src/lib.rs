@@ -17,6 +17,19 @@
 //! All peers authenticate with certificates from one cluster CA (mutual TLS, in QUIC); a node's
 //! certificate names it, and a dialer checks that name.
 //!
+//! # Grants
+//!
+//! Only the controller may start a transfer, and a target must be able to tell that it did
+//! although it never talks to the controller. So `Start` carries a [`Grant`]: the controller's
+//! certificate, an expiry, and the controller's signature over [`grant_bytes`] (the transfer's
+//! id and parameters and the plan's nodes, names, addresses and datasets, but not their
+//! parents, so that a relay may re-link a grandchild under the same grant). The source copies
+//! the grant into every `Open`, relays forward it unchanged, and each target checks, before it
+//! acts on an `Open`, that the certificate is the controller's under the cluster CA, that the
+//! signature covers this `Open`, and that the grant has not expired; then that the `Open`
+//! comes from its parent in the plan. This crate only carries grants and defines the signed
+//! bytes; signing and verifying is the `mover` crate's.
+//!
 //! # Streams and messages
 //!
 //! Every stream carries frames: `kind u8, length u32, body` (big endian). A frame's length is
@@ -61,7 +74,8 @@
 //!
 //! `Start` and `Open` carry [`PROTOCOL_VERSION`]; a peer that speaks another version is
 //! refused with an error naming both. New message kinds get new numbers; unknown kinds are
-//! errors, never ignored.
+//! errors, never ignored. Version 3 added the grant to `Start` and `Open`; the version is also
+//! part of the signed grant bytes, so a grant made for one version is no good for another.
 
 pub mod codec;
 pub mod hash;
@@ -72,7 +86,9 @@ pub mod receive;
 
 pub use codec::{DecodeError, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use manifest::{Entry, EntryKind, Manifest, ManifestBuilder, ManifestError};
-pub use message::{Chunk, Encoding, Held, Message, Open, Outcome, Start, PROTOCOL_VERSION};
+pub use message::{
+    grant_bytes, Chunk, Encoding, Grant, Held, Message, Open, Outcome, Start, PROTOCOL_VERSION,
+};
 pub use plan::{Plan, PlanNode, Topology};
 pub use receive::{Admit, ChunkError, Tracker};
 

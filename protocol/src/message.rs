@@ -3,14 +3,14 @@
 use bytes::{Buf, BufMut, Bytes};
 
 use crate::codec::{
-    get_hash, get_payload, get_string, get_u16, get_u32, get_u64, get_u8, put_bytes16, DecodeError,
-    FrameHeader, FRAME_HEADER_LEN,
+    get_bytes16, get_hash, get_payload, get_string, get_u16, get_u32, get_u64, get_u8, put_bytes16,
+    DecodeError, FrameHeader, FRAME_HEADER_LEN,
 };
 use crate::manifest::Entry;
 use crate::plan::{Plan, MAX_NAME};
 
 /// The protocol version this build speaks. Start and Open carry it; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Longest failure reason carried in a report.
 pub const MAX_REASON: usize = 4096;
 /// Most entries in one manifest part (parts also respect the frame length bound).
@@ -19,6 +19,13 @@ pub const MAX_PART_ENTRIES: u32 = 65_536;
 pub const MAX_LIST_ENTRIES: u32 = 65_536;
 /// Most repair rounds a transfer may run.
 pub const MAX_ROUNDS: u32 = 16;
+/// Longest controller certificate (DER) a grant may carry; ours are well under 1 KiB.
+pub const MAX_GRANT_CERT: usize = 16 << 10;
+/// Longest grant signature; an ECDSA P-256 signature in DER is at most 72 bytes.
+pub const MAX_GRANT_SIGNATURE: usize = 512;
+/// What every signed grant starts with, so that no other signature by the controller's key
+/// (a TLS handshake's, say) can pass for a grant, nor a grant for anything else.
+pub const GRANT_DOMAIN: &[u8] = b"mover grant v1\0";
 
 /// How a chunk's payload is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +44,21 @@ pub struct Start {
     /// QUIC connections per hop.
     pub connections: u8,
     pub plan: Plan,
+    /// The controller's signature of this transfer, which the source copies into `Open`.
+    pub grant: Grant,
+}
+
+impl Start {
+    /// The bytes `grant` signs; see [`grant_bytes`].
+    pub fn grant_bytes(&self) -> Vec<u8> {
+        grant_bytes(
+            self.transfer_id,
+            self.chunk_size,
+            self.connections,
+            self.grant.not_after_unix,
+            &self.plan,
+        )
+    }
 }
 
 /// Parent -> child: a transfer is coming; prepare to receive (and to forward to your children).
@@ -46,6 +68,80 @@ pub struct Open {
     pub chunk_size: u32,
     pub connections: u8,
     pub plan: Plan,
+    /// The controller's signature of this transfer, as it came in `Start`; a target checks it
+    /// before it acts on the `Open`.
+    pub grant: Grant,
+}
+
+impl Open {
+    /// The bytes `grant` must sign for this `Open` to be acted on; see [`grant_bytes`].
+    pub fn grant_bytes(&self) -> Vec<u8> {
+        grant_bytes(
+            self.transfer_id,
+            self.chunk_size,
+            self.connections,
+            self.grant.not_after_unix,
+            &self.plan,
+        )
+    }
+}
+
+/// The controller's authorization of one transfer: its certificate, and its signature over
+/// [`grant_bytes`] of the transfer, valid until `not_after_unix` (seconds since the Unix
+/// epoch). This crate only carries it; the `mover` crate signs and verifies it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grant {
+    /// The controller's certificate (DER), which names `mover-controller`.
+    pub controller_cert: Vec<u8>,
+    pub not_after_unix: u64,
+    pub signature: Vec<u8>,
+}
+
+impl Grant {
+    fn encode(&self, buf: &mut impl BufMut) {
+        put_bytes16(buf, &self.controller_cert);
+        buf.put_u64(self.not_after_unix);
+        put_bytes16(buf, &self.signature);
+    }
+
+    fn decode(buf: &mut impl Buf) -> Result<Self, DecodeError> {
+        Ok(Self {
+            controller_cert: get_bytes16(buf, MAX_GRANT_CERT, "grant certificate")?,
+            not_after_unix: get_u64(buf, "grant expiry")?,
+            signature: get_bytes16(buf, MAX_GRANT_SIGNATURE, "grant signature")?,
+        })
+    }
+}
+
+/// The exact bytes a grant signs: [`GRANT_DOMAIN`], the protocol version, the transfer's
+/// parameters, the expiry, and every node of the plan (name, address, dataset, in plan order,
+/// so node 0 is the source), each string length-prefixed.
+///
+/// Parents are left out on purpose: a relay that re-links around a dead node sends an `Open`
+/// whose plan gives a grandchild a new parent, and the grant must still hold for it. The set of
+/// nodes, their datasets and who is the source are what the controller decided; a target also
+/// checks that the `Open` comes from its parent in the plan it received.
+pub fn grant_bytes(
+    transfer_id: u64,
+    chunk_size: u32,
+    connections: u8,
+    not_after_unix: u64,
+    plan: &Plan,
+) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(64 + plan.nodes().len() * 48);
+    buf.put_slice(GRANT_DOMAIN);
+    buf.put_u16(PROTOCOL_VERSION);
+    buf.put_u64(transfer_id);
+    buf.put_u32(chunk_size);
+    buf.put_u8(connections);
+    buf.put_u64(not_after_unix);
+    buf.put_u16(plan.nodes().len() as u16);
+    for n in plan.nodes() {
+        put_bytes16(&mut buf, n.name.as_bytes());
+        put_bytes16(&mut buf, n.address.as_bytes());
+        put_bytes16(&mut buf, n.dataset.as_bytes());
+    }
+    buf
 }
 
 /// A chunk of file data. `hash` is [`crate::hash::chunk_hash`] of the raw bytes.
@@ -235,6 +331,7 @@ impl Message {
                 buf.put_u8(s.compress);
                 buf.put_u8(s.connections);
                 s.plan.encode(buf);
+                s.grant.encode(buf);
             }
             Self::Open(o) => {
                 buf.put_u16(PROTOCOL_VERSION);
@@ -242,6 +339,7 @@ impl Message {
                 buf.put_u32(o.chunk_size);
                 buf.put_u8(o.connections);
                 o.plan.encode(buf);
+                o.grant.encode(buf);
             }
             Self::Ready => {}
             Self::Attach { transfer_id } => buf.put_u64(*transfer_id),
@@ -352,6 +450,7 @@ impl Message {
                     compress: check_level(get_u8(body, "compression level")?)?,
                     connections: check_connections(get_u8(body, "connections")?)?,
                     plan: Plan::decode(body)?,
+                    grant: Grant::decode(body)?,
                 })
             }
             kind::OPEN => {
@@ -361,6 +460,7 @@ impl Message {
                     chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
                     connections: check_connections(get_u8(body, "connections")?)?,
                     plan: Plan::decode(body)?,
+                    grant: Grant::decode(body)?,
                 })
             }
             kind::READY => Self::Ready,
@@ -637,4 +737,101 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
         .rev()
         .find(|&i| s.is_char_boundary(i))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{PlanNode, Topology};
+
+    fn node(name: &str) -> PlanNode {
+        PlanNode {
+            name: name.into(),
+            address: format!("{name}:1"),
+            dataset: "d".into(),
+            parent: None,
+        }
+    }
+
+    fn plan(topology: Topology) -> Plan {
+        Plan::build(node("s"), vec![node("a"), node("b"), node("c")], topology).expect("plan")
+    }
+
+    fn bytes(plan: &Plan) -> Vec<u8> {
+        grant_bytes(7, 1 << 20, 4, 1000, plan)
+    }
+
+    #[test]
+    fn grant_bytes_leave_out_parents() {
+        // A re-link changes parents only: the grant still holds.
+        assert_eq!(bytes(&plan(Topology::Chain)), bytes(&plan(Topology::Star)));
+        assert!(bytes(&plan(Topology::Chain)).starts_with(GRANT_DOMAIN));
+    }
+
+    #[test]
+    fn grant_bytes_cover_everything_else() {
+        let base = plan(Topology::Chain);
+        let ours = bytes(&base);
+        let mut changed = vec![
+            grant_bytes(8, 1 << 20, 4, 1000, &base),
+            grant_bytes(7, 1 << 21, 4, 1000, &base),
+            grant_bytes(7, 1 << 20, 5, 1000, &base),
+            grant_bytes(7, 1 << 20, 4, 1001, &base),
+        ];
+        let edits: [fn(&mut PlanNode); 3] = [
+            |n| n.name.push('x'),
+            |n| n.address.push('x'),
+            |n| n.dataset = "other".into(),
+        ];
+        for edit in edits {
+            for i in 0..base.nodes().len() {
+                let mut nodes = base.nodes().to_vec();
+                edit(&mut nodes[i]);
+                changed.push(bytes(&Plan::from_nodes(nodes).expect("plan")));
+            }
+        }
+        // A target left out, or two nodes swapped (which makes another node the source).
+        let mut fewer = base.nodes().to_vec();
+        fewer.pop();
+        changed.push(bytes(&Plan::from_nodes(fewer).expect("plan")));
+        let mut swapped = base.nodes().to_vec();
+        swapped.swap(0, 1);
+        swapped[0].parent = None;
+        swapped[1].parent = Some(0);
+        changed.push(bytes(&Plan::from_nodes(swapped).expect("plan")));
+        // Moving a byte from one string to the next does not give the same bytes either.
+        let mut shifted = base.nodes().to_vec();
+        shifted[1].name = "a:".into();
+        shifted[1].address = "1".into();
+        changed.push(bytes(&Plan::from_nodes(shifted).expect("plan")));
+        for (i, c) in changed.iter().enumerate() {
+            assert_ne!(c, &ours, "change {i} kept the grant bytes");
+        }
+    }
+
+    #[test]
+    fn start_and_open_sign_the_same_bytes() {
+        let grant = Grant {
+            controller_cert: vec![1, 2],
+            not_after_unix: 1000,
+            signature: vec![3],
+        };
+        let start = Start {
+            transfer_id: 7,
+            chunk_size: 1 << 20,
+            compress: 3,
+            connections: 4,
+            plan: plan(Topology::Chain),
+            grant: grant.clone(),
+        };
+        let open = Open {
+            transfer_id: 7,
+            chunk_size: 1 << 20,
+            connections: 4,
+            plan: plan(Topology::Tree(2)),
+            grant,
+        };
+        assert_eq!(start.grant_bytes(), open.grant_bytes());
+        assert_eq!(open.grant_bytes(), bytes(&open.plan));
+    }
 }

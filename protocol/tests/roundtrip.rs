@@ -6,10 +6,13 @@ use std::collections::HashSet;
 
 use bytes::{Buf, Bytes};
 use mover_protocol::manifest::{MAX_FILE_SIZE, MAX_NAME_LEN, MAX_PATH_LEN};
-use mover_protocol::message::{Held, MAX_LIST_ENTRIES, MAX_PART_ENTRIES, MAX_REASON, MAX_ROUNDS};
+use mover_protocol::message::{
+    Held, MAX_GRANT_CERT, MAX_GRANT_SIGNATURE, MAX_LIST_ENTRIES, MAX_PART_ENTRIES, MAX_REASON,
+    MAX_ROUNDS,
+};
 use mover_protocol::plan::MAX_NAME;
 use mover_protocol::{
-    check_chunk_size, Chunk, DecodeError, Encoding, Entry, EntryKind, FrameHeader, Manifest,
+    check_chunk_size, Chunk, DecodeError, Encoding, Entry, EntryKind, FrameHeader, Grant, Manifest,
     ManifestBuilder, Message, Open, Outcome, Plan, PlanNode, Start, Topology, Tracker,
     FRAME_HEADER_LEN, MAX_CHUNK_SIZE, MAX_CONNECTIONS, MAX_FRAME_LEN, MIN_CHUNK_SIZE,
 };
@@ -83,28 +86,55 @@ fn connections() -> impl Strategy<Value = u8> {
     1..=MAX_CONNECTIONS
 }
 
+/// Grants of any bytes (decoding does not judge them), sometimes at the bounds.
+fn grant() -> impl Strategy<Value = Grant> {
+    let cert = prop_oneof![
+        8 => vec(any::<u8>(), 0..600),
+        1 => Just(vec![0x30; MAX_GRANT_CERT]),
+    ];
+    let signature = prop_oneof![
+        8 => vec(any::<u8>(), 0..80),
+        1 => Just(vec![0x02; MAX_GRANT_SIGNATURE]),
+    ];
+    (cert, any::<u64>(), signature).prop_map(|(controller_cert, not_after_unix, signature)| Grant {
+        controller_cert,
+        not_after_unix,
+        signature,
+    })
+}
+
 fn start() -> impl Strategy<Value = Message> {
-    (any::<u64>(), chunk_size(), 0u8..=19, connections(), plan()).prop_map(
-        |(transfer_id, chunk_size, compress, connections, plan)| {
-            Message::Start(Start {
-                transfer_id,
-                chunk_size,
-                compress,
-                connections,
-                plan,
-            })
-        },
+    (
+        any::<u64>(),
+        chunk_size(),
+        0u8..=19,
+        connections(),
+        plan(),
+        grant(),
     )
+        .prop_map(
+            |(transfer_id, chunk_size, compress, connections, plan, grant)| {
+                Message::Start(Start {
+                    transfer_id,
+                    chunk_size,
+                    compress,
+                    connections,
+                    plan,
+                    grant,
+                })
+            },
+        )
 }
 
 fn open() -> impl Strategy<Value = Message> {
-    (any::<u64>(), chunk_size(), connections(), plan()).prop_map(
-        |(transfer_id, chunk_size, connections, plan)| {
+    (any::<u64>(), chunk_size(), connections(), plan(), grant()).prop_map(
+        |(transfer_id, chunk_size, connections, plan, grant)| {
             Message::Open(Open {
                 transfer_id,
                 chunk_size,
                 connections,
                 plan,
+                grant,
             })
         },
     )
@@ -640,6 +670,44 @@ fn have_and_need_lists_are_bounded_before_allocating() {
 }
 
 #[test]
+fn grant_fields_are_bounded_before_allocating() {
+    let open = |cert: Vec<u8>, signature: Vec<u8>| {
+        Message::Open(Open {
+            transfer_id: 1,
+            chunk_size: MIN_CHUNK_SIZE,
+            connections: 1,
+            plan: Plan::build(named_node("s"), vec![named_node("t")], Topology::Chain).unwrap(),
+            grant: Grant {
+                controller_cert: cert,
+                not_after_unix: 9,
+                signature,
+            },
+        })
+    };
+    let decode = |msg: Message| {
+        let mut frame = msg.to_frame();
+        decode_frame(&mut frame)
+    };
+    let at_bounds = open(vec![1; MAX_GRANT_CERT], vec![2; MAX_GRANT_SIGNATURE]);
+    assert_eq!(decode(at_bounds.clone()), Ok(at_bounds));
+    for (cert, signature) in [
+        (MAX_GRANT_CERT + 1, 0),
+        (0, MAX_GRANT_SIGNATURE + 1),
+        (usize::from(u16::MAX), 0),
+    ] {
+        let got = decode(open(vec![1; cert], vec![2; signature]));
+        assert!(matches!(got, Err(DecodeError::TooLarge { .. })), "{got:?}");
+    }
+    // A declared length the body cannot hold.
+    let mut frame = open(vec![1; 100], vec![]).to_frame().to_vec();
+    frame.truncate(frame.len() - 60);
+    let len = (frame.len() - FRAME_HEADER_LEN) as u32;
+    frame[1..FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    let got = decode_frame(&mut Bytes::from(frame));
+    assert!(matches!(got, Err(DecodeError::Truncated { .. })), "{got:?}");
+}
+
+#[test]
 fn manifest_part_counts_are_bounded_before_allocating() {
     // A count above the bound.
     let mut body = (MAX_PART_ENTRIES + 1).to_be_bytes().to_vec();
@@ -984,6 +1052,7 @@ fn a_plan_that_builds_also_decodes() {
             chunk_size: MIN_CHUNK_SIZE,
             connections: 1,
             plan,
+            grant: Grant::default(),
         });
         let mut frame = msg.to_frame();
         assert_eq!(decode_frame(&mut frame), Ok(msg));

@@ -1,5 +1,7 @@
 //! A real agent (east1) in this process, and rogue peers that hold valid certificates of its
-//! cluster (west1, east2) and speak the protocol by hand, well or badly.
+//! cluster (west1, east2) and speak the protocol by hand, well or badly. The `Open`s they send
+//! carry a grant signed with the cluster controller's key (unless a test says otherwise), as a
+//! plan's parent would pass it on from the controller's `Start`.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -15,7 +17,7 @@ use mover::config::{AgentConfig, DatasetConfig};
 use mover::tls::{Identity, TlsPaths};
 use mover_protocol::hash::{chunk_hash, file_root, tree_digest};
 use mover_protocol::{
-    Chunk, Encoding, Entry, EntryKind, FrameHeader, Message, Open, Outcome, Plan, PlanNode,
+    Chunk, Encoding, Entry, EntryKind, FrameHeader, Grant, Message, Open, Outcome, Plan, PlanNode,
     FRAME_HEADER_LEN,
 };
 
@@ -197,19 +199,51 @@ pub fn plan_to_east1() -> Plan {
     .unwrap()
 }
 
-pub fn open_with(transfer_id: u64, chunk_size: u32, plan: Plan) -> Bytes {
-    Message::Open(Open {
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Signs `open`'s grant as it stands (certificate and expiry) with `signer`'s key.
+pub fn sign(agent: &Agent, signer: &str, open: &mut Open) {
+    let id = Identity::load(&tls(agent.path(), signer)).unwrap();
+    open.grant.signature = mover::tls::sign_grant(&id, &open.grant_bytes()).unwrap();
+}
+
+/// The grant's certificate and expiry, not yet signed: `cert_of`'s certificate (the file stem
+/// in the cluster's certificates, `controller` for the controller), valid for an hour.
+pub fn unsigned_grant(agent: &Agent, cert_of: &str) -> Grant {
+    let id = Identity::load(&tls(agent.path(), cert_of)).unwrap();
+    Grant {
+        controller_cert: id.cert_der().to_vec(),
+        not_after_unix: unix_now() + 3600,
+        signature: Vec::new(),
+    }
+}
+
+/// An `Open` with a grant the cluster's controller signed.
+pub fn granted_open(agent: &Agent, transfer_id: u64, chunk_size: u32, plan: Plan) -> Open {
+    let mut open = Open {
         transfer_id,
         chunk_size,
         connections: 1,
         plan,
-    })
-    .to_frame()
+        grant: unsigned_grant(agent, "controller"),
+    };
+    sign(agent, "controller", &mut open);
+    open
+}
+
+pub fn open_with(agent: &Agent, transfer_id: u64, chunk_size: u32, plan: Plan) -> Bytes {
+    Message::Open(granted_open(agent, transfer_id, chunk_size, plan)).to_frame()
 }
 
 /// Open for transfer [`TRANSFER`] along [`plan_to_east1`].
-pub fn open_frame(chunk_size: u32) -> Bytes {
-    open_with(TRANSFER, chunk_size, plan_to_east1())
+pub fn open_frame(agent: &Agent, chunk_size: u32) -> Bytes {
+    open_with(agent, TRANSFER, chunk_size, plan_to_east1())
 }
 
 /// Reads the next message; the error says why there is none (end of stream, lost connection,
@@ -416,7 +450,7 @@ pub async fn prove_alive(agent: &Agent, transfer_id: u64) {
     let f = one_file("alive", b"still serving valid requests");
     let (_ep, conn) = rogue(agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_with(transfer_id, 1 << 16, plan_to_east1()))
+    send.write_all(&open_with(agent, transfer_id, 1 << 16, plan_to_east1()))
         .await
         .unwrap();
     send_manifest_frames(&mut send, f.entries.clone()).await;
