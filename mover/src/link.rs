@@ -431,15 +431,14 @@ const REDIAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// Takes over when a child's link fails mid-transfer: dials the child again (a link that was
 /// down for longer than the idle timeout), and if it cannot be reached, reports it failed and
-/// links this node directly to the nodes below it, which go on from what they hold. New links
+/// links this node directly to the nodes below it (with the same plan: a node accepts an
+/// `Open` from any node above it), which go on from what they hold. New links
 /// join the running transfer: their data streams through `joiners` (one per stream index),
 /// their control streams through `new_links`.
 pub(crate) struct Relinker {
     pub ctx: Arc<crate::agent::Ctx>,
     pub open: Open,
     pub manifest: Arc<Manifest>,
-    /// This node's index in the plan.
-    pub me: usize,
     pub up: Up,
     pub joiners: Vec<mpsc::UnboundedSender<(String, SendStream)>>,
     pub new_links: mpsc::UnboundedSender<Downlink>,
@@ -460,7 +459,6 @@ impl Relinker {
         ctx: Arc<crate::agent::Ctx>,
         open: Open,
         manifest: Arc<Manifest>,
-        me: usize,
         up: Up,
     ) -> (Arc<Self>, Joining) {
         let (mut joiners, mut rxs) = (Vec::new(), Vec::new());
@@ -474,7 +472,6 @@ impl Relinker {
             ctx,
             open,
             manifest,
-            me,
             up,
             joiners,
             new_links,
@@ -605,19 +602,8 @@ impl Relinker {
         plan: &Arc<Plan>,
         node: usize,
     ) -> Result<HashSet<String>, TransferError> {
-        let plan = if plan.nodes()[node].parent.map(usize::from) == Some(self.me) {
-            plan.clone()
-        } else {
-            Arc::new(
-                plan.reparented(node, self.me)
-                    .map_err(|e| TransferError::Internal(e.to_string()))?,
-            )
-        };
-        let open = Open {
-            plan: (*plan).clone(),
-            ..self.open.clone()
-        };
-        let mut l = Downlink::open(&self.ctx.endpoint, &open, node, &self.manifest).await?;
+        // The same, signed plan: the node accepts an Open from any node above it.
+        let mut l = Downlink::open(&self.ctx.endpoint, &self.open, node, &self.manifest).await?;
         tracing::info!(node = %l.node, "linked into the running transfer");
         for m in std::mem::take(&mut l.early) {
             let _ = self.up.send(m).await;
@@ -639,7 +625,7 @@ impl Relinker {
         };
         Ok(Box::pin(relay_events(
             events,
-            plan,
+            plan.clone(),
             node,
             self.up.clone(),
             Some(self.clone()),

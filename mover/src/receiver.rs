@@ -70,14 +70,17 @@ pub(crate) async fn run(
         .await;
         return;
     };
-    let expected_parent = plan.nodes()[me]
-        .parent
-        .map(|p| plan.nodes()[usize::from(p)].name.clone());
-    if expected_parent.as_deref() != Some(parent.as_str()) {
+    // Our parent, or a node above it taking over for a parent that died; never a node beside
+    // or below us.
+    let above = std::iter::successors(plan.nodes()[me].parent, |&p| {
+        plan.nodes()[usize::from(p)].parent
+    })
+    .any(|p| plan.nodes()[usize::from(p)].name == parent);
+    if !above {
         link::refuse(
             &mut control,
             &ctx.node,
-            format!("{parent} is not this node's parent in the plan"),
+            format!("{parent} is not above this node in the plan"),
         )
         .await;
         return;
@@ -95,6 +98,7 @@ pub(crate) async fn run(
     ));
     let r = Receive {
         ctx: ctx.clone(),
+        sender: parent,
         open: &open,
         plan,
         me,
@@ -237,6 +241,8 @@ struct Counts {
 /// One receive: what every step needs.
 struct Receive<'a> {
     ctx: Arc<Ctx>,
+    /// The node that sent the `Open` (its certificate's name): only it may attach data.
+    sender: String,
     open: &'a Open,
     plan: Arc<mover_protocol::Plan>,
     me: usize,
@@ -426,7 +432,7 @@ impl Receive<'_> {
             }
         }
         let (relinker, joining) =
-            link::Relinker::new(ctx.clone(), open.clone(), manifest.clone(), me, up.clone());
+            link::Relinker::new(ctx.clone(), open.clone(), manifest.clone(), up.clone());
         let link::Joining {
             joiners,
             new_links: mut joined,
@@ -444,9 +450,7 @@ impl Receive<'_> {
             .insert(
                 open.transfer_id,
                 crate::agent::Registration {
-                    parent: plan.nodes()[usize::from(plan.nodes()[me].parent.unwrap_or(0))]
-                        .name
-                        .clone(),
+                    parent: self.sender.clone(),
                     streams: attach_tx,
                     generation: self.generation,
                 },

@@ -102,13 +102,8 @@ async fn run_inner(
             "every target already holds some chunks; they are not sent"
         );
     }
-    let (relinker, joining) = link::Relinker::new(
-        ctx.clone(),
-        open.clone(),
-        manifest.clone(),
-        0,
-        ev_tx.clone(),
-    );
+    let (relinker, joining) =
+        link::Relinker::new(ctx.clone(), open.clone(), manifest.clone(), ev_tx.clone());
     let link::Joining {
         joiners,
         new_links: mut joined,

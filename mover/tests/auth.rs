@@ -184,7 +184,7 @@ async fn an_open_from_a_node_that_is_not_the_parent_is_refused() {
     send_manifest_frames(&mut send, one_file("planted", b"planted").entries).await;
     let reason = failure_reason(&mut recv).await;
     assert!(
-        reason.contains("east2 is not this node's parent in the plan"),
+        reason.contains("east2 is not above this node in the plan"),
         "{reason}"
     );
     assert_nothing_written(agent.path());
@@ -419,28 +419,44 @@ async fn a_granted_plan_altered_by_its_parent_is_refused() {
     agent.stop().await;
 }
 
-/// A relay that re-links around a dead node changes parents in the plan, and the grant still
-/// holds: the controller granted west1 -> east2 -> east1, and west1 feeds east1 itself.
+/// A relay that links past a dead node sends the same granted plan: west1 feeds east1 itself
+/// when east3, east1's parent, is gone. A node below may not.
 #[tokio::test]
-async fn a_granted_plan_re_linked_around_a_relay_still_commits() {
+async fn a_granted_plan_linked_past_a_dead_relay_still_commits() {
     let agent = start_east1().await;
     let chain = Plan::from_nodes(vec![
         plan_node("west1", "127.0.0.1:1", None),
-        plan_node("east2", "127.0.0.1:1", Some(0)),
+        plan_node("east3", "127.0.0.1:1", Some(0)),
         plan_node("east1", &agent.addr.to_string(), Some(1)),
+        plan_node("east2", "127.0.0.1:1", Some(2)),
     ])
     .unwrap();
     let granted = granted_open(&agent, TRANSFER, 1 << 16, chain.clone());
+
+    // east2, below east1, sends it: refused.
+    let (_ep, below) = connect_as(&agent, "east2").await;
+    let (mut send, mut recv) = below.open_bi().await.unwrap();
+    send.write_all(&Message::Open(granted.clone()).to_frame())
+        .await
+        .unwrap();
+    let reason = failure_reason(&mut recv).await;
+    assert!(reason.contains("east2 is not above this node"), "{reason}");
+
+    // A changed parent is not what was granted.
     let mut nodes = chain.nodes().to_vec();
     nodes[2].parent = Some(0);
-    let relinked = Open {
+    let reparented = Open {
         plan: Plan::from_nodes(nodes).unwrap(),
-        ..granted
+        ..granted.clone()
     };
-    let f = one_file("f", b"re-linked");
+    let reason = assert_refused_as_ungranted(&agent, "west1", reparented).await;
+    assert!(reason.contains("signature does not match"), "{reason}");
+
+    // west1, above east1's dead parent, sends the granted plan: it commits.
+    let f = one_file("f", b"linked past a dead relay");
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Message::Open(relinked).to_frame())
+    send.write_all(&Message::Open(granted).to_frame())
         .await
         .unwrap();
     send_manifest_frames(&mut send, f.entries.clone()).await;

@@ -114,13 +114,12 @@ impl Grant {
 }
 
 /// The exact bytes a grant signs: [`GRANT_DOMAIN`], the protocol version, the transfer's
-/// parameters, the expiry, and every node of the plan (name, address, dataset, in plan order,
-/// so node 0 is the source), each string length-prefixed.
+/// parameters, the expiry, and every node of the plan (name, address, dataset and parent, in
+/// plan order, so node 0 is the source), each string length-prefixed.
 ///
-/// Parents are left out on purpose: a relay that re-links around a dead node sends an `Open`
-/// whose plan gives a grandchild a new parent, and the grant must still hold for it. The set of
-/// nodes, their datasets and who is the source are what the controller decided; a target also
-/// checks that the `Open` comes from its parent in the plan it received.
+/// The whole tree is signed. A relay that links past a dead node sends the same plan, and a
+/// target accepts an `Open` from any node above it in that tree (its parent, or an ancestor
+/// taking over for a parent that died), never from a node beside or below it.
 pub fn grant_bytes(
     transfer_id: u64,
     chunk_size: u32,
@@ -140,6 +139,7 @@ pub fn grant_bytes(
         put_bytes16(&mut buf, n.name.as_bytes());
         put_bytes16(&mut buf, n.address.as_bytes());
         put_bytes16(&mut buf, n.dataset.as_bytes());
+        buf.put_u16(n.parent.unwrap_or(u16::MAX));
     }
     buf
 }
@@ -762,9 +762,9 @@ mod tests {
     }
 
     #[test]
-    fn grant_bytes_leave_out_parents() {
-        // A re-link changes parents only: the grant still holds.
-        assert_eq!(bytes(&plan(Topology::Chain)), bytes(&plan(Topology::Star)));
+    fn grant_bytes_cover_the_tree() {
+        // Who feeds whom is part of what the controller decided.
+        assert_ne!(bytes(&plan(Topology::Chain)), bytes(&plan(Topology::Star)));
         assert!(bytes(&plan(Topology::Chain)).starts_with(GRANT_DOMAIN));
     }
 
@@ -828,7 +828,7 @@ mod tests {
             transfer_id: 7,
             chunk_size: 1 << 20,
             connections: 4,
-            plan: plan(Topology::Tree(2)),
+            plan: plan(Topology::Chain),
             grant,
         };
         assert_eq!(start.grant_bytes(), open.grant_bytes());

@@ -165,24 +165,6 @@ impl Plan {
             .collect()
     }
 
-    /// The same plan with `node` sent to by `ancestor` instead of its parent: how a relay
-    /// takes over the children of a node that died. `ancestor` must be above `node`.
-    pub fn reparented(&self, node: usize, ancestor: usize) -> Result<Self, DecodeError> {
-        let mut above = self.nodes.get(node).and_then(|n| n.parent);
-        while let Some(p) = above.map(usize::from) {
-            if p == ancestor {
-                let mut nodes = self.nodes.clone();
-                nodes[node].parent = Some(ancestor as u16);
-                return Self::from_nodes(nodes);
-            }
-            above = self.nodes[p].parent;
-        }
-        Err(DecodeError::Invalid {
-            what: "plan",
-            why: format!("node {node} is not below node {ancestor}"),
-        })
-    }
-
     /// Every node below `idx`, in plan order.
     pub fn descendants(&self, idx: usize) -> Vec<usize> {
         let mut below = vec![false; self.nodes.len()];
@@ -267,17 +249,6 @@ mod tests {
         assert_eq!(tree.children(1), [3, 4]);
         assert_eq!(tree.descendants(1), [3, 4]);
         assert_eq!(chain.descendants(2), [3, 4]);
-    }
-
-    #[test]
-    fn reparenting_moves_a_node_under_an_ancestor_only() {
-        let p = Plan::build(n("s"), vec![n("a"), n("b"), n("c")], Topology::Chain).unwrap();
-        let q = p.reparented(3, 1).unwrap();
-        assert_eq!(parents(&q), vec![None, Some(0), Some(1), Some(1)]);
-        assert_eq!(q.descendants(2), Vec::<usize>::new());
-        assert_eq!(p.reparented(3, 0).map(|q| parents(&q)).unwrap()[3], Some(0));
-        assert!(p.reparented(1, 3).is_err(), "not an ancestor");
-        assert!(p.reparented(9, 0).is_err());
     }
 
     #[test]
