@@ -113,6 +113,21 @@ fn main() -> std::io::Result<()> {
             skipped: 0,
             resent: 0,
         },
+        Message::Have {
+            node: "east1".into(),
+            chunks: vec![mover_protocol::Held {
+                file: 1,
+                offset: 0,
+                hash: [5; 32],
+            }],
+        },
+        Message::Need {
+            node: "east1".into(),
+            round: 1,
+            done: true,
+            chunks: vec![(1, 0), (2, 65536)],
+        },
+        Message::Repaired { round: 1 },
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
     fs::create_dir_all(dir.join("frame"))?;
