@@ -16,6 +16,7 @@ pub(crate) mod fault;
 pub(crate) mod frame;
 pub(crate) mod link;
 pub mod net;
+pub mod orchestrate;
 pub mod pool;
 pub(crate) mod receiver;
 pub mod sample;
