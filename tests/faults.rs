@@ -308,12 +308,20 @@ fn a_dead_hop_is_linked_around(dead: &str) {
     let (code, summary) = Cluster::finish_send(send);
     assert_eq!(code, Some(3), "partial: {summary}");
     let after = nodes.iter().position(|n| *n == dead).unwrap();
-    for (i, t) in nodes.iter().enumerate().skip(1).filter(|(_, t)| **t != dead) {
+    for (i, t) in nodes
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, t)| **t != dead)
+    {
         assert_eq!(target(&summary, t)["result"], "committed", "{t}: {summary}");
         assert_same_tree(&c.data("west1"), &c.data(t));
         if i > after {
             // Linked in again past the dead node, it went on from what it had.
-            assert!(num(&target(&summary, t)["held_bytes"]) > 0, "{t}: {summary}");
+            assert!(
+                num(&target(&summary, t)["held_bytes"]) > 0,
+                "{t}: {summary}"
+            );
         }
     }
     let total = num(&summary["source"]["total_bytes"]);

@@ -47,6 +47,9 @@ pub(crate) struct Downlink {
     pub early: Vec<Message>,
 }
 
+/// A boxed future that may move between threads (what recursive async code needs).
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// Where upstream messages go: the parent's control stream or the controller's.
 pub(crate) type Up = mpsc::Sender<Message>;
 
@@ -378,7 +381,7 @@ pub(crate) async fn relay_events(
         .collect();
     if let Some(r) = relinker.filter(|r| !r.is_cancelled()) {
         let lost = format!("link to {child_name} failed: {end}");
-        let more = Box::pin(r.recover(plan.clone(), child, lost, missing)).await;
+        let more = r.recover(plan.clone(), child, lost, missing).await;
         committed.extend(more);
         return committed;
     }
@@ -503,7 +506,20 @@ impl Relinker {
 
     /// Child `failed` lost its link for `reason`; `unreported` are the nodes of its subtree
     /// that have not reported. Returns the nodes that then committed.
-    async fn recover(
+    ///
+    /// Boxed (as `Send`) because it is recursive: it follows the links it makes, whose own
+    /// children may fail in turn.
+    fn recover(
+        self: Arc<Self>,
+        plan: Arc<Plan>,
+        failed: usize,
+        reason: String,
+        unreported: Vec<usize>,
+    ) -> BoxFuture<'static, HashSet<String>> {
+        Box::pin(self.recover_inner(plan, failed, reason, unreported))
+    }
+
+    async fn recover_inner(
         self: Arc<Self>,
         plan: Arc<Plan>,
         failed: usize,
@@ -511,34 +527,62 @@ impl Relinker {
         unreported: Vec<usize>,
     ) -> HashSet<String> {
         use std::sync::atomic::Ordering;
+        // Counted only while links are being made: senders hold their data back meanwhile.
         self.pending.fetch_add(1, Ordering::Relaxed);
-        let committed = self.recover_inner(plan, failed, reason, unreported).await;
+        let linked = self.establish(&plan, failed, reason, unreported).await;
         self.pending.fetch_sub(1, Ordering::Relaxed);
+        let follow: Vec<_> = linked
+            .into_iter()
+            .map(|(events, node)| {
+                tokio::spawn(relay_events(
+                    events,
+                    plan.clone(),
+                    node,
+                    self.up.clone(),
+                    Some(self.clone()),
+                ))
+            })
+            .collect();
+        let mut committed = HashSet::new();
+        for f in follow {
+            if let Ok(c) = f.await {
+                committed.extend(c);
+            }
+        }
         committed
     }
 
-    async fn recover_inner(
-        self: &Arc<Self>,
-        plan: Arc<Plan>,
+    /// Links this node again to `failed`, or else past it to the nodes below it (and past
+    /// those that cannot be reached either), reporting each node it gives up on. Returns the
+    /// events streams of the nodes it linked to.
+    fn establish<'a>(
+        self: &'a Arc<Self>,
+        plan: &'a Arc<Plan>,
         failed: usize,
         reason: String,
         unreported: Vec<usize>,
-    ) -> HashSet<String> {
+    ) -> BoxFuture<'a, Vec<(RecvStream, usize)>> {
+        Box::pin(self.establish_inner(plan, failed, reason, unreported))
+    }
+
+    async fn establish_inner(
+        self: &Arc<Self>,
+        plan: &Arc<Plan>,
+        failed: usize,
+        reason: String,
+        unreported: Vec<usize>,
+    ) -> Vec<(RecvStream, usize)> {
         let name = plan.nodes()[failed].name.clone();
         if reason.contains("replaced by a newer transfer") {
             // A newer transfer took this one's place below: nothing to take over.
-            report_failed(&self.up, &plan, &unreported, &reason, true).await;
-            return HashSet::new();
+            report_failed(&self.up, plan, &unreported, &reason, true).await;
+            return Vec::new();
         }
         // A child that is shutting down or refused will not be back soon; one whose link timed
         // out may have been cut for a while.
-        let gone = [
-            "agent shutting down",
-            "refused",
-            "replaced by a newer transfer",
-        ]
-        .iter()
-        .any(|w| reason.contains(w));
+        let gone = ["agent shutting down", "refused"]
+            .iter()
+            .any(|w| reason.contains(w));
         if unreported.contains(&failed) && !gone {
             tracing::warn!(child = %name, %reason, "link to child failed; dialing it again");
             let deadline = tokio::time::Instant::now() + REDIAL_WINDOW;
@@ -547,8 +591,8 @@ impl Relinker {
                 if self.is_cancelled() {
                     break;
                 }
-                match self.link(&plan, failed).await {
-                    Ok(committed) => return committed,
+                match self.connect(failed).await {
+                    Ok(events) => return events.map(|e| (e, failed)).into_iter().collect(),
                     Err(e) if tokio::time::Instant::now() + wait < deadline => {
                         // (A dial to a dead host takes the handshake timeout itself.)
                         tracing::debug!(child = %name, error = %e, "child still unreachable");
@@ -563,46 +607,39 @@ impl Relinker {
             }
         }
         if unreported.contains(&failed) {
-            report_failed(&self.up, &plan, &[failed], &reason, true).await;
+            report_failed(&self.up, plan, &[failed], &reason, true).await;
         }
-        let mut committed = HashSet::new();
-        for below in topmost(&plan, failed, &unreported) {
+        let mut linked = Vec::new();
+        for below in topmost(plan, failed, &unreported) {
             let b = plan.nodes()[below].name.clone();
+            let rest: Vec<usize> = std::iter::once(below)
+                .chain(plan.descendants(below))
+                .filter(|i| unreported.contains(i))
+                .collect();
             if self.is_cancelled() {
                 let why = format!("upstream relay {name} failed: {reason}");
-                let rest: Vec<usize> = std::iter::once(below)
-                    .chain(plan.descendants(below))
-                    .filter(|i| unreported.contains(i))
-                    .collect();
-                report_failed(&self.up, &plan, &rest, &why, true).await;
+                report_failed(&self.up, plan, &rest, &why, true).await;
                 continue;
             }
             tracing::warn!(node = %b, dead = %name, "linking past a dead relay");
-            match self.link(&plan, below).await {
-                Ok(c) => committed.extend(c),
+            match self.connect(below).await {
+                Ok(events) => linked.extend(events.map(|e| (e, below))),
                 Err(e) => {
                     let why = format!(
                         "upstream relay {name} failed ({reason}) and {b} could not be reached: {e}"
                     );
-                    let rest: Vec<usize> = std::iter::once(below)
-                        .chain(plan.descendants(below))
-                        .filter(|i| unreported.contains(i))
-                        .collect();
-                    let more = Box::pin(self.clone().recover(plan.clone(), below, why, rest)).await;
-                    committed.extend(more);
+                    let more = self.establish(plan, below, why, rest).await;
+                    linked.extend(more);
                 }
             }
         }
-        committed
+        linked
     }
 
-    /// Links this node to `node` of `plan` (as its parent from now on) and follows its events.
-    async fn link(
-        self: &Arc<Self>,
-        plan: &Arc<Plan>,
-        node: usize,
-    ) -> Result<HashSet<String>, TransferError> {
-        // The same, signed plan: the node accepts an Open from any node above it.
+    /// Links this node to `node` (its parent from now on, with the same signed plan: a node
+    /// accepts an `Open` from any node above it) and joins the link to the running transfer.
+    /// Returns its events stream.
+    async fn connect(self: &Arc<Self>, node: usize) -> Result<Option<RecvStream>, TransferError> {
         let mut l = Downlink::open(&self.ctx.endpoint, &self.open, node, &self.manifest).await?;
         tracing::info!(node = %l.node, "linked into the running transfer");
         for m in std::mem::take(&mut l.early) {
@@ -620,17 +657,7 @@ impl Relinker {
         if self.new_links.send(l).is_err() {
             return Err(TransferError::Internal("the transfer has ended".into()));
         }
-        let Some(events) = events else {
-            return Ok(HashSet::new());
-        };
-        Ok(Box::pin(relay_events(
-            events,
-            plan.clone(),
-            node,
-            self.up.clone(),
-            Some(self.clone()),
-        ))
-        .await)
+        Ok(events)
     }
 }
 
@@ -682,4 +709,28 @@ pub(crate) async fn wait_for_joiner(
         }
     }
     false
+}
+
+/// Longest a sender holds the data back while a child is being linked in again.
+const RELINK_PAUSE: Duration = Duration::from_secs(30);
+
+/// While a re-link is under way, holds this stream's data back (up to [`RELINK_PAUSE`]) so
+/// that the node being linked in gets the rest of the main pass rather than all of it in the
+/// slower repair rounds; takes in any stream that joins meanwhile.
+pub(crate) async fn pause_for_relink(
+    relinker: &Relinker,
+    join: &mut mpsc::UnboundedReceiver<(String, SendStream)>,
+    streams: &mut Streams,
+) {
+    let deadline = tokio::time::Instant::now() + RELINK_PAUSE;
+    while relinker.relinking() && tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(100), join.recv()).await {
+            Ok(Some(s)) => streams.push(Some(s)),
+            Ok(None) => return,
+            Err(_) => {}
+        }
+    }
+    while let Ok(s) = join.try_recv() {
+        streams.push(Some(s));
+    }
 }

@@ -494,6 +494,7 @@ impl Receive<'_> {
             };
             let job = DataJob {
                 writer: writer.clone(),
+                relinker: relinker.clone(),
                 pool: pool.clone(),
                 workers: workers.clone(),
                 failure: failure.clone(),
@@ -1073,6 +1074,7 @@ impl Writer {
 struct DataJob {
     /// `None` on a relay that holds no copy of its own.
     writer: Option<Writer>,
+    relinker: Arc<link::Relinker>,
     pool: Arc<Pool>,
     workers: Arc<Semaphore>,
     failure: Arc<Mutex<Option<TransferError>>>,
@@ -1105,6 +1107,9 @@ impl DataJob {
         while let Some(frame) = read_frame_pooled(recv, self.max_len, &self.pool).await? {
             while let Ok(s) = join.try_recv() {
                 children.push(Some(s));
+            }
+            if self.relinker.relinking() {
+                link::pause_for_relink(&self.relinker, join, children).await;
             }
             link::forward(std::slice::from_ref(&frame.bytes), children).await;
             let Some(writer) = &self.writer else {

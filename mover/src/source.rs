@@ -553,6 +553,9 @@ async fn stream_chunks(
                 while let Ok(s) = join.try_recv() {
                     streams.push(Some(s));
                 }
+                if relinker.relinking() {
+                    link::pause_for_relink(&relinker, &mut join, &mut streams).await;
+                }
                 // Every child on this stream dropped out (each is reported by its events
                 // task) and none joins: dropping the receiver tells the producer.
                 if streams.iter().all(Option::is_none)
