@@ -22,13 +22,22 @@
 //! Only the controller may start a transfer, and a target must be able to tell that it did
 //! although it never talks to the controller. So `Start` carries a [`Grant`]: the controller's
 //! certificate, an expiry, and the controller's signature over [`grant_bytes`] (the transfer's
-//! id and parameters and the plan's nodes, names, addresses and datasets, but not their
-//! parents, so that a relay may re-link a grandchild under the same grant). The source copies
-//! the grant into every `Open`, relays forward it unchanged, and each target checks, before it
-//! acts on an `Open`, that the certificate is the controller's under the cluster CA, that the
-//! signature covers this `Open`, and that the grant has not expired; then that the `Open`
-//! comes from its parent in the plan. This crate only carries grants and defines the signed
-//! bytes; signing and verifying is the `mover` crate's.
+//! id and parameters and the whole plan: nodes, addresses, datasets and parents). The source
+//! copies the grant into every `Open`, relays forward it unchanged, and each target checks,
+//! before it acts on an `Open`, that the certificate is the controller's under the cluster
+//! CA, that the signature covers this `Open`, and that the grant has not expired; then that
+//! the `Open` comes from a node above it in the plan: its parent, or an ancestor that links
+//! past a parent that died (with the same plan and grant). This crate only carries grants and
+//! defines the signed bytes; signing and verifying is the `mover` crate's.
+//!
+//! # Failures
+//!
+//! When a child's link fails, its parent dials it once more; if it cannot be reached, the
+//! parent reports it failed and sends `Open` to the highest unreported nodes below it, which
+//! replace their own receive of the transfer, say what they hold, get the rest of the main
+//! pass on new data streams, and ask for what they missed with `Need`. The source counts any
+//! target's answer since its last resend, so a node that joined late is never waited for by
+//! round number.
 //!
 //! # Streams and messages
 //!
@@ -74,7 +83,8 @@
 //!
 //! `Start` and `Open` carry [`PROTOCOL_VERSION`]; a peer that speaks another version is
 //! refused with an error naming both. New message kinds get new numbers; unknown kinds are
-//! errors, never ignored. Version 3 added the grant to `Start` and `Open`; the version is also
+//! errors, never ignored. Version 2 added `Have`, `Need` and `Repaired`; version 3 added the
+//! grant to `Start` and `Open`; the version is also
 //! part of the signed grant bytes, so a grant made for one version is no good for another.
 
 pub mod codec;
