@@ -11,18 +11,21 @@
 //! 4. On every east host, in parallel: `replicator_offline` then `replicator_reset` of the
 //!    local service (`east`), then `database_stop` (tprovision stops its target too).
 //! 5. One chained transfer (steps 5-6 of the issue): the source (default: west's primary)
-//!    to east's primary, then on to the other east hosts in inventory order.
-//! 6. On each target `prepare` (stream methods) and `database_start`; `mark_primary` on
-//!    the first.
+//!    to east's primary, then on to the other east hosts in inventory order. With a backup
+//!    method the source's agent takes the backup and each target's agent prepares its copy
+//!    in staging before it commits: neither is a step of its own.
+//! 6. On each target `database_start`; `mark_primary` and `replicator_online` of the local
+//!    service on the first, then `replicator_online` on the others (they follow it).
 //! 7. On every west host: `replicator_online` of `west_from_east`, after the commit and the
 //!    new primary.
-//! 8. `routers_online` on east, once every target is started.
+//! 8. `routers_online` on east, once every east replicator is online.
 //! 9. `policy_automatic` on east.
 //!
 //! `provision` is tprovision for one or many targets: on each target `replicator_offline`
 //! (of its site's local service, if it runs one) and `database_stop`; one chained transfer in
-//! the order given; then on each target `prepare`, `database_start`, `replicator_reset`,
-//! `mark_primary` on the first with `--create-master`, and `replicator_online`.
+//! the order given (prepared before commit, as above); then on each target `database_start`,
+//! `replicator_reset`, `mark_primary` on the first with `--create-master`, and
+//! `replicator_online`.
 
 use super::hooks::HookAction;
 use super::inventory::{Host, Inventory, Method};
@@ -178,23 +181,13 @@ fn service_from<'a>(host: &'a Host, from_site: &str) -> Result<&'a str, PlanErro
         })
 }
 
-/// After the transfer: prepare (stream methods) and start each target. Returns the start
-/// step of each target, in chain order.
-fn prepare_and_start(
-    b: &mut Builder,
-    targets: &[&Host],
-    method: Method,
-    transfer: StepId,
-) -> Vec<StepId> {
+/// After the commit: start each target. (A backup method's copy was prepared by each
+/// target's agent before it committed, as part of the transfer.) Returns the start step of
+/// each target, in chain order.
+fn start_targets(b: &mut Builder, targets: &[&Host], transfer: StepId) -> Vec<StepId> {
     targets
         .iter()
-        .map(|t| {
-            let ready = match method.backup_tool() {
-                Some(tool) => b.host(&t.name, HookAction::Prepare(tool), None, &[transfer]),
-                None => transfer,
-            };
-            b.host(&t.name, HookAction::DatabaseStart, None, &[ready])
-        })
+        .map(|t| b.host(&t.name, HookAction::DatabaseStart, None, &[transfer]))
         .collect()
 }
 
@@ -279,14 +272,29 @@ fn reseed_site(
         }),
         &stopped,
     );
-    let started = prepare_and_start(&mut b, &targets, dataset.method, transfer);
+    let started = start_targets(&mut b, &targets, transfer);
+    // The new primary first, then the replicas follow it.
     let primary = b.host(
         &targets[0].name,
         HookAction::MarkPrimary,
         Some(local[0]),
         &started[..1],
     );
-    let mut ready = started;
+    let primary_online = b.host(
+        &targets[0].name,
+        HookAction::ReplicatorOnline,
+        Some(local[0]),
+        &[primary],
+    );
+    let mut ready = vec![primary_online];
+    for ((h, svc), start) in targets.iter().zip(&local).zip(&started).skip(1) {
+        ready.push(b.host(
+            &h.name,
+            HookAction::ReplicatorOnline,
+            Some(svc),
+            &[*start, primary_online],
+        ));
+    }
     for (h, svc) in from_hosts.iter().zip(&cross) {
         ready.push(b.host(
             &h.name,
@@ -295,7 +303,6 @@ fn reseed_site(
             &[transfer, primary],
         ));
     }
-    ready.push(primary);
     let routers_on = b.site(site, HookAction::RoutersOnline, &ready);
     b.site(site, HookAction::PolicyAutomatic, &[routers_on]);
     Ok(Runbook {
@@ -369,11 +376,7 @@ fn provision(
         &stopped,
     );
     for (i, (h, svc)) in hosts.iter().zip(&local).enumerate() {
-        let ready = match method.backup_tool() {
-            Some(tool) => b.host(&h.name, HookAction::Prepare(tool), None, &[transfer]),
-            None => transfer,
-        };
-        let start = b.host(&h.name, HookAction::DatabaseStart, None, &[ready]);
+        let start = b.host(&h.name, HookAction::DatabaseStart, None, &[transfer]);
         let Some(svc) = svc else { continue };
         let mut last = b.host(&h.name, HookAction::ReplicatorReset, Some(svc), &[start]);
         if create_master && i == 0 {
@@ -479,11 +482,11 @@ mod tests {
                 "7 east1: replicator east reset <- 6",
                 "8 east1: stop the database <- 7",
                 "9 west1: transfer mysql (xtrabackup) west1 -> east1 <- 8",
-                "10 east1: prepare the xtrabackup copy <- 9",
-                "11 east1: start the database <- 10",
-                "12 east1: mark primary for east <- 11",
-                "13 west1: replicator west_from_east online <- 9,12",
-                "14 site east: routers online <- 11,12,13",
+                "10 east1: start the database <- 9",
+                "11 east1: mark primary for east <- 10",
+                "12 east1: replicator east online <- 11",
+                "13 west1: replicator west_from_east online <- 9,11",
+                "14 site east: routers online <- 12,13",
                 "15 site east: policy automatic <- 14",
             ],
         );
@@ -509,14 +512,14 @@ mod tests {
                 "12 east2: replicator east reset <- 11",
                 "13 east2: stop the database <- 12",
                 "14 west1: transfer mysql (xtrabackup) west1 -> east1 -> east2 <- 10,13",
-                "15 east1: prepare the xtrabackup copy <- 14",
-                "16 east1: start the database <- 15",
-                "17 east2: prepare the xtrabackup copy <- 14",
-                "18 east2: start the database <- 17",
-                "19 east1: mark primary for east <- 16",
-                "20 west1: replicator west_from_east online <- 14,19",
-                "21 west2: replicator west_from_east online <- 14,19",
-                "22 site east: routers online <- 16,18,19,20,21",
+                "15 east1: start the database <- 14",
+                "16 east2: start the database <- 14",
+                "17 east1: mark primary for east <- 15",
+                "18 east1: replicator east online <- 17",
+                "19 east2: replicator east online <- 16,18",
+                "20 west1: replicator west_from_east online <- 14,17",
+                "21 west2: replicator west_from_east online <- 14,17",
+                "22 site east: routers online <- 18,19,20,21",
                 "23 site east: policy automatic <- 22",
             ],
         );
@@ -542,17 +545,17 @@ mod tests {
         "17 east3: replicator east reset <- 16",
         "18 east3: stop the database <- 17",
         "19 west1: transfer mysql (xtrabackup) west1 -> east1 -> east2 -> east3 <- 12,15,18",
-        "20 east1: prepare the xtrabackup copy <- 19",
-        "21 east1: start the database <- 20",
-        "22 east2: prepare the xtrabackup copy <- 19",
-        "23 east2: start the database <- 22",
-        "24 east3: prepare the xtrabackup copy <- 19",
-        "25 east3: start the database <- 24",
-        "26 east1: mark primary for east <- 21",
-        "27 west1: replicator west_from_east online <- 19,26",
-        "28 west2: replicator west_from_east online <- 19,26",
-        "29 west3: replicator west_from_east online <- 19,26",
-        "30 site east: routers online <- 21,23,25,26,27,28,29",
+        "20 east1: start the database <- 19",
+        "21 east2: start the database <- 19",
+        "22 east3: start the database <- 19",
+        "23 east1: mark primary for east <- 20",
+        "24 east1: replicator east online <- 23",
+        "25 east2: replicator east online <- 21,24",
+        "26 east3: replicator east online <- 22,24",
+        "27 west1: replicator west_from_east online <- 19,23",
+        "28 west2: replicator west_from_east online <- 19,23",
+        "29 west3: replicator west_from_east online <- 19,23",
+        "30 site east: routers online <- 24,25,26,27,28,29",
         "31 site east: policy automatic <- 30",
     ];
 
@@ -577,8 +580,10 @@ mod tests {
             lines[18],
             "19 west2: transfer mysql (xtrabackup) west2 -> east2 -> east1 -> east3 <- 12,15,18"
         );
-        assert_eq!(lines[25], "26 east2: mark primary for east <- 21");
-        assert_eq!(lines[20], "21 east2: start the database <- 20");
+        assert_eq!(lines[19], "20 east2: start the database <- 19");
+        assert_eq!(lines[22], "23 east2: mark primary for east <- 20");
+        assert_eq!(lines[23], "24 east2: replicator east online <- 23");
+        assert_eq!(lines[24], "25 east1: replicator east online <- 21,24");
         let StepAction::Transfer(t) = &rb.steps[18].action else {
             panic!("step 19 is not the transfer");
         };
@@ -616,11 +621,10 @@ mod tests {
                 "1 east1: replicator east offline",
                 "2 east1: stop the database <- 1",
                 "3 west1: transfer mysql (xtrabackup) west1 -> east1 <- 2",
-                "4 east1: prepare the xtrabackup copy <- 3",
-                "5 east1: start the database <- 4",
-                "6 east1: replicator east reset <- 5",
-                "7 east1: mark primary for east <- 6",
-                "8 east1: replicator east online <- 7",
+                "4 east1: start the database <- 3",
+                "5 east1: replicator east reset <- 4",
+                "6 east1: mark primary for east <- 5",
+                "7 east1: replicator east online <- 6",
             ],
         );
     }
@@ -666,19 +670,16 @@ mod tests {
                 "5 east3: replicator east offline",
                 "6 east3: stop the database <- 5",
                 "7 west2: transfer mysql (mariabackup) west2 -> east1 -> east2 -> east3 <- 2,4,6",
-                "8 east1: prepare the mariabackup copy <- 7",
-                "9 east1: start the database <- 8",
-                "10 east1: replicator east reset <- 9",
-                "11 east1: mark primary for east <- 10",
-                "12 east1: replicator east online <- 11",
-                "13 east2: prepare the mariabackup copy <- 7",
-                "14 east2: start the database <- 13",
-                "15 east2: replicator east reset <- 14",
-                "16 east2: replicator east online <- 15",
-                "17 east3: prepare the mariabackup copy <- 7",
-                "18 east3: start the database <- 17",
-                "19 east3: replicator east reset <- 18",
-                "20 east3: replicator east online <- 19",
+                "8 east1: start the database <- 7",
+                "9 east1: replicator east reset <- 8",
+                "10 east1: mark primary for east <- 9",
+                "11 east1: replicator east online <- 10",
+                "12 east2: start the database <- 7",
+                "13 east2: replicator east reset <- 12",
+                "14 east2: replicator east online <- 13",
+                "15 east3: start the database <- 7",
+                "16 east3: replicator east reset <- 15",
+                "17 east3: replicator east online <- 16",
             ],
         );
         let StepAction::Transfer(t) = &rb.steps[6].action else {
@@ -854,15 +855,16 @@ mod tests {
   8  east1       stop the database  (after 7)
                  $ sudo -n systemctl stop mysqld
   9  west1       transfer mysql (xtrabackup) west1 -> east1  (after 8)
- 10  east1       prepare the xtrabackup copy  (after 9)
-                 $ xtrabackup --prepare '--target-dir={staging}'
- 11  east1       start the database  (after 10)
+     east1:      $ xtrabackup --prepare '--target-dir={staging}'  (before the commit)
+ 10  east1       start the database  (after 9)
                  $ sudo -n systemctl start mysqld
- 12  east1       mark primary for east  (after 11)
+ 11  east1       mark primary for east  (after 10)
                  $ trepctl -service east setrole -role master
- 13  west1       replicator west_from_east online  (after 9, 12)
+ 12  east1       replicator east online  (after 11)
+                 $ trepctl -service east online
+ 13  west1       replicator west_from_east online  (after 9, 11)
                  $ trepctl -service west_from_east online
- 14  site east   routers online  (after 11, 12, 13)
+ 14  site east   routers online  (after 12, 13)
                  $ cctrl -multi <<< "use east\nrouter * online\n"
  15  site east   policy automatic  (after 14)
                  $ cctrl -multi <<< "use east\nset policy automatic\n"

@@ -127,12 +127,35 @@ impl Runbook {
                 s.on.to_string(),
                 s.describe()
             );
-            if let StepAction::Hook { action, service } = &s.action {
-                let line = match command_preview(inventory, &s.on, *action, service.as_deref()) {
-                    Ok(cmd) => format!("$ {cmd}"),
+            let mut previews = Vec::new();
+            match &s.action {
+                StepAction::Hook { action, service } => {
+                    previews.push((s.on.clone(), *action, service.as_deref(), ""));
+                }
+                StepAction::Transfer(t) => {
+                    if let Some(tool) = t.method.backup_tool() {
+                        for target in &t.targets {
+                            previews.push((
+                                Target::Host(target.clone()),
+                                HookAction::Prepare(tool),
+                                None,
+                                "  (before the commit)",
+                            ));
+                        }
+                    }
+                }
+                StepAction::Wait { .. } => {}
+            }
+            for (on, action, service, note) in previews {
+                let line = match command_preview(inventory, &on, action, service) {
+                    Ok(cmd) => format!("$ {cmd}{note}"),
                     Err(e) => format!("cannot render: {e}"),
                 };
-                let _ = writeln!(out, "     {:<width$}  {line}", "");
+                let who = match &s.action {
+                    StepAction::Transfer(_) => format!("{on}:"),
+                    _ => String::new(),
+                };
+                let _ = writeln!(out, "     {who:<width$}  {line}");
             }
         }
         out
