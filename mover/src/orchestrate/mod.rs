@@ -7,6 +7,7 @@
 
 pub mod hooks;
 pub mod inventory;
+pub mod journal;
 pub mod plan;
 pub mod runbook;
 
