@@ -707,6 +707,7 @@ mod tests {
                 cluster: "c.toml".into(),
                 plan: vec![],
                 sites: touched_sites(&rb, inv),
+                takes_over: None,
             })
             .unwrap();
         } else {

@@ -88,7 +88,8 @@ pub enum Role {
 }
 
 /// How a dataset is copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Method {
     /// The agent reads and writes the (stopped) data directory itself.
     Files,

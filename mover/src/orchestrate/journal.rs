@@ -189,6 +189,9 @@ pub struct NewRunbook {
     pub cluster: PathBuf,
     pub plan: Vec<String>,
     pub sites: Vec<String>,
+    /// A stopped runbook whose sites this one takes over (a rollback of it), which is then
+    /// abandoned in the same transaction.
+    pub takes_over: Option<String>,
 }
 
 pub struct Journal {
@@ -322,6 +325,17 @@ impl Journal {
             let Some(holder) = holder else { continue };
             let rec = get(&tx, &holder).map_err(db)?;
             match rec {
+                Some(h) if rb.takes_over.as_deref() == Some(h.id.as_str()) => {
+                    if h.effective_status() == RunStatus::Running {
+                        return Err(JournalError::Running {
+                            id: h.id,
+                            pid: h.pid,
+                            host: h.host,
+                        });
+                    }
+                    tx.execute("DELETE FROM locks WHERE site = ?1", params![site])
+                        .map_err(db)?;
+                }
                 Some(h) if h.status.holds_sites() => {
                     let status = h.effective_status();
                     let by = if status == RunStatus::Running {
@@ -345,6 +359,13 @@ impl Journal {
             }
         }
         let t = now();
+        if let Some(old) = &rb.takes_over {
+            tx.execute(
+                "UPDATE runbooks SET status = 'abandoned', updated = ?2 WHERE id = ?1",
+                params![old, t],
+            )
+            .map_err(db)?;
+        }
         tx.execute(
             "INSERT INTO runbooks (id, title, operation, cluster, plan, sites, status, created, updated, pid, host)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?7, ?8, ?9)",
@@ -604,6 +625,7 @@ mod tests {
             cluster: "/etc/mover/cluster.toml".into(),
             plan: vec!["1 site east: policy maintenance".into()],
             sites: sites.iter().map(|s| (*s).to_owned()).collect(),
+            takes_over: None,
         }
     }
 
@@ -658,8 +680,13 @@ mod tests {
         j.set_status("rb-1", RunStatus::Failed).unwrap();
         let e = j.create(&new("rb-4", &["west"])).unwrap_err().to_string();
         assert!(e.contains("failed since"), "{e}");
-        // ...until it is abandoned or done.
-        j.abandon("rb-1").unwrap();
+        // ...unless its rollback takes them over, which abandons it...
+        let mut back = new("rb-1-back", &["east"]);
+        back.takes_over = Some("rb-1".into());
+        j.create(&back).unwrap();
+        assert_eq!(j.get("rb-1").unwrap().status, RunStatus::Abandoned);
+        j.set_status("rb-1-back", RunStatus::Done).unwrap();
+        // ...or it is abandoned or done.
         j.create(&new("rb-4", &["west", "east"])).unwrap();
         j.set_status("rb-4", RunStatus::Done).unwrap();
         j.create(&new("rb-5", &["east"])).unwrap();

@@ -14,5 +14,5 @@ pub mod runbook;
 
 pub use hooks::{HookAction, HookCommand, HookContext, HookError, HookProfile};
 pub use inventory::{Inventory, InventoryError, Method, Role};
-pub use plan::{plan, Operation, PlanError};
+pub use plan::{plan, rollback, Operation, PlanError};
 pub use runbook::{Runbook, Step, StepAction, StepId, Target, Transfer};

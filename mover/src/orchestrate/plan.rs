@@ -31,8 +31,9 @@ use super::hooks::HookAction;
 use super::inventory::{Host, Inventory, Method};
 use super::runbook::{Runbook, Step, StepAction, StepId, Target, Transfer};
 
-/// What the operator asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the operator asked for; journalled (as JSON) so that `resume` plans it again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "operation", rename_all = "kebab-case")]
 pub enum Operation {
     /// Rebuild every host of `site` from `from_site`.
     ReseedSite {
@@ -396,6 +397,69 @@ fn provision(
     })
 }
 
+/// The action that undoes `action`, if there is one: maintenance and offline states are
+/// undone; a reset, a new primary or a committed copy cannot be.
+fn inverse(action: HookAction) -> Option<HookAction> {
+    match action {
+        HookAction::PolicyMaintenance => Some(HookAction::PolicyAutomatic),
+        HookAction::RoutersOffline => Some(HookAction::RoutersOnline),
+        HookAction::ReplicatorOffline => Some(HookAction::ReplicatorOnline),
+        HookAction::DatabaseStop => Some(HookAction::DatabaseStart),
+        _ => None,
+    }
+}
+
+/// The way back from a runbook stopped part-way: the inverse of every state it left changed
+/// (a site in maintenance, routers or replicators offline, a database stopped), newest
+/// first, one at a time. `done` are the steps that finished. Also returns, for people, what
+/// cannot be undone (a replicator reset, a committed copy, a new primary).
+pub fn rollback(original: &Runbook, done: &[StepId], title: String) -> (Runbook, Vec<String>) {
+    // What each done step left changed, keyed by where and what: an action and its inverse
+    // both done cancel out.
+    let mut open: Vec<(&Step, HookAction, Option<&str>)> = Vec::new();
+    let mut kept = Vec::new();
+    for s in original.steps.iter().filter(|s| done.contains(&s.id)) {
+        match &s.action {
+            StepAction::Hook { action, service } => {
+                if let Some(i) = open.iter().position(|(o, a, svc)| {
+                    o.on == s.on && *a == *action && *svc == service.as_deref()
+                }) {
+                    open.remove(i);
+                } else if let Some(undo) = inverse(*action) {
+                    open.push((s, undo, service.as_deref()));
+                } else {
+                    kept.push(format!(
+                        "step {} ({} on {}) cannot be undone",
+                        s.id,
+                        s.describe(),
+                        s.on
+                    ));
+                }
+            }
+            StepAction::Transfer(t) => kept.push(format!(
+                "step {} committed {} on {}: the copy stays",
+                s.id,
+                t.dataset,
+                t.targets.join(", ")
+            )),
+            StepAction::Wait { .. } => {}
+        }
+    }
+    let mut b = Builder::default();
+    let mut last: Option<StepId> = None;
+    for (s, undo, service) in open.into_iter().rev() {
+        let after: Vec<StepId> = last.into_iter().collect();
+        last = Some(b.hook(s.on.clone(), undo, service, &after));
+    }
+    (
+        Runbook {
+            title,
+            steps: b.steps,
+        },
+        kept,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,17 +506,7 @@ mod tests {
 
     /// One line per step: `id on: what <- after`.
     fn summary(rb: &Runbook) -> Vec<String> {
-        rb.steps
-            .iter()
-            .map(|s| {
-                let after: Vec<String> = s.after.iter().map(StepId::to_string).collect();
-                let mut line = format!("{} {}: {}", s.id, s.on, s.describe());
-                if !after.is_empty() {
-                    line.push_str(&format!(" <- {}", after.join(",")));
-                }
-                line
-            })
-            .collect()
+        rb.lines()
     }
 
     fn check(op: &Operation, inv: &Inventory, expected: &[&str]) -> Runbook {
@@ -828,6 +882,40 @@ mod tests {
                 host: "west2".into(),
                 from_site: "east".into()
             })
+        );
+    }
+
+    #[test]
+    fn rollback_undoes_what_is_still_changed_newest_first() {
+        let inv = cluster(2, 1);
+        let rb = plan(&reseed(None), &inv).unwrap();
+        // Stopped after east1's database stop (10) and east2's replicator reset (12).
+        let done: Vec<StepId> = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12].map(StepId).to_vec();
+        let (back, kept) = rollback(&rb, &done, "rollback".into());
+        assert_eq!(
+            back.lines(),
+            [
+                "1 east2: replicator east online",
+                "2 east1: start the database <- 1",
+                "3 east1: replicator east online <- 2",
+                "4 west2: replicator west_from_east online <- 3",
+                "5 west1: replicator west_from_east online <- 4",
+                "6 site east: routers online <- 5",
+                "7 site east: policy automatic <- 6",
+            ]
+        );
+        assert_eq!(kept.len(), 4, "{kept:?}");
+        assert!(
+            kept[0].contains("replicator west_from_east reset"),
+            "{kept:?}"
+        );
+        // After the whole runbook there is nothing left to undo but the copy and resets.
+        let all: Vec<StepId> = rb.steps.iter().map(|s| s.id).collect();
+        let (back, kept) = rollback(&rb, &all, "rollback".into());
+        assert!(back.steps.is_empty(), "{:?}", back.lines());
+        assert!(
+            kept.iter().any(|k| k.contains("the copy stays")),
+            "{kept:?}"
         );
     }
 

@@ -98,6 +98,22 @@ pub struct Runbook {
 }
 
 impl Runbook {
+    /// One line per step, `3 west1: replicator west_from_east offline <- 2`: what the journal
+    /// keeps to tell whether planning again gives the same runbook.
+    pub fn lines(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .map(|s| {
+                let after: Vec<String> = s.after.iter().map(StepId::to_string).collect();
+                let mut line = format!("{} {}: {}", s.id, s.on, s.describe());
+                if !after.is_empty() {
+                    line.push_str(&format!(" <- {}", after.join(",")));
+                }
+                line
+            })
+            .collect()
+    }
+
     pub fn step(&self, id: StepId) -> Option<&Step> {
         self.steps.iter().find(|s| s.id == id)
     }
