@@ -653,6 +653,113 @@ impl HookProfile {
     }
 }
 
+/// A command as written in a `[hooks.commands]` table: `["prog", "arg"]`, or
+/// `{ argv = ["prog"], stdin = "..." }`.
+#[derive(Debug, Clone)]
+pub(crate) struct RawCommand {
+    pub argv: Vec<String>,
+    pub stdin: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawCommand {
+    // By hand rather than `untagged`, whose error says only that nothing matched.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        use serde::Deserialize;
+
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct WithStdin {
+            argv: Vec<String>,
+            stdin: Option<String>,
+        }
+
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawCommand;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an array of strings (the argv), or a table { argv = [...], stdin = \"...\" }",
+                )
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RawCommand, A::Error> {
+                let argv = Vec::deserialize(SeqAccessDeserializer::new(seq))?;
+                Ok(RawCommand { argv, stdin: None })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawCommand, A::Error> {
+                let w = WithStdin::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(RawCommand {
+                    argv: w.argv,
+                    stdin: w.stdin,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The `[hooks.commands]` table as written: command by action key, with where each is.
+pub(crate) type RawCommands = BTreeMap<toml::Spanned<String>, toml::Spanned<RawCommand>>;
+
+/// A `[hooks]` table that could not be used: what is wrong, and where in the file (a byte
+/// range, which the caller turns into a line number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TableError {
+    pub span: std::ops::Range<usize>,
+    pub message: String,
+}
+
+/// Builds the profile a `[hooks]` table describes (`profile` and `[hooks.commands]`): what
+/// the inventory and every agent's configuration share.
+pub(crate) fn profile_from_table(
+    profile: &toml::Spanned<String>,
+    commands: &RawCommands,
+) -> Result<HookProfile, TableError> {
+    let kind = ProfileKind::from_name(profile.get_ref()).ok_or_else(|| TableError {
+        span: profile.span(),
+        message: format!(
+            "[hooks] profile {:?} must be \"tungsten\" or \"custom\"",
+            profile.get_ref()
+        ),
+    })?;
+    let mut given = BTreeMap::new();
+    // In file order, so that the first mistake in the file is the one reported.
+    let mut in_order: Vec<_> = commands.iter().collect();
+    in_order.sort_by_key(|(k, _)| k.span().start);
+    for (key, cmd) in in_order {
+        let actions = HookAction::for_key(key.get_ref()).ok_or_else(|| TableError {
+            span: key.span(),
+            message: format!(
+                "[hooks.commands] {:?} is not an action (actions: {})",
+                key.get_ref(),
+                HookAction::keys().collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let RawCommand { argv, stdin } = cmd.get_ref();
+        for &action in actions {
+            let t =
+                CommandTemplate::parse(action, argv, stdin.as_deref()).map_err(|e| TableError {
+                    span: cmd.span(),
+                    message: format!("[hooks.commands] {}: {e}", key.get_ref()),
+                })?;
+            given.insert(action, t);
+        }
+    }
+    HookProfile::new(kind, given).map_err(|e| TableError {
+        span: profile.span(),
+        message: format!("[hooks] {e}"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
