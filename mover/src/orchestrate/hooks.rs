@@ -760,6 +760,24 @@ pub(crate) fn profile_from_table(
     })
 }
 
+/// Shared by the tests of the configs that hold a `[hooks]` table.
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// A `[hooks.commands]` table with a command for every action, each recording its name.
+    pub const ALL_COMMANDS: &str = r#"policy_maintenance = ["/opt/rec", "policy-maintenance", "{site}"]
+policy_automatic = ["/opt/rec", "policy-automatic", "{site}"]
+routers_offline = ["/opt/rec", "routers-offline", "{site}"]
+routers_online = ["/opt/rec", "routers-online", "{site}"]
+replicator_offline = ["/opt/rec", "replicator-offline", "{service}"]
+replicator_reset = ["/opt/rec", "replicator-reset", "{service}"]
+replicator_online = ["/opt/rec", "replicator-online", "{service}"]
+database_stop = ["/opt/rec", "database-stop", "{datadir}"]
+database_start = ["/opt/rec", "database-start", "{datadir}"]
+prepare = { argv = ["/opt/rec", "prepare"], stdin = "{staging}\n" }
+mark_primary = ["/opt/rec", "mark-primary", "{host}"]
+"#;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,7 @@ pub async fn start_east1() -> Agent {
         tls: tls(dir.path(), "east1"),
         datasets,
         workers: None,
+        hooks: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
