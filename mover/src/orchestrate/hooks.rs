@@ -94,6 +94,27 @@ pub enum BackupTool {
     Mariabackup,
 }
 
+impl BackupTool {
+    pub const ALL: [BackupTool; 2] = [BackupTool::Xtrabackup, BackupTool::Mariabackup];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackupTool::Xtrabackup => "xtrabackup",
+            BackupTool::Mariabackup => "mariabackup",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+impl fmt::Display for BackupTool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What a runbook asks a site or a host to do; a profile says how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HookAction {
@@ -158,6 +179,28 @@ impl HookAction {
     /// Every configuration key, in the order the docs list them.
     pub fn keys() -> impl Iterator<Item = &'static str> {
         KEYED.into_iter().map(HookAction::key)
+    }
+
+    /// The backup tool the action is for, if it is for one.
+    pub fn tool(self) -> Option<BackupTool> {
+        match self {
+            HookAction::Prepare(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The action a key and a tool name name (as a `Hook` message carries them): a tool
+    /// for the actions that need one, none for the others.
+    pub fn from_key_and_tool(key: &str, tool: Option<&str>) -> Option<Self> {
+        let actions = Self::for_key(key)?;
+        match tool {
+            None if actions.len() == 1 && actions[0].tool().is_none() => Some(actions[0]),
+            None => None,
+            Some(name) => {
+                let tool = BackupTool::from_name(name)?;
+                actions.iter().copied().find(|a| a.tool() == Some(tool))
+            }
+        }
     }
 
     /// The actions a configuration key configures (`prepare` configures both tools).
@@ -626,6 +669,17 @@ impl HookProfile {
         self.kind
     }
 
+    /// Whether the action's command uses `placeholder` (in an argument or its stdin): an
+    /// agent works out a value only when it is needed.
+    pub fn uses(&self, action: HookAction, placeholder: Placeholder) -> bool {
+        self.commands.get(&action).is_some_and(|c| {
+            c.argv
+                .iter()
+                .chain(c.stdin.as_ref())
+                .any(|t| t.0.contains(&Piece::Value(placeholder)))
+        })
+    }
+
     fn template(&self, action: HookAction) -> Result<&CommandTemplate, HookError> {
         // `new` fills in every action, so this only fails on a profile built some other way.
         self.commands.get(&action).ok_or(HookError::EmptyCommand {
@@ -1076,6 +1130,36 @@ mod tests {
             p.preview(a, &ctx).unwrap().to_string(),
             "xtrabackup --prepare '--target-dir={staging}'"
         );
+    }
+
+    #[test]
+    fn actions_from_a_key_and_a_tool() {
+        assert_eq!(
+            HookAction::from_key_and_tool("replicator_reset", None),
+            Some(HookAction::ReplicatorReset)
+        );
+        assert_eq!(
+            HookAction::from_key_and_tool("prepare", Some("mariabackup")),
+            Some(HookAction::Prepare(BackupTool::Mariabackup))
+        );
+        // A tool where none belongs, none where one is needed, and unknown names.
+        assert_eq!(
+            HookAction::from_key_and_tool("replicator_reset", Some("xtrabackup")),
+            None
+        );
+        assert_eq!(HookAction::from_key_and_tool("prepare", None), None);
+        assert_eq!(HookAction::from_key_and_tool("prepare", Some("tar")), None);
+        assert_eq!(HookAction::from_key_and_tool("reboot", None), None);
+    }
+
+    #[test]
+    fn uses_sees_placeholders_in_arguments_and_stdin() {
+        let p = HookProfile::tungsten().unwrap();
+        let prep = HookAction::Prepare(BackupTool::Xtrabackup);
+        assert!(p.uses(prep, Placeholder::Staging));
+        assert!(!p.uses(prep, Placeholder::Datadir));
+        assert!(p.uses(HookAction::RoutersOffline, Placeholder::Service));
+        assert!(!p.uses(HookAction::DatabaseStop, Placeholder::Datadir));
     }
 
     #[test]
