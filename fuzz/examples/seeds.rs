@@ -5,8 +5,8 @@ use std::fs;
 use std::path::Path;
 
 use mover_protocol::{
-    Chunk, Encoding, Entry, EntryKind, Grant, Message, Open, Outcome, Plan, PlanNode, Start,
-    Topology,
+    Chunk, Encoding, Entry, EntryKind, Grant, Hook, HookRan, HookReply, Message, Open, Outcome,
+    Plan, PlanNode, Start, Topology,
 };
 
 fn node(name: &str) -> PlanNode {
@@ -128,6 +128,61 @@ fn main() -> std::io::Result<()> {
             chunks: vec![(1, 0), (2, 65536)],
         },
         Message::Repaired { round: 1 },
+        Message::Hook(Hook {
+            runbook: "reseed-east-1".into(),
+            step: 4,
+            action: "replicator_reset".into(),
+            tool: None,
+            service: Some("east_from_west".into()),
+            site: "east".into(),
+            dataset: None,
+        }),
+        Message::Hook(Hook {
+            runbook: "reseed-east-1".into(),
+            step: 9,
+            action: "prepare".into(),
+            tool: Some("mariabackup".into()),
+            service: None,
+            site: "east".into(),
+            dataset: Some("mysql".into()),
+        }),
+        Message::HookDone {
+            node: "east1".into(),
+            reply: HookReply::Ran(HookRan {
+                command: "trepctl -service east_from_west reset -all -y".into(),
+                exit_code: Some(0),
+                signal: None,
+                timed_out: false,
+                output: "ok\n".into(),
+                elapsed_ms: 250,
+                replayed: false,
+            }),
+        },
+        Message::HookDone {
+            node: "east1".into(),
+            reply: HookReply::Ran(HookRan {
+                command: "sudo -n systemctl start mysqld".into(),
+                exit_code: None,
+                signal: Some(9),
+                timed_out: true,
+                output: "starting\n".into(),
+                elapsed_ms: 600_000,
+                replayed: true,
+            }),
+        },
+        Message::HookDone {
+            node: "east1".into(),
+            reply: HookReply::Refused {
+                reason: "the agent config of east1 does not allow database_stop".into(),
+            },
+        },
+        Message::HookDone {
+            node: "east1".into(),
+            reply: HookReply::NotStarted {
+                command: "cctrl -multi".into(),
+                reason: "cctrl: no such program".into(),
+            },
+        },
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
     fs::create_dir_all(dir.join("frame"))?;

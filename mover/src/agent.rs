@@ -78,6 +78,8 @@ pub(crate) struct Ctx {
     /// Transfers this agent committed since it started: a replayed grant cannot run one again.
     committed: Mutex<HashSet<u64>>,
     pub faults: crate::fault::Faults,
+    /// The hook steps run for the controller, recorded under the state directory.
+    pub ledger: crate::hookrun::Ledger,
 }
 
 impl Ctx {
@@ -151,6 +153,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut endpoint = crate::net::server_endpoint(cfg.listen, server)?;
     endpoint.set_default_client_config(client);
     tracing::info!(node = %cfg.node, listen = %cfg.listen, "agent listening");
+    let ledger = crate::hookrun::Ledger::new(&cfg.state_dir);
     let ctx = Arc::new(Ctx {
         node: cfg.node.clone(),
         cfg,
@@ -162,6 +165,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         generations: std::sync::atomic::AtomicU64::new(1),
         committed: Mutex::new(HashSet::new()),
         faults: crate::fault::Faults::from_env(),
+        ledger,
     });
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -257,6 +261,10 @@ async fn serve_control(
             let pump = tokio::spawn(crate::link::pump_up(up_rx, send));
             crate::source::run(ctx, start, up_tx).await;
             let _ = pump.await;
+        }
+        (Message::Hook(hook), Peer::Controller) => {
+            tracing::info!(runbook = %hook.runbook, step = hook.step, action = %hook.action, "hook asked for");
+            crate::hookrun::serve(ctx, conn, hook, send).await;
         }
         (Message::Open(open), Peer::Node(parent)) => {
             tracing::info!(transfer = open.transfer_id, %parent, "receiving transfer");

@@ -1,13 +1,22 @@
 //! Agent configuration and the cluster file, parsed and validated before any work starts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::certs::{validate_node_name, CONTROLLER_NAME};
+use crate::orchestrate::hooks::{profile_from_table, RawCommands};
+use crate::orchestrate::{HookAction, HookProfile};
 use crate::tls::TlsPaths;
+
+/// How long a hook command may run when `[hooks] timeout` does not say.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+/// The longest `[hooks] timeout` (a week): anything longer is a mistake.
+pub const MAX_HOOK_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A configuration file that could not be used. Fix the file and run again.
 #[derive(Debug, thiserror::Error)]
@@ -32,21 +41,138 @@ pub struct DatasetConfig {
 }
 
 /// `mover agent --config FILE`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// This agent's node name; must match the name in its certificate.
     pub node: String,
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// Staging areas and (later) journals.
+    /// Staging areas, and the record of hook steps run (`hooks/`).
     pub state_dir: PathBuf,
     pub tls: TlsPaths,
-    #[serde(default)]
     pub datasets: BTreeMap<String, DatasetConfig>,
     /// Concurrent disk/CPU jobs per transfer; defaults to twice the number of cores.
-    #[serde(default)]
     pub workers: Option<usize>,
+    /// The hook commands this agent runs for the controller; without a `[hooks]` table it
+    /// runs none.
+    pub hooks: Option<AgentHooks>,
+}
+
+/// The hook commands an agent runs when the controller asks for an action: the `[hooks]`
+/// table of its config. Only this table decides what runs on the host; the controller names
+/// an action, never a command.
+///
+/// ```toml
+/// [hooks]
+/// profile = "tungsten"   # built-in cctrl/trepctl commands; or "custom": give every action
+/// timeout = 600          # seconds a command may run before its process group is killed
+/// allow = ["replicator_offline", "replicator_reset", "replicator_online", "prepare"]
+///                        # the actions the controller may ask for; default: all of them
+/// [hooks.commands]       # argv arrays, or { argv = [...], stdin = "..." }
+/// database_stop = ["sudo", "-n", "systemctl", "stop", "mariadb"]
+/// ```
+///
+/// `profile` and `[hooks.commands]` are as in the inventory (see
+/// [`crate::orchestrate::hooks`]). `timeout` (default 600, at most a week) bounds every
+/// command, backups included. `allow` lists action keys (`prepare` allows it for both
+/// tools); `allow = []` allows nothing.
+#[derive(Debug, Clone)]
+pub struct AgentHooks {
+    pub profile: HookProfile,
+    pub timeout: Duration,
+    /// The actions the controller may ask for; `None` for every action of the profile.
+    pub allow: Option<BTreeSet<HookAction>>,
+}
+
+impl AgentHooks {
+    /// Hooks from `profile` with the default timeout, every action allowed.
+    pub fn new(profile: HookProfile) -> Self {
+        Self {
+            profile,
+            timeout: DEFAULT_HOOK_TIMEOUT,
+            allow: None,
+        }
+    }
+
+    pub fn allows(&self, action: HookAction) -> bool {
+        self.allow.as_ref().is_none_or(|a| a.contains(&action))
+    }
+}
+
+/// The agent config file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    node: String,
+    listen: SocketAddr,
+    state_dir: PathBuf,
+    tls: TlsPaths,
+    #[serde(default)]
+    datasets: BTreeMap<String, DatasetConfig>,
+    #[serde(default)]
+    workers: Option<usize>,
+    hooks: Option<HooksTable>,
+}
+
+/// The agent's `[hooks]` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HooksTable {
+    profile: Spanned<String>,
+    #[serde(default)]
+    commands: RawCommands,
+    timeout: Option<Spanned<u64>>,
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+impl HooksTable {
+    /// The validated hooks, or what is wrong and at which byte of the file.
+    fn build(self) -> Result<AgentHooks, (usize, String)> {
+        let profile = profile_from_table(&self.profile, &self.commands)
+            .map_err(|e| (e.span.start, e.message))?;
+        let timeout = match &self.timeout {
+            None => DEFAULT_HOOK_TIMEOUT,
+            Some(t) => {
+                let d = Duration::from_secs(*t.get_ref());
+                if d.is_zero() || d > MAX_HOOK_TIMEOUT {
+                    return Err((
+                        t.span().start,
+                        format!(
+                            "[hooks] timeout = {} must be from 1 to {} seconds",
+                            t.get_ref(),
+                            MAX_HOOK_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
+                d
+            }
+        };
+        let allow = match &self.allow {
+            None => None,
+            Some(keys) => {
+                let mut set = BTreeSet::new();
+                for key in keys.get_ref() {
+                    let actions = HookAction::for_key(key.get_ref()).ok_or_else(|| {
+                        (
+                            key.span().start,
+                            format!(
+                                "[hooks] allow: {:?} is not an action (actions: {})",
+                                key.get_ref(),
+                                HookAction::keys().collect::<Vec<_>>().join(", ")
+                            ),
+                        )
+                    })?;
+                    set.extend(actions.iter().copied());
+                }
+                Some(set)
+            }
+        };
+        Ok(AgentHooks {
+            profile,
+            timeout,
+            allow,
+        })
+    }
 }
 
 /// One node in the cluster file.
@@ -112,7 +238,31 @@ pub fn validate_dataset_name(name: &str) -> Result<(), String> {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: Self = parse(path, &read(path)?)?;
+        let text = read(path)?;
+        let file: AgentFile = parse(path, &text)?;
+        let hooks = file
+            .hooks
+            .map(HooksTable::build)
+            .transpose()
+            .map_err(|(at, message)| {
+                let line = text
+                    .get(..at)
+                    .map_or(0, |b| b.bytes().filter(|&c| c == b'\n').count())
+                    + 1;
+                ConfigError::Invalid {
+                    path: path.to_owned(),
+                    message: format!("line {line}: {message}"),
+                }
+            })?;
+        let mut cfg = AgentConfig {
+            node: file.node,
+            listen: file.listen,
+            state_dir: file.state_dir,
+            tls: file.tls,
+            datasets: file.datasets,
+            workers: file.workers,
+            hooks,
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         resolve(base, &mut cfg.state_dir);
         resolve_tls(base, &mut cfg.tls);
@@ -240,6 +390,93 @@ path = "/var/lib/mysql"
         );
         let e = ClusterConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("host:port"), "{e}");
+    }
+
+    const AGENT: &str = r#"node = "east1"
+listen = "127.0.0.1:7001"
+state_dir = "state"
+[tls]
+ca = "ca.pem"
+cert = "east1.pem"
+key = "east1.key"
+"#;
+
+    #[test]
+    fn an_agent_without_hooks_has_none() {
+        let d = tempfile::tempdir().unwrap();
+        let c = AgentConfig::load(&write(d.path(), AGENT)).unwrap();
+        assert!(c.hooks.is_none());
+    }
+
+    #[test]
+    fn agent_hooks_table() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{AGENT}[hooks]\nprofile = \"custom\"\ntimeout = 30\nallow = [\"replicator_reset\", \"prepare\"]\n[hooks.commands]\n{}",
+            crate::orchestrate::hooks::testutil::ALL_COMMANDS
+        );
+        let c = AgentConfig::load(&write(d.path(), &text)).unwrap();
+        let h = c.hooks.unwrap();
+        assert_eq!(h.timeout, Duration::from_secs(30));
+        assert!(h.allows(HookAction::ReplicatorReset));
+        assert!(h.allows(HookAction::Prepare(
+            crate::orchestrate::hooks::BackupTool::Mariabackup
+        )));
+        assert!(!h.allows(HookAction::DatabaseStop));
+        // Defaults: ten minutes, every action.
+        let text = format!("{AGENT}[hooks]\nprofile = \"tungsten\"\n");
+        let h = AgentConfig::load(&write(d.path(), &text))
+            .unwrap()
+            .hooks
+            .unwrap();
+        assert_eq!(h.timeout, DEFAULT_HOOK_TIMEOUT);
+        assert!(h.allows(HookAction::DatabaseStop));
+    }
+
+    #[test]
+    fn agent_hooks_errors_name_the_line() {
+        let d = tempfile::tempdir().unwrap();
+        let hooks_line = AGENT.lines().count() + 1;
+        let cases = [
+            (
+                "profile = \"tungsten\"\nallow = [\"replicator_reset\", \"reboot\"]\n",
+                hooks_line + 2,
+                "\"reboot\" is not an action",
+            ),
+            (
+                "profile = \"tungsten\"\ntimeout = 0\n",
+                hooks_line + 2,
+                "timeout = 0 must be from 1",
+            ),
+            (
+                "profile = \"tungsten\"\n[hooks.commands]\ndatabase_stop = [\"x\", \"{port}\"]\n",
+                hooks_line + 3,
+                "unknown placeholder {port}",
+            ),
+            (
+                "profile = \"galera\"\n",
+                hooks_line + 1,
+                "profile \"galera\"",
+            ),
+            (
+                "profile = \"custom\"\n[hooks.commands]\ndatabase_stop = [\"x\"]\n",
+                hooks_line + 1,
+                "no command for",
+            ),
+        ];
+        for (table, line, words) in cases {
+            let text = format!("{AGENT}[hooks]\n{table}");
+            let e = AgentConfig::load(&write(d.path(), &text))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("line {line}:")), "{table}: {e}");
+            assert!(e.contains(words), "{table}: {e}");
+        }
+        let text = format!("{AGENT}[hooks]\nprofile = \"tungsten\"\nallowed = []\n");
+        let e = AgentConfig::load(&write(d.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allowed"), "{e}");
     }
 
     #[test]

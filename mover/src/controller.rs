@@ -154,12 +154,86 @@ impl Summary {
     }
 }
 
+/// Why the controller could not connect to an agent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    #[error("node {node:?} is not in the cluster file (known: {known})")]
+    UnknownNode { node: String, known: String },
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("resolve address {address} of {node}: {source}")]
+    Resolve {
+        node: String,
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Net(#[from] Box<crate::net::NetError>),
+}
+
+impl From<DialError> for ControlError {
+    fn from(e: DialError) -> Self {
+        match e {
+            DialError::UnknownNode { node, known } => ControlError::UnknownNode { node, known },
+            DialError::Tls(e) => ControlError::Tls(e),
+            DialError::Resolve {
+                node,
+                address,
+                source,
+            } => ControlError::Resolve {
+                node,
+                address,
+                source,
+            },
+            DialError::Net(e) => ControlError::Net(e),
+        }
+    }
+}
+
+fn known_nodes(cluster: &ClusterConfig) -> String {
+    cluster.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+/// Connects to `node`'s agent with the controller's identity (from the cluster file), on an
+/// endpoint of its own.
+pub(crate) async fn dial(
+    cluster: &ClusterConfig,
+    node: &str,
+) -> Result<(quinn::Endpoint, quinn::Connection), DialError> {
+    let address = cluster
+        .address(node)
+        .ok_or_else(|| DialError::UnknownNode {
+            node: node.to_owned(),
+            known: known_nodes(cluster),
+        })?;
+    let identity = Identity::load(&cluster.tls)?;
+    let transport = Arc::new(crate::net::transport_config());
+    let client = crate::tls::client_config(&identity, transport)?;
+    let addr = crate::config::resolve_address(address)
+        .await
+        .map_err(|source| DialError::Resolve {
+            node: node.to_owned(),
+            address: address.to_owned(),
+            source,
+        })?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = crate::net::client_endpoint(bind, client).map_err(Box::new)?;
+    let conn = crate::net::connect(&endpoint, addr, node)
+        .await
+        .map_err(Box::new)?;
+    Ok((endpoint, conn))
+}
+
 fn plan_node(cluster: &ClusterConfig, nd: &NodeDataset) -> Result<PlanNode, ControlError> {
     let address = cluster
         .address(&nd.node)
         .ok_or_else(|| ControlError::UnknownNode {
             node: nd.node.clone(),
-            known: cluster.nodes.keys().cloned().collect::<Vec<_>>().join(", "),
+            known: known_nodes(cluster),
         })?;
     Ok(PlanNode {
         name: nd.node.clone(),
@@ -195,25 +269,8 @@ pub async fn send(
     let started = Instant::now();
     let plan = plan(cluster, req)?;
     let identity = Identity::load(&cluster.tls)?;
-    let transport = Arc::new(crate::net::transport_config());
-    let client = crate::tls::client_config(&identity, transport)?;
     let src = plan.source().clone();
-    let addr = crate::config::resolve_address(&src.address)
-        .await
-        .map_err(|source| ControlError::Resolve {
-            node: src.name.clone(),
-            address: src.address.clone(),
-            source,
-        })?;
-    let bind: SocketAddr = if addr.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let endpoint = crate::net::client_endpoint(bind, client).map_err(Box::new)?;
-    let conn = crate::net::connect(&endpoint, addr, &src.name)
-        .await
-        .map_err(Box::new)?;
+    let (endpoint, conn) = dial(cluster, &src.name).await?;
     let link = |source: LinkError| ControlError::Link {
         node: src.name.clone(),
         source: Box::new(source),

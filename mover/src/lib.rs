@@ -14,6 +14,7 @@ pub mod controller;
 pub mod error;
 pub(crate) mod fault;
 pub(crate) mod frame;
+pub mod hookrun;
 pub(crate) mod link;
 pub mod net;
 pub mod orchestrate;

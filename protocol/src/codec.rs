@@ -143,6 +143,35 @@ pub(crate) fn get_string(
     })
 }
 
+/// A u32-length-prefixed UTF-8 string of at most `max` bytes.
+pub(crate) fn get_string32(
+    buf: &mut impl Buf,
+    max: usize,
+    what: &'static str,
+) -> Result<String, DecodeError> {
+    let len = get_u32(buf, what)? as usize;
+    if len > max {
+        return Err(DecodeError::TooLarge {
+            what,
+            len: len as u64,
+            max: max as u64,
+        });
+    }
+    need(buf, len, what)?;
+    let mut v = vec![0u8; len];
+    buf.copy_to_slice(&mut v);
+    String::from_utf8(v).map_err(|_| DecodeError::Invalid {
+        what,
+        why: "not UTF-8".into(),
+    })
+}
+
+pub(crate) fn put_bytes32(buf: &mut impl BufMut, b: &[u8]) {
+    let len = b.len().min(u32::MAX as usize);
+    buf.put_u32(len as u32);
+    buf.put_slice(&b[..len]);
+}
+
 /// Takes `len` bytes as a zero-copy slice when the buffer is `Bytes`.
 pub(crate) fn get_payload(
     buf: &mut impl Buf,

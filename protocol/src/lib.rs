@@ -71,6 +71,24 @@
 //! every file's root hash, which each node checks before it commits. The source relays every
 //! report, with its own `Sent`, on the controller's stream.
 //!
+//! # Hooks
+//!
+//! The controller also asks agents to act on their hosts' database services (stop a
+//! replicator, start the database...) with [`Message::Hook`], first on a control stream of its
+//! own. A hook names an abstract action (a configuration key such as `replicator_reset`, with a
+//! backup tool for `prepare`), a site, and optionally a service and one of the agent's
+//! datasets, plus the runbook and step it belongs to. It never carries a command line: the
+//! agent renders the command from its own configuration, runs it only if that allows the
+//! action, and answers with one [`Message::HookDone`]: the command, its exit status and the
+//! tail of its output, or why it refused or could not start it. Only the controller's
+//! certificate may send `Hook`. The agent runs a `(runbook, step)` once and records the result;
+//! asked again, it answers with the record, marked `replayed`.
+//!
+//! ```text
+//! controller -> agent: Hook
+//! agent -> controller: HookDone
+//! ```
+//!
 //! # Chunks and hashes
 //!
 //! Files are cut into chunks of `chunk_size` bytes (a power of two, 64 KiB..=64 MiB). A chunk
@@ -81,10 +99,10 @@
 //!
 //! # Versioning
 //!
-//! `Start` and `Open` carry [`PROTOCOL_VERSION`]; a peer that speaks another version is
-//! refused with an error naming both. New message kinds get new numbers; unknown kinds are
+//! `Start`, `Open` and `Hook` carry [`PROTOCOL_VERSION`]; a peer that speaks another version
+//! is refused with an error naming both. New message kinds get new numbers; unknown kinds are
 //! errors, never ignored. Version 2 added `Have`, `Need` and `Repaired`; version 3 added the
-//! grant to `Start` and `Open`; the version is also
+//! grant to `Start` and `Open`; version 4 added `Hook` and `HookDone`. The version is also
 //! part of the signed grant bytes, so a grant made for one version is no good for another.
 
 pub mod codec;
@@ -97,7 +115,8 @@ pub mod receive;
 pub use codec::{DecodeError, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use manifest::{Entry, EntryKind, Manifest, ManifestBuilder, ManifestError};
 pub use message::{
-    grant_bytes, Chunk, Encoding, Grant, Held, Message, Open, Outcome, Start, PROTOCOL_VERSION,
+    grant_bytes, Chunk, Encoding, Grant, Held, Hook, HookRan, HookReply, Message, Open, Outcome,
+    Start, PROTOCOL_VERSION,
 };
 pub use plan::{Plan, PlanNode, Topology};
 pub use receive::{Admit, ChunkError, Tracker};

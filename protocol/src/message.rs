@@ -3,14 +3,14 @@
 use bytes::{Buf, BufMut, Bytes};
 
 use crate::codec::{
-    get_bytes16, get_hash, get_payload, get_string, get_u16, get_u32, get_u64, get_u8, put_bytes16,
-    DecodeError, FrameHeader, FRAME_HEADER_LEN,
+    get_bytes16, get_hash, get_payload, get_string, get_string32, get_u16, get_u32, get_u64,
+    get_u8, put_bytes16, put_bytes32, DecodeError, FrameHeader, FRAME_HEADER_LEN,
 };
 use crate::manifest::Entry;
 use crate::plan::{Plan, MAX_NAME};
 
 /// The protocol version this build speaks. Start and Open carry it; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Longest failure reason carried in a report.
 pub const MAX_REASON: usize = 4096;
 /// Most entries in one manifest part (parts also respect the frame length bound).
@@ -26,6 +26,12 @@ pub const MAX_GRANT_SIGNATURE: usize = 512;
 /// What every signed grant starts with, so that no other signature by the controller's key
 /// (a TLS handshake's, say) can pass for a grant, nor a grant for anything else.
 pub const GRANT_DOMAIN: &[u8] = b"mover grant v1\0";
+/// Longest action key or backup tool name in a `Hook`.
+pub const MAX_ACTION: usize = 32;
+/// Longest command line in a hook's answer.
+pub const MAX_HOOK_COMMAND: usize = 16 << 10;
+/// Most output in a hook's answer: the last 64 KiB of what the command wrote.
+pub const MAX_HOOK_OUTPUT: usize = 64 << 10;
 
 /// How a chunk's payload is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +150,57 @@ pub fn grant_bytes(
     buf
 }
 
+/// Controller -> agent: run the agent's own command for one hook action, as step `step` of
+/// runbook `runbook`. It names things only; the agent renders the command line from its own
+/// configuration and runs it only if that allows the action. A `(runbook, step)` runs at most
+/// once: asked again, the agent answers with what it recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub runbook: String,
+    pub step: u32,
+    /// The action's configuration key (`replicator_reset`, `prepare`, ...).
+    pub action: String,
+    /// The backup tool (`xtrabackup`, `mariabackup`), for the actions that need one.
+    pub tool: Option<String>,
+    /// The replication or data service the action addresses, if any.
+    pub service: Option<String>,
+    pub site: String,
+    /// One of the agent's datasets, for actions on its directory or staging area.
+    pub dataset: Option<String>,
+}
+
+/// A hook command that ran, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRan {
+    /// The command line as the agent rendered it, for people.
+    pub command: String,
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// It ran past the agent's timeout and was killed.
+    pub timed_out: bool,
+    /// Its standard output and error, interleaved: the last [`MAX_HOOK_OUTPUT`] bytes.
+    pub output: String,
+    pub elapsed_ms: u64,
+    /// It ran earlier, and this is the recorded result: nothing ran now.
+    pub replayed: bool,
+}
+
+/// Agent -> controller: what became of a `Hook`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookReply {
+    Ran(HookRan),
+    /// The agent will not run it (not configured, not allowed, a bad value); nothing ran.
+    Refused {
+        reason: String,
+    },
+    /// The command could not be started (no such program, say); nothing ran.
+    NotStarted {
+        command: String,
+        reason: String,
+    },
+}
+
 /// A chunk of file data. `hash` is [`crate::hash::chunk_hash`] of the raw bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
@@ -247,6 +304,13 @@ pub enum Message {
     Repaired {
         round: u32,
     },
+    /// Controller -> agent, first on a control stream of its own.
+    Hook(Hook),
+    /// Agent -> controller: the answer to `Hook`, from `node`.
+    HookDone {
+        node: String,
+        reply: HookReply,
+    },
 }
 
 mod kind {
@@ -264,6 +328,8 @@ mod kind {
     pub const HAVE: u8 = 12;
     pub const NEED: u8 = 13;
     pub const REPAIRED: u8 = 14;
+    pub const HOOK: u8 = 15;
+    pub const HOOK_DONE: u8 = 16;
 }
 
 impl Message {
@@ -283,6 +349,8 @@ impl Message {
             Self::Have { .. } => kind::HAVE,
             Self::Need { .. } => kind::NEED,
             Self::Repaired { .. } => kind::REPAIRED,
+            Self::Hook(_) => kind::HOOK,
+            Self::HookDone { .. } => kind::HOOK_DONE,
         }
     }
 
@@ -302,6 +370,8 @@ impl Message {
             Self::Have { .. } => "have",
             Self::Need { .. } => "need",
             Self::Repaired { .. } => "repaired",
+            Self::Hook(_) => "hook",
+            Self::HookDone { .. } => "hook done",
         }
     }
 
@@ -436,6 +506,41 @@ impl Message {
                 }
             }
             Self::Repaired { round } => buf.put_u32(*round),
+            Self::Hook(h) => {
+                buf.put_u16(PROTOCOL_VERSION);
+                put_bytes16(buf, h.runbook.as_bytes());
+                buf.put_u32(h.step);
+                put_bytes16(buf, h.action.as_bytes());
+                put_opt_string(buf, h.tool.as_deref());
+                put_opt_string(buf, h.service.as_deref());
+                put_bytes16(buf, h.site.as_bytes());
+                put_opt_string(buf, h.dataset.as_deref());
+            }
+            Self::HookDone { node, reply } => {
+                put_bytes16(buf, node.as_bytes());
+                match reply {
+                    HookReply::Ran(r) => {
+                        buf.put_u8(0);
+                        put_bytes16(buf, head(&r.command, MAX_HOOK_COMMAND).as_bytes());
+                        put_opt_i32(buf, r.exit_code);
+                        put_opt_i32(buf, r.signal);
+                        buf.put_u8(u8::from(r.timed_out));
+                        // The end of the output says most about a failure: keep that.
+                        put_bytes32(buf, tail(&r.output, MAX_HOOK_OUTPUT).as_bytes());
+                        buf.put_u64(r.elapsed_ms);
+                        buf.put_u8(u8::from(r.replayed));
+                    }
+                    HookReply::Refused { reason } => {
+                        buf.put_u8(1);
+                        put_bytes16(buf, head(reason, MAX_REASON).as_bytes());
+                    }
+                    HookReply::NotStarted { command, reason } => {
+                        buf.put_u8(2);
+                        put_bytes16(buf, head(command, MAX_HOOK_COMMAND).as_bytes());
+                        put_bytes16(buf, head(reason, MAX_REASON).as_bytes());
+                    }
+                }
+            }
         }
     }
 
@@ -580,6 +685,46 @@ impl Message {
             kind::REPAIRED => Self::Repaired {
                 round: check_round(get_u32(body, "round")?)?,
             },
+            kind::HOOK => {
+                check_version(body)?;
+                Self::Hook(Hook {
+                    runbook: get_string(body, MAX_NAME, "runbook id")?,
+                    step: get_u32(body, "step")?,
+                    action: get_string(body, MAX_ACTION, "hook action")?,
+                    tool: get_opt_string(body, MAX_ACTION, "backup tool")?,
+                    service: get_opt_string(body, MAX_NAME, "service name")?,
+                    site: get_string(body, MAX_NAME, "site name")?,
+                    dataset: get_opt_string(body, MAX_NAME, "dataset name")?,
+                })
+            }
+            kind::HOOK_DONE => {
+                let node = get_string(body, MAX_NAME, "node name")?;
+                let reply = match get_u8(body, "hook reply")? {
+                    0 => HookReply::Ran(HookRan {
+                        command: get_string(body, MAX_HOOK_COMMAND, "hook command")?,
+                        exit_code: get_opt_i32(body, "exit code")?,
+                        signal: get_opt_i32(body, "signal")?,
+                        timed_out: get_flag(body, "timed out flag")?,
+                        output: get_string32(body, MAX_HOOK_OUTPUT, "hook output")?,
+                        elapsed_ms: get_u64(body, "hook elapsed")?,
+                        replayed: get_flag(body, "replayed flag")?,
+                    }),
+                    1 => HookReply::Refused {
+                        reason: get_string(body, MAX_REASON, "refusal reason")?,
+                    },
+                    2 => HookReply::NotStarted {
+                        command: get_string(body, MAX_HOOK_COMMAND, "hook command")?,
+                        reason: get_string(body, MAX_REASON, "failure reason")?,
+                    },
+                    r => {
+                        return Err(DecodeError::Invalid {
+                            what: "hook reply",
+                            why: format!("unknown reply {r}"),
+                        })
+                    }
+                };
+                Self::HookDone { node, reply }
+            }
             k => return Err(DecodeError::UnknownKind(k)),
         };
         if body.has_remaining() {
@@ -727,6 +872,70 @@ fn check_connections(n: u8) -> Result<u8, DecodeError> {
         });
     }
     Ok(n)
+}
+
+fn put_opt_string(buf: &mut impl BufMut, s: Option<&str>) {
+    match s {
+        None => buf.put_u8(0),
+        Some(s) => {
+            buf.put_u8(1);
+            put_bytes16(buf, s.as_bytes());
+        }
+    }
+}
+
+fn get_opt_string(
+    body: &mut impl Buf,
+    max: usize,
+    what: &'static str,
+) -> Result<Option<String>, DecodeError> {
+    Ok(match get_flag(body, what)? {
+        false => None,
+        true => Some(get_string(body, max, what)?),
+    })
+}
+
+fn put_opt_i32(buf: &mut impl BufMut, v: Option<i32>) {
+    match v {
+        None => buf.put_u8(0),
+        Some(v) => {
+            buf.put_u8(1);
+            buf.put_i32(v);
+        }
+    }
+}
+
+fn get_opt_i32(body: &mut impl Buf, what: &'static str) -> Result<Option<i32>, DecodeError> {
+    Ok(match get_flag(body, what)? {
+        false => None,
+        true => Some(get_u32(body, what)? as i32),
+    })
+}
+
+/// A byte that must be 0 or 1, so that every value has one encoding.
+fn get_flag(body: &mut impl Buf, what: &'static str) -> Result<bool, DecodeError> {
+    match get_u8(body, what)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        b => Err(DecodeError::Invalid {
+            what,
+            why: format!("{b} is not 0 or 1"),
+        }),
+    }
+}
+
+/// At most the first `max` bytes of `s`, cut at a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    &s[..floor_char_boundary(s, max)]
+}
+
+/// At most the last `max` bytes of `s`, cut at a character boundary.
+fn tail(s: &str, max: usize) -> &str {
+    let mut from = s.len().saturating_sub(max);
+    while !s.is_char_boundary(from) {
+        from += 1;
+    }
+    &s[from..]
 }
 
 fn floor_char_boundary(s: &str, max: usize) -> usize {

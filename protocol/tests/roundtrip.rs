@@ -7,14 +7,15 @@ use std::collections::HashSet;
 use bytes::{Buf, Bytes};
 use mover_protocol::manifest::{MAX_FILE_SIZE, MAX_NAME_LEN, MAX_PATH_LEN};
 use mover_protocol::message::{
-    Held, MAX_GRANT_CERT, MAX_GRANT_SIGNATURE, MAX_LIST_ENTRIES, MAX_PART_ENTRIES, MAX_REASON,
-    MAX_ROUNDS,
+    Held, MAX_ACTION, MAX_GRANT_CERT, MAX_GRANT_SIGNATURE, MAX_HOOK_COMMAND, MAX_HOOK_OUTPUT,
+    MAX_LIST_ENTRIES, MAX_PART_ENTRIES, MAX_REASON, MAX_ROUNDS,
 };
 use mover_protocol::plan::MAX_NAME;
 use mover_protocol::{
-    check_chunk_size, Chunk, DecodeError, Encoding, Entry, EntryKind, FrameHeader, Grant, Manifest,
-    ManifestBuilder, Message, Open, Outcome, Plan, PlanNode, Start, Topology, Tracker,
-    FRAME_HEADER_LEN, MAX_CHUNK_SIZE, MAX_CONNECTIONS, MAX_FRAME_LEN, MIN_CHUNK_SIZE,
+    check_chunk_size, Chunk, DecodeError, Encoding, Entry, EntryKind, FrameHeader, Grant, Hook,
+    HookRan, HookReply, Manifest, ManifestBuilder, Message, Open, Outcome, Plan, PlanNode, Start,
+    Topology, Tracker, FRAME_HEADER_LEN, MAX_CHUNK_SIZE, MAX_CONNECTIONS, MAX_FRAME_LEN,
+    MIN_CHUNK_SIZE,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -237,6 +238,76 @@ fn report(outcome: BoxedStrategy<Outcome>) -> impl Strategy<Value = Message> {
     (node_name(), outcome).prop_map(|(node, outcome)| Message::Report { node, outcome })
 }
 
+fn hook() -> impl Strategy<Value = Message> {
+    let action = prop_oneof![
+        6 => "[a-z_]{0,20}",
+        1 => Just("a".repeat(MAX_ACTION)),
+    ];
+    let opt_name = || proptest::option::of(node_name());
+    (
+        node_name(),
+        any::<u32>(),
+        action,
+        proptest::option::of("[a-z]{0,12}"),
+        opt_name(),
+        node_name(),
+        opt_name(),
+    )
+        .prop_map(|(runbook, step, action, tool, service, site, dataset)| {
+            Message::Hook(Hook {
+                runbook,
+                step,
+                action,
+                tool,
+                service,
+                site,
+                dataset,
+            })
+        })
+}
+
+fn hook_done() -> impl Strategy<Value = Message> {
+    let command = || {
+        prop_oneof![
+            6 => "\\PC{0,200}",
+            1 => Just("c".repeat(MAX_HOOK_COMMAND)),
+        ]
+    };
+    let output = prop_oneof![
+        6 => "\\PC{0,400}",
+        1 => Just("o".repeat(MAX_HOOK_OUTPUT)),
+    ];
+    let ran = (
+        command(),
+        proptest::option::of(any::<i32>()),
+        proptest::option::of(any::<i32>()),
+        any::<bool>(),
+        output,
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(command, exit_code, signal, timed_out, output, elapsed_ms, replayed)| {
+                HookReply::Ran(HookRan {
+                    command,
+                    exit_code,
+                    signal,
+                    timed_out,
+                    output,
+                    elapsed_ms,
+                    replayed,
+                })
+            },
+        );
+    let reply = prop_oneof![
+        ran,
+        "\\PC{0,300}".prop_map(|reason| HookReply::Refused { reason }),
+        (command(), "\\PC{0,300}")
+            .prop_map(|(command, reason)| HookReply::NotStarted { command, reason }),
+    ];
+    (node_name(), reply).prop_map(|(node, reply)| Message::HookDone { node, reply })
+}
+
 fn any_message() -> BoxedStrategy<Message> {
     prop_oneof![
         start(),
@@ -290,6 +361,8 @@ fn any_message() -> BoxedStrategy<Message> {
                 chunks
             }),
         (0..=MAX_ROUNDS).prop_map(|round| Message::Repaired { round }),
+        hook(),
+        hook_done(),
     ]
     .boxed()
 }
@@ -522,6 +595,16 @@ proptest! {
         )?;
     }
 
+    #[test]
+    fn hook_roundtrips(msg in hook(), extra in vec(any::<u8>(), 0..8)) {
+        check_message(&msg, &extra)?;
+    }
+
+    #[test]
+    fn hook_done_roundtrips(msg in hook_done(), extra in vec(any::<u8>(), 0..8)) {
+        check_message(&msg, &extra)?;
+    }
+
     /// Frames back to back on one stream decode one by one, each taking exactly its own bytes.
     #[test]
     fn a_stream_of_frames_decodes_in_order(msgs in vec(any_message(), 1..8)) {
@@ -612,7 +695,7 @@ fn every_kind_refuses_or_decodes_fixed_bodies_without_panicking() {
     for kind in 0..=u8::MAX {
         for body in bodies {
             let got = Message::decode(kind, &mut &body[..]);
-            if !(1..=14).contains(&kind) {
+            if !(1..=16).contains(&kind) {
                 assert_eq!(got, Err(DecodeError::UnknownKind(kind)));
             }
         }
@@ -667,6 +750,80 @@ fn have_and_need_lists_are_bounded_before_allocating() {
             chunks: vec![(0, 0)]
         })
     );
+}
+
+#[test]
+fn hook_output_is_bounded_and_keeps_its_end() {
+    // What the encoder sends: the last MAX_HOOK_OUTPUT bytes, cut at a character boundary.
+    let mut output = "first line\n".to_owned();
+    output.push_str(&"é".repeat(MAX_HOOK_OUTPUT));
+    output.push_str("\nthe error at the end");
+    let msg = Message::HookDone {
+        node: "east1".into(),
+        reply: HookReply::Ran(HookRan {
+            command: "x".into(),
+            exit_code: Some(1),
+            signal: None,
+            timed_out: false,
+            output,
+            elapsed_ms: 5,
+            replayed: false,
+        }),
+    };
+    let mut frame = msg.to_frame();
+    match decode_frame(&mut frame) {
+        Ok(Message::HookDone {
+            reply: HookReply::Ran(r),
+            ..
+        }) => {
+            assert!(r.output.len() <= MAX_HOOK_OUTPUT, "{}", r.output.len());
+            assert!(r.output.len() > MAX_HOOK_OUTPUT - 4);
+            assert!(r.output.ends_with("\nthe error at the end"));
+            assert!(!r.output.contains("first line"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // What a hostile peer declares: refused before anything is allocated for it.
+    let mut body = Vec::new();
+    body.extend_from_slice(&1u16.to_be_bytes());
+    body.push(b'e');
+    body.push(0);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    body.extend_from_slice(&u32::MAX.to_be_bytes());
+    let got = Message::decode(16, &mut &body[..]);
+    assert!(
+        matches!(
+            got,
+            Err(DecodeError::TooLarge {
+                what: "hook output",
+                ..
+            })
+        ),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn hook_flags_have_one_encoding() {
+    let hook = Message::Hook(Hook {
+        runbook: "r".into(),
+        step: 1,
+        action: "prepare".into(),
+        tool: Some("xtrabackup".into()),
+        service: None,
+        site: "east".into(),
+        dataset: None,
+    });
+    let frame = hook.to_frame();
+    let body = &frame[FRAME_HEADER_LEN..];
+    // version (2), runbook (2 + 1), step (4), action (2 + 7): then the tool's presence flag.
+    let flag = 2 + 3 + 4 + 9;
+    assert_eq!(body[flag], 1);
+    let mut bad = body.to_vec();
+    bad[flag] = 2;
+    let got = Message::decode(frame[0], &mut &bad[..]);
+    assert!(matches!(got, Err(DecodeError::Invalid { .. })), "{got:?}");
 }
 
 #[test]

@@ -94,6 +94,27 @@ pub enum BackupTool {
     Mariabackup,
 }
 
+impl BackupTool {
+    pub const ALL: [BackupTool; 2] = [BackupTool::Xtrabackup, BackupTool::Mariabackup];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackupTool::Xtrabackup => "xtrabackup",
+            BackupTool::Mariabackup => "mariabackup",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+impl fmt::Display for BackupTool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What a runbook asks a site or a host to do; a profile says how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HookAction {
@@ -158,6 +179,28 @@ impl HookAction {
     /// Every configuration key, in the order the docs list them.
     pub fn keys() -> impl Iterator<Item = &'static str> {
         KEYED.into_iter().map(HookAction::key)
+    }
+
+    /// The backup tool the action is for, if it is for one.
+    pub fn tool(self) -> Option<BackupTool> {
+        match self {
+            HookAction::Prepare(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The action a key and a tool name name (as a `Hook` message carries them): a tool
+    /// for the actions that need one, none for the others.
+    pub fn from_key_and_tool(key: &str, tool: Option<&str>) -> Option<Self> {
+        let actions = Self::for_key(key)?;
+        match tool {
+            None if actions.len() == 1 && actions[0].tool().is_none() => Some(actions[0]),
+            None => None,
+            Some(name) => {
+                let tool = BackupTool::from_name(name)?;
+                actions.iter().copied().find(|a| a.tool() == Some(tool))
+            }
+        }
     }
 
     /// The actions a configuration key configures (`prepare` configures both tools).
@@ -626,6 +669,17 @@ impl HookProfile {
         self.kind
     }
 
+    /// Whether the action's command uses `placeholder` (in an argument or its stdin): an
+    /// agent works out a value only when it is needed.
+    pub fn uses(&self, action: HookAction, placeholder: Placeholder) -> bool {
+        self.commands.get(&action).is_some_and(|c| {
+            c.argv
+                .iter()
+                .chain(c.stdin.as_ref())
+                .any(|t| t.0.contains(&Piece::Value(placeholder)))
+        })
+    }
+
     fn template(&self, action: HookAction) -> Result<&CommandTemplate, HookError> {
         // `new` fills in every action, so this only fails on a profile built some other way.
         self.commands.get(&action).ok_or(HookError::EmptyCommand {
@@ -651,6 +705,131 @@ impl HookProfile {
     ) -> Result<HookCommand, HookError> {
         self.template(action)?.render(ctx, true)
     }
+}
+
+/// A command as written in a `[hooks.commands]` table: `["prog", "arg"]`, or
+/// `{ argv = ["prog"], stdin = "..." }`.
+#[derive(Debug, Clone)]
+pub(crate) struct RawCommand {
+    pub argv: Vec<String>,
+    pub stdin: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawCommand {
+    // By hand rather than `untagged`, whose error says only that nothing matched.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        use serde::Deserialize;
+
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct WithStdin {
+            argv: Vec<String>,
+            stdin: Option<String>,
+        }
+
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawCommand;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an array of strings (the argv), or a table { argv = [...], stdin = \"...\" }",
+                )
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RawCommand, A::Error> {
+                let argv = Vec::deserialize(SeqAccessDeserializer::new(seq))?;
+                Ok(RawCommand { argv, stdin: None })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawCommand, A::Error> {
+                let w = WithStdin::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(RawCommand {
+                    argv: w.argv,
+                    stdin: w.stdin,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The `[hooks.commands]` table as written: command by action key, with where each is.
+pub(crate) type RawCommands = BTreeMap<toml::Spanned<String>, toml::Spanned<RawCommand>>;
+
+/// A `[hooks]` table that could not be used: what is wrong, and where in the file (a byte
+/// range, which the caller turns into a line number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TableError {
+    pub span: std::ops::Range<usize>,
+    pub message: String,
+}
+
+/// Builds the profile a `[hooks]` table describes (`profile` and `[hooks.commands]`): what
+/// the inventory and every agent's configuration share.
+pub(crate) fn profile_from_table(
+    profile: &toml::Spanned<String>,
+    commands: &RawCommands,
+) -> Result<HookProfile, TableError> {
+    let kind = ProfileKind::from_name(profile.get_ref()).ok_or_else(|| TableError {
+        span: profile.span(),
+        message: format!(
+            "[hooks] profile {:?} must be \"tungsten\" or \"custom\"",
+            profile.get_ref()
+        ),
+    })?;
+    let mut given = BTreeMap::new();
+    // In file order, so that the first mistake in the file is the one reported.
+    let mut in_order: Vec<_> = commands.iter().collect();
+    in_order.sort_by_key(|(k, _)| k.span().start);
+    for (key, cmd) in in_order {
+        let actions = HookAction::for_key(key.get_ref()).ok_or_else(|| TableError {
+            span: key.span(),
+            message: format!(
+                "[hooks.commands] {:?} is not an action (actions: {})",
+                key.get_ref(),
+                HookAction::keys().collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let RawCommand { argv, stdin } = cmd.get_ref();
+        for &action in actions {
+            let t =
+                CommandTemplate::parse(action, argv, stdin.as_deref()).map_err(|e| TableError {
+                    span: cmd.span(),
+                    message: format!("[hooks.commands] {}: {e}", key.get_ref()),
+                })?;
+            given.insert(action, t);
+        }
+    }
+    HookProfile::new(kind, given).map_err(|e| TableError {
+        span: profile.span(),
+        message: format!("[hooks] {e}"),
+    })
+}
+
+/// Shared by the tests of the configs that hold a `[hooks]` table.
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// A `[hooks.commands]` table with a command for every action, each recording its name.
+    pub const ALL_COMMANDS: &str = r#"policy_maintenance = ["/opt/rec", "policy-maintenance", "{site}"]
+policy_automatic = ["/opt/rec", "policy-automatic", "{site}"]
+routers_offline = ["/opt/rec", "routers-offline", "{site}"]
+routers_online = ["/opt/rec", "routers-online", "{site}"]
+replicator_offline = ["/opt/rec", "replicator-offline", "{service}"]
+replicator_reset = ["/opt/rec", "replicator-reset", "{service}"]
+replicator_online = ["/opt/rec", "replicator-online", "{service}"]
+database_stop = ["/opt/rec", "database-stop", "{datadir}"]
+database_start = ["/opt/rec", "database-start", "{datadir}"]
+prepare = { argv = ["/opt/rec", "prepare"], stdin = "{staging}\n" }
+mark_primary = ["/opt/rec", "mark-primary", "{host}"]
+"#;
 }
 
 #[cfg(test)]
@@ -951,6 +1130,36 @@ mod tests {
             p.preview(a, &ctx).unwrap().to_string(),
             "xtrabackup --prepare '--target-dir={staging}'"
         );
+    }
+
+    #[test]
+    fn actions_from_a_key_and_a_tool() {
+        assert_eq!(
+            HookAction::from_key_and_tool("replicator_reset", None),
+            Some(HookAction::ReplicatorReset)
+        );
+        assert_eq!(
+            HookAction::from_key_and_tool("prepare", Some("mariabackup")),
+            Some(HookAction::Prepare(BackupTool::Mariabackup))
+        );
+        // A tool where none belongs, none where one is needed, and unknown names.
+        assert_eq!(
+            HookAction::from_key_and_tool("replicator_reset", Some("xtrabackup")),
+            None
+        );
+        assert_eq!(HookAction::from_key_and_tool("prepare", None), None);
+        assert_eq!(HookAction::from_key_and_tool("prepare", Some("tar")), None);
+        assert_eq!(HookAction::from_key_and_tool("reboot", None), None);
+    }
+
+    #[test]
+    fn uses_sees_placeholders_in_arguments_and_stdin() {
+        let p = HookProfile::tungsten().unwrap();
+        let prep = HookAction::Prepare(BackupTool::Xtrabackup);
+        assert!(p.uses(prep, Placeholder::Staging));
+        assert!(!p.uses(prep, Placeholder::Datadir));
+        assert!(p.uses(HookAction::RoutersOffline, Placeholder::Service));
+        assert!(!p.uses(HookAction::DatabaseStop, Placeholder::Datadir));
     }
 
     #[test]

@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::hooks::{check_name, BackupTool, CommandTemplate, HookAction, HookProfile, ProfileKind};
+use super::hooks::{check_name, profile_from_table, BackupTool, HookProfile, RawCommands};
 use crate::certs::validate_node_name;
 use crate::config::{validate_dataset_name, ClusterConfig, NodeEntry};
 use crate::tls::TlsPaths;
@@ -231,58 +231,7 @@ struct RawDataset {
 struct RawHooks {
     profile: Spanned<String>,
     #[serde(default)]
-    commands: BTreeMap<Spanned<String>, Spanned<RawCommand>>,
-}
-
-/// A command: `["prog", "arg"]`, or `{ argv = ["prog"], stdin = "..." }`.
-struct RawCommand {
-    argv: Vec<String>,
-    stdin: Option<String>,
-}
-
-impl<'de> Deserialize<'de> for RawCommand {
-    // By hand rather than `untagged`, whose error says only that nothing matched.
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
-
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct WithStdin {
-            argv: Vec<String>,
-            stdin: Option<String>,
-        }
-
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = RawCommand;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(
-                    "an array of strings (the argv), or a table { argv = [...], stdin = \"...\" }",
-                )
-            }
-
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                seq: A,
-            ) -> Result<RawCommand, A::Error> {
-                let argv = Vec::deserialize(SeqAccessDeserializer::new(seq))?;
-                Ok(RawCommand { argv, stdin: None })
-            }
-
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<RawCommand, A::Error> {
-                let w = WithStdin::deserialize(MapAccessDeserializer::new(map))?;
-                Ok(RawCommand {
-                    argv: w.argv,
-                    stdin: w.stdin,
-                })
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
+    commands: RawCommands,
 }
 
 /// Turns byte offsets into line numbers for error messages.
@@ -290,8 +239,11 @@ struct Lines<'a>(&'a str);
 
 impl Lines<'_> {
     fn of<T>(&self, s: &Spanned<T>) -> Option<usize> {
-        let start = s.span().start;
-        let before = self.0.get(..start)?;
+        self.line_at(s.span().start)
+    }
+
+    fn line_at(&self, offset: usize) -> Option<usize> {
+        let before = self.0.get(..offset)?;
         Some(before.bytes().filter(|&b| b == b'\n').count() + 1)
     }
 }
@@ -588,40 +540,8 @@ impl Inventory {
                 "no [hooks] table: set profile = \"tungsten\" or \"custom\"".into(),
             ));
         };
-        let kind = ProfileKind::from_name(h.profile.get_ref()).ok_or_else(|| {
-            err(
-                lines.of(&h.profile),
-                format!(
-                    "[hooks] profile {:?} must be \"tungsten\" or \"custom\"",
-                    h.profile.get_ref()
-                ),
-            )
-        })?;
-        let mut given = BTreeMap::new();
-        for (key, cmd) in in_file_order(&h.commands) {
-            let actions = HookAction::for_key(key.get_ref()).ok_or_else(|| {
-                err(
-                    lines.of(key),
-                    format!(
-                        "[hooks.commands] {:?} is not an action (actions: {})",
-                        key.get_ref(),
-                        names(HookAction::keys())
-                    ),
-                )
-            })?;
-            let RawCommand { argv, stdin } = cmd.get_ref();
-            for &action in actions {
-                let t = CommandTemplate::parse(action, argv, stdin.as_deref()).map_err(|e| {
-                    err(
-                        lines.of(cmd),
-                        format!("[hooks.commands] {}: {e}", key.get_ref()),
-                    )
-                })?;
-                given.insert(action, t);
-            }
-        }
-        let hooks = HookProfile::new(kind, given)
-            .map_err(|e| err(lines.of(&h.profile), format!("[hooks] {e}")))?;
+        let hooks = profile_from_table(&h.profile, &h.commands)
+            .map_err(|e| err(lines.line_at(e.span.start), e.message))?;
 
         Ok(Inventory {
             tls: raw.tls,
@@ -695,6 +615,7 @@ impl Inventory {
 
 #[cfg(test)]
 mod tests {
+    use super::super::hooks::{HookAction, ProfileKind};
     use super::*;
 
     const TWO_SITES: &str = include_str!("testdata/two_sites.toml");

@@ -53,6 +53,12 @@ fn free_addr() -> SocketAddr {
 
 /// Starts east1 with one dataset, `data`, at `DIR/east1/data` (not created).
 pub async fn start_east1() -> Agent {
+    start_east1_with(|_, _| {}).await
+}
+
+/// Starts east1 as [`start_east1`] does, with its config changed by `edit` first (which gets
+/// the test's directory).
+pub async fn start_east1_with(edit: impl FnOnce(&Path, &mut AgentConfig)) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let nodes: Vec<String> = NODES.iter().map(|n| n.to_string()).collect();
     mover::certs::init(&dir.path().join("certs"), &nodes).unwrap();
@@ -65,14 +71,16 @@ pub async fn start_east1() -> Agent {
         },
     );
     std::fs::create_dir_all(dir.path().join("east1")).unwrap();
-    let cfg = AgentConfig {
+    let mut cfg = AgentConfig {
         node: "east1".into(),
         listen: addr,
         state_dir: dir.path().join("east1/state"),
         tls: tls(dir.path(), "east1"),
         datasets,
         workers: None,
+        hooks: None,
     };
+    edit(dir.path(), &mut cfg);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         mover::agent::run(cfg, async {
