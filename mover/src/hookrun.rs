@@ -335,6 +335,9 @@ async fn run_step(ctx: &Ctx, hook: &Hook) -> Result<HookReply, String> {
     let what = format!("step {} of runbook {}", hook.step, hook.runbook);
     match ctx.ledger.prior(&hook.runbook, hook.step) {
         Err(e) => return Err(format!("{what}: {e}")),
+        // A step that failed runs again when asked again: the runbook stopped at it, and the
+        // operator resumed after fixing the cause.
+        Ok(Prior::Finished(f)) if f.request == request && !f.result.succeeded() => {}
         Ok(Prior::Finished(f)) if f.request == request => {
             return Ok(HookReply::Ran(HookRan {
                 command: f.result.command,

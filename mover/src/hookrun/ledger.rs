@@ -6,7 +6,9 @@
 //! directory) once the command has ended. Before the command starts, the same request goes to
 //! `<runbook>.<step>.started`, removed once the result is recorded: a step found started but
 //! not finished was cut short by the agent stopping (or the host failing) and may have done
-//! part of its work, so it is not run again without an operator's say.
+//! part of its work, so it is not run again without an operator's say. A step whose command
+//! failed is run again when asked again (its record replaced): the runbook stopped there, and
+//! asking again is the operator resuming it after fixing the cause.
 
 use std::collections::HashMap;
 use std::io::Write;
