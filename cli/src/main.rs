@@ -3,13 +3,14 @@
 
 mod demo;
 mod report;
+mod runbook;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use mover::config::{validate_dataset_name, AgentConfig, ClusterConfig};
+use mover::config::{validate_dataset_name, AgentConfig};
 use mover::controller::{NodeDataset, SendRequest};
 use mover_protocol::Topology;
 
@@ -27,12 +28,15 @@ pub mod exit {
     pub const FAILED: u8 = 4;
     /// The demo's verification found a target that differs from the source.
     pub const MISMATCH: u8 = 5;
+    /// A runbook was stopped (Ctrl-C, SIGTERM) before its end: resume it.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 const AFTER_HELP: &str = "\
 Exit status: 0 every target committed; 1 error before any transfer (config, certificates,
-unreachable source); 2 bad usage; 3 partial (some targets failed); 4 no target committed;
-5 the demo found a difference between a target and the source.";
+unreachable source, a site held by another runbook); 2 bad usage; 3 partial (some targets
+failed); 4 no target committed, or a runbook step failed; 5 the demo found a difference
+between a target and the source; 130 a runbook was interrupted (resume it).";
 
 /// Rebuild database nodes fast: stream a data directory from one node to many, verified.
 #[derive(Parser)]
@@ -74,6 +78,24 @@ enum Command {
         after_help = "Examples:\n  mover send --cluster cluster.toml --from west1:mysql --to east1,east2,east3\n  mover send --cluster cluster.toml --from west1:mysql --to east1:restore --topology star --json\n\nExit status: 0 all committed, 1 not started, 3 partial, 4 none committed."
     )]
     Send(SendArgs),
+    /// Rebuild a whole site from another: maintenance, routers offline, replicators reset,
+    /// one chained transfer to every host of the site, everything back online. Journalled.
+    #[command(
+        name = "reseed-site",
+        after_help = "Example:\n  mover reseed-site --cluster cluster.toml --from west --site east --dry-run\n  mover reseed-site --cluster cluster.toml --from west --site east --source west2\n\nA failed step stops the runbook and prints how to resume it; see `mover runbook`."
+    )]
+    ReseedSite(runbook::ReseedSiteArgs),
+    /// Rebuild hosts from a source, tprovision-style, in one chained transfer. Journalled.
+    #[command(after_help = runbook::PROVISION_HELP)]
+    Provision(runbook::ProvisionArgs),
+    /// List, show, resume or abandon runbooks (reseed-site, provision) in the journal.
+    #[command(
+        after_help = "Examples:\n  mover runbook list\n  mover runbook show reseed-east-20261122-041502-ab3x\n  mover runbook resume reseed-east-20261122-041502-ab3x"
+    )]
+    Runbook {
+        #[command(subcommand)]
+        command: runbook::RunbookCommand,
+    },
     /// Run a local example: four agents on loopback, a generated data directory, a chained
     /// transfer west1 -> east1 -> east2 -> east3, and a check of every target.
     #[command(after_help = "Example:\n  mover demo --size 256M")]
@@ -285,7 +307,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Send(args) => {
-            let cluster = ClusterConfig::load(&args.cluster)?;
+            let cluster = runbook::load_cluster(&args.cluster)?;
             let source = parse_node_dataset(&args.from, None).context("--from")?;
             let targets = args
                 .to
@@ -299,6 +321,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             report::print_summary(&summary, args.json);
             Ok(report::exit_code(&summary))
         }
+        Command::ReseedSite(args) => runbook::reseed_site(args),
+        Command::Provision(args) => runbook::provision(args),
+        Command::Runbook { command } => runbook::runbook(command),
         Command::Demo(args) => demo::run(args),
         Command::Sample {
             out,

@@ -5,6 +5,7 @@
 //! [`Runbook`] step by step; agents render and run hook commands from their own copy of the
 //! profile, so nothing received over the network is ever a command line.
 
+pub mod cluster;
 pub mod exec;
 pub mod hooks;
 pub mod inventory;
