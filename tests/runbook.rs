@@ -589,3 +589,58 @@ fn rollback_undoes_what_a_failed_runbook_left_changed() {
     let out = c.reseed(&["--dry-run"]);
     assert!(out.status.success());
 }
+
+#[test]
+fn ctrl_c_interrupts_a_runbook_which_resume_then_finishes() {
+    let mut c = TwoSites::setup("4M");
+    let record = c.record();
+    let slow = c.script("slow", &format!("sleep 3\nexec {record} \"$@\""));
+    c.set_hook(
+        "east1",
+        "routers_offline",
+        &[&slow, "routers_offline", "{site}"],
+    );
+    c.start_agents();
+    let child = c.spawn_reseed();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c
+        .actions("east1")
+        .iter()
+        .any(|a| a == "policy_maintenance east")
+    {
+        assert!(Instant::now() < deadline, "the runbook did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on a child we started and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let ev = events(&stdout(&out));
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "stopping" && e["in_flight"] == serde_json::json!([2])),
+        "{ev:?}"
+    );
+    let id = ev[0]["runbook"].as_str().unwrap().to_owned();
+    // Step 2 was cut off at the controller, but its hook finished on east1 and was recorded:
+    // resume gets that result back instead of running it again.
+    std::thread::sleep(Duration::from_secs(4));
+    let out = c.mover(&["runbook", "resume", &id, "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let ev = events(&stdout(&out));
+    let step2 = ev
+        .iter()
+        .find(|e| e["event"] == "step_done" && e["step"] == 2)
+        .unwrap();
+    assert_eq!(step2["detail"]["replayed"], true, "{step2}");
+    c.assert_rebuilt();
+}

@@ -403,7 +403,14 @@ struct Reporter {
     steps: usize,
     summaries: Vec<mover::controller::Summary>,
     width: usize,
+    /// A transfer's size, each target's bytes so far, and when progress was last printed.
+    total: u64,
+    arrived: std::collections::BTreeMap<String, u64>,
+    printed: Instant,
 }
+
+/// How often a running transfer's progress is printed.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Reporter {
     fn new(json: bool, steps: usize) -> Self {
@@ -412,6 +419,9 @@ impl Reporter {
             steps,
             summaries: Vec::new(),
             width: steps.to_string().len(),
+            total: 0,
+            arrived: Default::default(),
+            printed: Instant::now(),
         }
     }
 
@@ -522,11 +532,34 @@ impl Reporter {
                     "  [{step:>w$}/{n}]   {node} {}",
                     if *committed { "committed" } else { "FAILED" }
                 )),
-                TransferProgress::Scanned { total_bytes } => line(&format!(
-                    "  [{step:>w$}/{n}]   source scanned: {}",
-                    human_bytes(*total_bytes)
-                )),
-                TransferProgress::Progress { .. } => {}
+                TransferProgress::Scanned { total_bytes } => {
+                    self.total = *total_bytes;
+                    self.arrived.clear();
+                    self.printed = Instant::now();
+                    line(&format!(
+                        "  [{step:>w$}/{n}]   source scanned: {}",
+                        human_bytes(*total_bytes)
+                    ))
+                }
+                TransferProgress::Progress { node, bytes } => {
+                    self.arrived.insert(node.clone(), *bytes);
+                    if self.printed.elapsed() >= PROGRESS_EVERY {
+                        self.printed = Instant::now();
+                        let each: Vec<String> = self
+                            .arrived
+                            .iter()
+                            .map(|(node, b)| {
+                                let pct = (100 * b).checked_div(self.total).unwrap_or(100);
+                                format!("{node} {} ({pct}%)", human_bytes(*b))
+                            })
+                            .collect();
+                        line(&format!(
+                            "  [{step:>w$}/{n}]   of {}: {}",
+                            human_bytes(self.total),
+                            each.join(", ")
+                        ));
+                    }
+                }
             },
             ExecEvent::Stopping { in_flight } => {
                 let steps: Vec<String> = in_flight.iter().map(u32::to_string).collect();
