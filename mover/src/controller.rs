@@ -285,6 +285,7 @@ pub async fn send(
         chunk_size: req.chunk_size,
         compress: req.compress,
         connections: req.connections,
+        method: mover_protocol::Method::Files,
         plan: plan.clone(),
         grant: Grant {
             controller_cert: identity.cert_der().to_vec(),

@@ -86,6 +86,7 @@ async fn run_inner(
         transfer_id: start.transfer_id,
         chunk_size: start.chunk_size,
         connections: start.connections,
+        method: start.method,
         plan: start.plan.clone(),
         grant: start.grant.clone(),
     };
