@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use mover::config::{validate_dataset_name, AgentConfig};
 use mover::controller::{NodeDataset, SendRequest};
+use mover::orchestrate::Method;
 use mover_protocol::Topology;
 
 /// Exit codes, documented in the README and in `--help`.
@@ -143,9 +144,17 @@ pub(crate) struct SendArgs {
     to: Vec<String>,
     #[command(flatten)]
     tuning: Tuning,
+    /// files (the data directory as it is), or xtrabackup / mariabackup (a backup made by the
+    /// source's `backup` hook, prepared by each target's `prepare` hook before it commits).
+    #[arg(long, default_value = "files", value_parser = parse_method)]
+    method: Method,
     /// Print the summary as JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    Method::from_name(s).ok_or_else(|| format!("{s:?}: use files, xtrabackup or mariabackup"))
 }
 
 /// Transfer tuning shared by `send` and `demo`.
@@ -250,6 +259,7 @@ impl Tuning {
             chunk_size,
             compress: self.compress,
             connections,
+            method: Method::Files,
         })
     }
 }
@@ -315,7 +325,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 .map(|t| parse_node_dataset(t, Some(&source.dataset)))
                 .collect::<anyhow::Result<Vec<_>>>()
                 .context("--to")?;
-            let req = args.tuning.request(source, targets)?;
+            let req = SendRequest {
+                method: args.method,
+                ..args.tuning.request(source, targets)?
+            };
             let summary =
                 runtime()?.block_on(report::send_with_progress(&cluster, &req, args.json))?;
             report::print_summary(&summary, args.json);

@@ -5,8 +5,8 @@ use std::fs;
 use std::path::Path;
 
 use mover_protocol::{
-    Chunk, Encoding, Entry, EntryKind, Grant, Hook, HookRan, HookReply, Message, Open, Outcome,
-    Plan, PlanNode, Start, Topology,
+    Chunk, Encoding, Entry, EntryKind, Grant, Hook, HookRan, HookReply, Message, Method, Open,
+    Outcome, Plan, PlanNode, Start, Topology,
 };
 
 fn node(name: &str) -> PlanNode {
@@ -46,6 +46,7 @@ fn main() -> std::io::Result<()> {
             chunk_size: 4 << 20,
             compress: 1,
             connections: 4,
+            method: Method::Xtrabackup,
             plan: plan(Topology::Chain),
             grant: grant.clone(),
         }),
@@ -53,6 +54,7 @@ fn main() -> std::io::Result<()> {
             transfer_id: 7,
             chunk_size: 1 << 16,
             connections: 1,
+            method: Method::Files,
             plan: plan(Topology::Tree(2)),
             grant,
         }),

@@ -147,6 +147,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         path: cfg.state_dir.display().to_string(),
         source,
     })?;
+    crate::backup::remove_leftovers(&cfg.state_dir);
     let transport = Arc::new(crate::net::transport_config());
     let server = crate::tls::server_config(&identity, transport.clone())?;
     let client = crate::tls::client_config(&identity, transport)?;

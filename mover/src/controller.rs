@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::config::ClusterConfig;
 use crate::error::LinkError;
 use crate::frame::{read_message, write_message};
+use crate::orchestrate::Method;
 use crate::tls::Identity;
 
 /// How long a grant stays valid. Long enough that no transfer outlives it (a relay that
@@ -70,6 +71,10 @@ pub struct SendRequest {
     /// zstd level, 0 for none.
     pub compress: u8,
     pub connections: u8,
+    /// `Files` sends the dataset's directory; `Xtrabackup` and `Mariabackup` send a backup
+    /// made by the source's `backup` hook, which each target's `prepare` hook finishes before
+    /// it commits (see the agent config's `[hooks]`).
+    pub method: Method,
 }
 
 /// Something that happened during a transfer, for progress displays.
@@ -260,6 +265,15 @@ pub fn plan(cluster: &ClusterConfig, req: &SendRequest) -> Result<Plan, ControlE
     Plan::build(source, targets, req.topology).map_err(|e| ControlError::Plan(e.to_string()))
 }
 
+/// The method as the protocol carries it.
+fn wire_method(m: Method) -> mover_protocol::Method {
+    match m {
+        Method::Files => mover_protocol::Method::Files,
+        Method::Xtrabackup => mover_protocol::Method::Xtrabackup,
+        Method::Mariabackup => mover_protocol::Method::Mariabackup,
+    }
+}
+
 /// Runs a transfer and follows it until every target reports. `on_event` sees progress.
 pub async fn send(
     cluster: &ClusterConfig,
@@ -285,6 +299,7 @@ pub async fn send(
         chunk_size: req.chunk_size,
         compress: req.compress,
         connections: req.connections,
+        method: wire_method(req.method),
         plan: plan.clone(),
         grant: Grant {
             controller_cert: identity.cert_der().to_vec(),

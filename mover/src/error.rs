@@ -126,8 +126,40 @@ pub enum TransferError {
     Unrepaired { missing: u64, rounds: u32 },
     #[error("every target dropped out")]
     NoTargetsLeft,
+    /// A backup method's hook that this agent's config does not let it run.
+    #[error("{action} cannot run: {reason}")]
+    HookUnavailable { action: String, reason: String },
+    #[error("{action} could not start `{command}`: {reason}")]
+    HookNotStarted {
+        action: String,
+        command: String,
+        reason: String,
+    },
+    #[error(
+        "{action} failed: `{command}` {status}; {consequence}{}",
+        quoted_output(output)
+    )]
+    HookFailed {
+        action: String,
+        command: String,
+        status: String,
+        /// The end of what it wrote.
+        output: String,
+        /// What the failure means for the transfer.
+        consequence: &'static str,
+    },
     #[error("internal: {0}")]
     Internal(String),
+}
+
+fn quoted_output(output: &str) -> String {
+    if output.is_empty() {
+        " (it wrote nothing)".into()
+    } else {
+        // Indented, so that it reads as a quote under the line that names the command.
+        let quoted: String = output.lines().map(|l| format!("\n    {l}")).collect();
+        format!("; its output ended with:{quoted}")
+    }
 }
 
 impl TransferError {

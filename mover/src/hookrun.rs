@@ -330,6 +330,11 @@ async fn run_step(ctx: &Ctx, hook: &Hook) -> Result<HookReply, String> {
                 HookAction::keys().collect::<Vec<_>>().join(", ")
             )
         })?;
+    if let HookAction::Backup(tool) = action {
+        return Err(format!(
+            "backup runs only inside a transfer: send with the {tool} method instead"
+        ));
+    }
     let request = Request::of(hook);
     let _step = ctx.ledger.lock(&hook.runbook, hook.step).await;
     let what = format!("step {} of runbook {}", hook.step, hook.runbook);

@@ -5,6 +5,7 @@
 //! local disk.
 
 pub mod agent;
+pub(crate) mod backup;
 pub(crate) mod basis;
 pub mod certs;
 pub mod chunk;

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::agent::Ctx;
+use crate::backup::Prepared;
 use crate::basis::{self, Record, Recorded};
 use crate::error::{LinkError, TransferError};
 use crate::frame::{read_frame_pooled, read_message};
@@ -262,6 +263,8 @@ struct Stage {
     record_path: std::path::PathBuf,
     /// Chunks of an interrupted run found damaged while seeding.
     damaged: u64,
+    /// What runs on the verified copy before it is committed (a backup method's `prepare`).
+    prepare: Option<Prepared>,
 }
 
 impl Receive<'_> {
@@ -314,13 +317,26 @@ impl Receive<'_> {
             })??;
         let manifest = Arc::new(manifest);
 
+        // A backup method's copy is prepared before its commit, by this agent's own hook:
+        // one that cannot be run fails this node before any data arrives.
+        let before_commit = crate::backup::tool(self.open.method)
+            .map(|tool| crate::backup::prepare_command(ctx, tool, dataset, &dest))
+            .transpose();
         let (state_dir, m2, label) = (ctx.cfg.state_dir.clone(), manifest.clone(), dataset.clone());
         let (chunk_size, threads) = (self.open.chunk_size, ctx.cfg.workers());
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare(&state_dir, &dest, &label, m2, chunk_size, threads)
-        })
-        .await
-        .map_err(|e| TransferError::Internal(e.to_string()))?;
+        let prepared = match before_commit {
+            Err(e) => Err(e),
+            Ok(before_commit) => tokio::task::spawn_blocking(move || {
+                prepare(&state_dir, &dest, &label, m2, chunk_size, threads).map(
+                    |(mut stage, seeded)| {
+                        stage.prepare = before_commit;
+                        (stage, seeded)
+                    },
+                )
+            })
+            .await
+            .map_err(|e| TransferError::Internal(e.to_string()))?,
+        };
         let mut tracker = Tracker::new(&manifest, self.open.chunk_size);
         let (mut stage, own_failure) = match prepared {
             Ok((mut stage, seeded)) => {
@@ -552,11 +568,12 @@ impl Receive<'_> {
             let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
             (t.bytes_done(), t.files_done(), t.held_bytes())
         };
+        let prepare = stage.as_mut().and_then(|s| s.prepare.take());
         let staging = stage
             .as_mut()
             .and_then(|s| s.staging.take())
             .ok_or_else(|| TransferError::Internal("no staging area".into()))?;
-        commit(staging).await?;
+        commit(staging, prepare).await?;
         self.ctx.note_committed(self.open.transfer_id);
         tracing::info!(bytes, files, "committed");
         let _ = self
@@ -833,6 +850,7 @@ fn prepare(
                 record: Arc::new(record),
                 record_path,
                 damaged: 0,
+                prepare: None,
             },
             seeded,
         )),
@@ -857,17 +875,57 @@ async fn sole(mut staging: Arc<Staging>) -> Option<Staging> {
     None
 }
 
-async fn commit(staging: Arc<Staging>) -> Result<(), TransferError> {
+/// What a failed `prepare` means for this node.
+const NOT_PREPARED: &str = "nothing was committed here and the old data is untouched";
+
+/// Makes the verified staging area durable and swaps it into place; with `prepare`, runs it on
+/// the finished tree first, and commits nothing (removing the copy) if it fails.
+async fn commit(staging: Arc<Staging>, prepare: Option<Prepared>) -> Result<(), TransferError> {
     let staging = sole(staging)
         .await
         .ok_or_else(|| TransferError::Internal("staging area still in use at commit".into()))?;
-    tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
-        staging.finalize()?;
+    let (staging, finalized) = blocking(move || {
+        let r = staging.finalize();
+        (staging, r)
+    })
+    .await?;
+    finalized?;
+    let prepared = prepare.is_some();
+    if let Some(prepare) = prepare {
+        // The tool works on the tree as it will be, modes and links in place.
+        if let Err(e) = prepare.run(NOT_PREPARED).await {
+            let path = staging.path().to_owned();
+            match blocking(move || staging.abort()).await {
+                Ok(Ok(())) => {
+                    tracing::info!(path = %path.display(), "removed the copy that failed to prepare")
+                }
+                Ok(Err(rm)) => {
+                    tracing::warn!(path = %path.display(), error = %rm, "could not remove a copy that failed to prepare")
+                }
+                Err(rm) => {
+                    tracing::warn!(path = %path.display(), error = %rm, "could not remove a copy that failed to prepare")
+                }
+            }
+            return Err(e);
+        }
+    }
+    blocking(move || -> Result<(), TransferError> {
+        if prepared {
+            // What the tool changed must be on disk before the swap.
+            staging.sync()?;
+        }
         staging.commit()?;
         Ok(())
     })
-    .await
-    .map_err(|e| TransferError::Internal(e.to_string()))?
+    .await?
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, TransferError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TransferError::Internal(e.to_string()))
 }
 
 /// Waits for every write in flight (each holds a worker permit).

@@ -43,21 +43,30 @@ struct Totals {
 pub(crate) async fn run(ctx: Arc<Ctx>, start: Start, up: Up) {
     let plan = Arc::new(start.plan.clone());
     let targets: Vec<usize> = (1..plan.nodes().len()).collect();
-    if let Err(e) = run_inner(&ctx, start, plan.clone(), up.clone()).await {
+    let result = async {
+        let (root, backup) = source_root(&ctx, &start).await?;
+        let sent = run_inner(&ctx, start, plan.clone(), up.clone(), root).await;
+        if let Some(b) = backup {
+            b.remove().await;
+        }
+        sent
+    }
+    .await;
+    if let Err(e) = result {
         tracing::warn!(error = %e, "transfer failed at the source");
         let reason = format!("source {} failed: {e}", ctx.node);
         link::report_failed(&up, &plan, &targets, &reason, e.retryable()).await;
     }
 }
 
-async fn run_inner(
-    ctx: &Arc<Ctx>,
-    start: Start,
-    plan: Arc<mover_protocol::Plan>,
-    up: Up,
-) -> Result<(), TransferError> {
-    let dataset = &plan.source().dataset;
-    let root = ctx
+/// The directory to send: the dataset's own, or for a backup method a backup of it that this
+/// agent's `backup` hook makes (and the caller removes at the end).
+async fn source_root(
+    ctx: &Ctx,
+    start: &Start,
+) -> Result<(PathBuf, Option<crate::backup::Backup>), TransferError> {
+    let dataset = &start.plan.source().dataset;
+    let path = ctx
         .cfg
         .datasets
         .get(dataset)
@@ -67,6 +76,22 @@ async fn run_inner(
         })?
         .path
         .clone();
+    match crate::backup::tool(start.method) {
+        None => Ok((path, None)),
+        Some(tool) => {
+            let b = crate::backup::Backup::take(ctx, tool, &path, start.transfer_id).await?;
+            Ok((b.dir.clone(), Some(b)))
+        }
+    }
+}
+
+async fn run_inner(
+    ctx: &Arc<Ctx>,
+    start: Start,
+    plan: Arc<mover_protocol::Plan>,
+    up: Up,
+    root: PathBuf,
+) -> Result<(), TransferError> {
     let scan_root = root.clone();
     let scan = tokio::task::spawn_blocking(move || crate::scan::scan(&scan_root))
         .await
@@ -86,6 +111,7 @@ async fn run_inner(
         transfer_id: start.transfer_id,
         chunk_size: start.chunk_size,
         connections: start.connections,
+        method: start.method,
         plan: start.plan.clone(),
         grant: start.grant.clone(),
     };

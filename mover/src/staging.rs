@@ -349,6 +349,14 @@ impl Staging {
             self.set_mode_and_mtime(e, libc::O_DIRECTORY)?;
         }
 
+        self.sync()?;
+        self.finalized.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes the whole tree durable, as it is now (after a finalized tree was changed in
+    /// place, by a backup tool's prepare step say).
+    pub fn sync(&self) -> Result<(), StagingError> {
         // One syncfs flushes every file and directory of the tree in a single pass; an fsync
         // per entry would cost thousands of journal commits. It also flushes unrelated dirty
         // data on the same filesystem, which is harmless. Since Linux 5.8 it reports
@@ -362,7 +370,6 @@ impl Staging {
                 io::Error::last_os_error(),
             ));
         }
-        self.finalized.store(true, Ordering::Release);
         Ok(())
     }
 

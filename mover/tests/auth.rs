@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use mover_protocol::{Chunk, Grant, Message, Open, Outcome, Plan, Start};
+use mover_protocol::{Chunk, Grant, Message, Method, Open, Outcome, Plan, Start};
 
 /// Puts a file in east1's `data` dataset, for tests that check nothing of it leaks.
 fn secret(agent: &Agent) -> std::path::PathBuf {
@@ -38,6 +38,7 @@ fn start_frame(agent: &Agent, plan: Plan) -> Bytes {
         chunk_size: open.chunk_size,
         compress: 1,
         connections: open.connections,
+        method: Method::Files,
         plan: open.plan,
         grant: open.grant,
     })
@@ -295,6 +296,7 @@ async fn a_node_cannot_push_a_dataset_that_no_controller_started() {
         transfer_id: TRANSFER,
         chunk_size: 1 << 16,
         connections: 1,
+        method: Method::Files,
         plan: plan_from_east2(&agent),
         grant: Grant::default(),
     };
@@ -310,6 +312,7 @@ async fn a_grant_signed_by_a_node_key_is_refused() {
         transfer_id: TRANSFER,
         chunk_size: 1 << 16,
         connections: 1,
+        method: Method::Files,
         plan: plan_from_east2(&agent),
         grant: Grant::default(),
     };
@@ -350,6 +353,7 @@ async fn a_grant_of_another_clusters_controller_is_refused() {
         transfer_id: TRANSFER,
         chunk_size: 1 << 16,
         connections: 1,
+        method: Method::Files,
         plan: plan_from_east2(&agent),
         grant: Grant {
             controller_cert: foreign.cert_der().to_vec(),

@@ -508,6 +508,11 @@ async fn hostile_values_are_refused_and_nothing_runs() {
             other => panic!("{other:?}"),
         }
     }
+    // A backup runs only inside a transfer of a backup method.
+    let mut backup = call(31, HookAction::Backup(BackupTool::Xtrabackup));
+    backup.dataset = Some("data".into());
+    let reason = refusal(call_hook(&c, "east1", &backup).await.unwrap_err());
+    assert!(reason.contains("only inside a transfer"), "{reason}");
     assert!(log(&agent).is_empty(), "something ran: {:?}", log(&agent));
     assert!(!agent.path().join("x").exists());
     agent.stop().await;

@@ -17,6 +17,13 @@
 //! All peers authenticate with certificates from one cluster CA (mutual TLS, in QUIC); a node's
 //! certificate names it, and a dialer checks that name.
 //!
+//! A transfer's [`Method`] says what is sent. `files`: the dataset's directory as it is.
+//! `xtrabackup` or `mariabackup`: the source first runs its own `backup` hook into a fresh
+//! directory and sends that; each target (and relay, for its own copy) runs its own `prepare`
+//! hook on the verified copy in its staging area before it commits, and commits nothing if
+//! that fails. Hooks are each agent's own configuration: the method names a tool, never a
+//! command.
+//!
 //! # Grants
 //!
 //! Only the controller may start a transfer, and a target must be able to tell that it did
@@ -102,7 +109,8 @@
 //! `Start`, `Open` and `Hook` carry [`PROTOCOL_VERSION`]; a peer that speaks another version
 //! is refused with an error naming both. New message kinds get new numbers; unknown kinds are
 //! errors, never ignored. Version 2 added `Have`, `Need` and `Repaired`; version 3 added the
-//! grant to `Start` and `Open`; version 4 added `Hook` and `HookDone`. The version is also
+//! grant to `Start` and `Open`; version 4 added `Hook` and `HookDone`; version 5 added the
+//! method to `Start`, `Open` and the grant. The version is also
 //! part of the signed grant bytes, so a grant made for one version is no good for another.
 
 pub mod codec;
@@ -115,8 +123,8 @@ pub mod receive;
 pub use codec::{DecodeError, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use manifest::{Entry, EntryKind, Manifest, ManifestBuilder, ManifestError};
 pub use message::{
-    grant_bytes, Chunk, Encoding, Grant, Held, Hook, HookRan, HookReply, Message, Open, Outcome,
-    Start, PROTOCOL_VERSION,
+    grant_bytes, Chunk, Encoding, Grant, Held, Hook, HookRan, HookReply, Message, Method, Open,
+    Outcome, Start, PROTOCOL_VERSION,
 };
 pub use plan::{Plan, PlanNode, Topology};
 pub use receive::{Admit, ChunkError, Tracker};

@@ -10,7 +10,7 @@ use crate::manifest::Entry;
 use crate::plan::{Plan, MAX_NAME};
 
 /// The protocol version this build speaks. Start and Open carry it; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Longest failure reason carried in a report.
 pub const MAX_REASON: usize = 4096;
 /// Most entries in one manifest part (parts also respect the frame length bound).
@@ -40,6 +40,58 @@ pub enum Encoding {
     Zstd,
 }
 
+/// How the source makes what it sends, and what each target does with its copy before it
+/// commits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// The dataset's directory as it is (stopped, or a snapshot).
+    #[default]
+    Files,
+    /// A backup that the source's `backup` hook makes with xtrabackup into a directory of its
+    /// own, which is sent; each target runs its `prepare` hook on its copy before it commits.
+    Xtrabackup,
+    /// As `Xtrabackup`, with mariabackup.
+    Mariabackup,
+}
+
+impl Method {
+    pub const ALL: [Method; 3] = [Method::Files, Method::Xtrabackup, Method::Mariabackup];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Files => "files",
+            Method::Xtrabackup => "xtrabackup",
+            Method::Mariabackup => "mariabackup",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Method::Files => 0,
+            Method::Xtrabackup => 1,
+            Method::Mariabackup => 2,
+        }
+    }
+
+    fn decode(body: &mut impl Buf) -> Result<Self, DecodeError> {
+        match get_u8(body, "method")? {
+            0 => Ok(Method::Files),
+            1 => Ok(Method::Xtrabackup),
+            2 => Ok(Method::Mariabackup),
+            m => Err(DecodeError::Invalid {
+                what: "method",
+                why: format!("unknown method {m}"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Controller -> source: start a transfer of `dataset` along `plan`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Start {
@@ -49,6 +101,7 @@ pub struct Start {
     pub compress: u8,
     /// QUIC connections per hop.
     pub connections: u8,
+    pub method: Method,
     pub plan: Plan,
     /// The controller's signature of this transfer, which the source copies into `Open`.
     pub grant: Grant,
@@ -61,6 +114,7 @@ impl Start {
             self.transfer_id,
             self.chunk_size,
             self.connections,
+            self.method,
             self.grant.not_after_unix,
             &self.plan,
         )
@@ -73,6 +127,7 @@ pub struct Open {
     pub transfer_id: u64,
     pub chunk_size: u32,
     pub connections: u8,
+    pub method: Method,
     pub plan: Plan,
     /// The controller's signature of this transfer, as it came in `Start`; a target checks it
     /// before it acts on the `Open`.
@@ -86,6 +141,7 @@ impl Open {
             self.transfer_id,
             self.chunk_size,
             self.connections,
+            self.method,
             self.grant.not_after_unix,
             &self.plan,
         )
@@ -120,7 +176,7 @@ impl Grant {
 }
 
 /// The exact bytes a grant signs: [`GRANT_DOMAIN`], the protocol version, the transfer's
-/// parameters, the expiry, and every node of the plan (name, address, dataset and parent, in
+/// parameters (the method among them), the expiry, and every node of the plan (name, address, dataset and parent, in
 /// plan order, so node 0 is the source), each string length-prefixed.
 ///
 /// The whole tree is signed. A relay that links past a dead node sends the same plan, and a
@@ -130,6 +186,7 @@ pub fn grant_bytes(
     transfer_id: u64,
     chunk_size: u32,
     connections: u8,
+    method: Method,
     not_after_unix: u64,
     plan: &Plan,
 ) -> Vec<u8> {
@@ -139,6 +196,7 @@ pub fn grant_bytes(
     buf.put_u64(transfer_id);
     buf.put_u32(chunk_size);
     buf.put_u8(connections);
+    buf.put_u8(method.code());
     buf.put_u64(not_after_unix);
     buf.put_u16(plan.nodes().len() as u16);
     for n in plan.nodes() {
@@ -400,6 +458,7 @@ impl Message {
                 buf.put_u32(s.chunk_size);
                 buf.put_u8(s.compress);
                 buf.put_u8(s.connections);
+                buf.put_u8(s.method.code());
                 s.plan.encode(buf);
                 s.grant.encode(buf);
             }
@@ -408,6 +467,7 @@ impl Message {
                 buf.put_u64(o.transfer_id);
                 buf.put_u32(o.chunk_size);
                 buf.put_u8(o.connections);
+                buf.put_u8(o.method.code());
                 o.plan.encode(buf);
                 o.grant.encode(buf);
             }
@@ -554,6 +614,7 @@ impl Message {
                     chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
                     compress: check_level(get_u8(body, "compression level")?)?,
                     connections: check_connections(get_u8(body, "connections")?)?,
+                    method: Method::decode(body)?,
                     plan: Plan::decode(body)?,
                     grant: Grant::decode(body)?,
                 })
@@ -564,6 +625,7 @@ impl Message {
                     transfer_id: get_u64(body, "transfer id")?,
                     chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
                     connections: check_connections(get_u8(body, "connections")?)?,
+                    method: Method::decode(body)?,
                     plan: Plan::decode(body)?,
                     grant: Grant::decode(body)?,
                 })
@@ -967,7 +1029,7 @@ mod tests {
     }
 
     fn bytes(plan: &Plan) -> Vec<u8> {
-        grant_bytes(7, 1 << 20, 4, 1000, plan)
+        grant_bytes(7, 1 << 20, 4, Method::Files, 1000, plan)
     }
 
     #[test]
@@ -982,10 +1044,12 @@ mod tests {
         let base = plan(Topology::Chain);
         let ours = bytes(&base);
         let mut changed = vec![
-            grant_bytes(8, 1 << 20, 4, 1000, &base),
-            grant_bytes(7, 1 << 21, 4, 1000, &base),
-            grant_bytes(7, 1 << 20, 5, 1000, &base),
-            grant_bytes(7, 1 << 20, 4, 1001, &base),
+            grant_bytes(8, 1 << 20, 4, Method::Files, 1000, &base),
+            grant_bytes(7, 1 << 21, 4, Method::Files, 1000, &base),
+            grant_bytes(7, 1 << 20, 5, Method::Files, 1000, &base),
+            grant_bytes(7, 1 << 20, 4, Method::Xtrabackup, 1000, &base),
+            grant_bytes(7, 1 << 20, 4, Method::Mariabackup, 1000, &base),
+            grant_bytes(7, 1 << 20, 4, Method::Files, 1001, &base),
         ];
         let edits: [fn(&mut PlanNode); 3] = [
             |n| n.name.push('x'),
@@ -1030,6 +1094,7 @@ mod tests {
             chunk_size: 1 << 20,
             compress: 3,
             connections: 4,
+            method: Method::Mariabackup,
             plan: plan(Topology::Chain),
             grant: grant.clone(),
         };
@@ -1037,10 +1102,15 @@ mod tests {
             transfer_id: 7,
             chunk_size: 1 << 20,
             connections: 4,
+            method: Method::Mariabackup,
             plan: plan(Topology::Chain),
             grant,
         };
         assert_eq!(start.grant_bytes(), open.grant_bytes());
-        assert_eq!(open.grant_bytes(), bytes(&open.plan));
+        assert_ne!(
+            open.grant_bytes(),
+            bytes(&open.plan),
+            "the method is signed"
+        );
     }
 }

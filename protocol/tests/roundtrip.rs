@@ -13,8 +13,8 @@ use mover_protocol::message::{
 use mover_protocol::plan::MAX_NAME;
 use mover_protocol::{
     check_chunk_size, Chunk, DecodeError, Encoding, Entry, EntryKind, FrameHeader, Grant, Hook,
-    HookRan, HookReply, Manifest, ManifestBuilder, Message, Open, Outcome, Plan, PlanNode, Start,
-    Topology, Tracker, FRAME_HEADER_LEN, MAX_CHUNK_SIZE, MAX_CONNECTIONS, MAX_FRAME_LEN,
+    HookRan, HookReply, Manifest, ManifestBuilder, Message, Method, Open, Outcome, Plan, PlanNode,
+    Start, Topology, Tracker, FRAME_HEADER_LEN, MAX_CHUNK_SIZE, MAX_CONNECTIONS, MAX_FRAME_LEN,
     MIN_CHUNK_SIZE,
 };
 use proptest::collection::vec;
@@ -104,22 +104,28 @@ fn grant() -> impl Strategy<Value = Grant> {
     })
 }
 
+fn method() -> impl Strategy<Value = Method> {
+    prop::sample::select(&Method::ALL[..])
+}
+
 fn start() -> impl Strategy<Value = Message> {
     (
         any::<u64>(),
         chunk_size(),
         0u8..=19,
         connections(),
+        method(),
         plan(),
         grant(),
     )
         .prop_map(
-            |(transfer_id, chunk_size, compress, connections, plan, grant)| {
+            |(transfer_id, chunk_size, compress, connections, method, plan, grant)| {
                 Message::Start(Start {
                     transfer_id,
                     chunk_size,
                     compress,
                     connections,
+                    method,
                     plan,
                     grant,
                 })
@@ -128,17 +134,26 @@ fn start() -> impl Strategy<Value = Message> {
 }
 
 fn open() -> impl Strategy<Value = Message> {
-    (any::<u64>(), chunk_size(), connections(), plan(), grant()).prop_map(
-        |(transfer_id, chunk_size, connections, plan, grant)| {
-            Message::Open(Open {
-                transfer_id,
-                chunk_size,
-                connections,
-                plan,
-                grant,
-            })
-        },
+    (
+        any::<u64>(),
+        chunk_size(),
+        connections(),
+        method(),
+        plan(),
+        grant(),
     )
+        .prop_map(
+            |(transfer_id, chunk_size, connections, method, plan, grant)| {
+                Message::Open(Open {
+                    transfer_id,
+                    chunk_size,
+                    connections,
+                    method,
+                    plan,
+                    grant,
+                })
+            },
+        )
 }
 
 fn path_bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -833,6 +848,7 @@ fn grant_fields_are_bounded_before_allocating() {
             transfer_id: 1,
             chunk_size: MIN_CHUNK_SIZE,
             connections: 1,
+            method: Method::Files,
             plan: Plan::build(named_node("s"), vec![named_node("t")], Topology::Chain).unwrap(),
             grant: Grant {
                 controller_cert: cert,
@@ -1208,6 +1224,7 @@ fn a_plan_that_builds_also_decodes() {
             transfer_id: 1,
             chunk_size: MIN_CHUNK_SIZE,
             connections: 1,
+            method: Method::Files,
             plan,
             grant: Grant::default(),
         });

@@ -32,10 +32,17 @@
 //! | `database_stop` | `sudo -n systemctl stop mysqld` | |
 //! | `database_start` | `sudo -n systemctl start mysqld` | |
 //! | `prepare` | `xtrabackup --prepare --target-dir={staging}` (or `mariabackup …`) | |
+//! | `backup` | `xtrabackup --backup --target-dir={staging} --datadir={datadir}` (or `mariabackup …`) | |
 //!
 //! Any of them can be replaced in the inventory's `[hooks.commands]` (the systemd unit in
 //! particular differs between distributions). The `custom` profile has no built-ins: every
-//! action's command must be given.
+//! action's command must be given, except `backup`, which only a source of a backup method
+//! needs (and which fails then, saying so, if it is missing).
+//!
+//! `backup` and `prepare` also run inside transfers of the `xtrabackup` and `mariabackup`
+//! methods: the source backs up into a fresh directory of its own (`{staging}`) and sends it,
+//! and each target prepares its verified copy (`{staging}`: its staging area) before the
+//! commit. There `{site}` and `{service}` have no value: agents do not know their site.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -132,6 +139,8 @@ pub enum HookAction {
     DatabaseStart,
     /// Make a restored backup consistent before it is committed.
     Prepare(BackupTool),
+    /// Back the database up into `{staging}`: what a source of a backup method sends.
+    Backup(BackupTool),
     /// Make the host its site's primary (the source the site's replicas follow).
     MarkPrimary,
 }
@@ -143,8 +152,8 @@ pub enum Scope {
     Host,
 }
 
-/// One action per configuration key (`prepare` stands for both tools).
-const KEYED: [HookAction; 11] = [
+/// One action per configuration key (`prepare` and `backup` stand for both tools).
+const KEYED: [HookAction; 12] = [
     HookAction::PolicyMaintenance,
     HookAction::PolicyAutomatic,
     HookAction::RoutersOffline,
@@ -156,6 +165,7 @@ const KEYED: [HookAction; 11] = [
     HookAction::DatabaseStart,
     HookAction::Prepare(BackupTool::Xtrabackup),
     HookAction::MarkPrimary,
+    HookAction::Backup(BackupTool::Xtrabackup),
 ];
 
 impl HookAction {
@@ -173,6 +183,7 @@ impl HookAction {
             HookAction::DatabaseStart => "database_start",
             HookAction::Prepare(_) => "prepare",
             HookAction::MarkPrimary => "mark_primary",
+            HookAction::Backup(_) => "backup",
         }
     }
 
@@ -184,7 +195,7 @@ impl HookAction {
     /// The backup tool the action is for, if it is for one.
     pub fn tool(self) -> Option<BackupTool> {
         match self {
-            HookAction::Prepare(t) => Some(t),
+            HookAction::Prepare(t) | HookAction::Backup(t) => Some(t),
             _ => None,
         }
     }
@@ -203,14 +214,21 @@ impl HookAction {
         }
     }
 
-    /// The actions a configuration key configures (`prepare` configures both tools).
+    /// The actions a configuration key configures (`prepare` and `backup` configure both
+    /// tools).
     pub fn for_key(key: &str) -> Option<&'static [HookAction]> {
         const PREPARE: [HookAction; 2] = [
             HookAction::Prepare(BackupTool::Xtrabackup),
             HookAction::Prepare(BackupTool::Mariabackup),
         ];
-        if key == "prepare" {
-            return Some(&PREPARE);
+        const BACKUP: [HookAction; 2] = [
+            HookAction::Backup(BackupTool::Xtrabackup),
+            HookAction::Backup(BackupTool::Mariabackup),
+        ];
+        match key {
+            "prepare" => return Some(&PREPARE),
+            "backup" => return Some(&BACKUP),
+            _ => {}
         }
         let i = KEYED.iter().position(|a| a.key() == key)?;
         Some(&KEYED[i..=i])
@@ -239,7 +257,7 @@ impl HookAction {
             | HookAction::ReplicatorOnline
             | HookAction::MarkPrimary => &[Host, Site, Service],
             HookAction::DatabaseStop | HookAction::DatabaseStart => &[Host, Site, Datadir],
-            HookAction::Prepare(_) => &[Host, Site, Staging, Datadir],
+            HookAction::Prepare(_) | HookAction::Backup(_) => &[Host, Site, Staging, Datadir],
         }
     }
 
@@ -259,6 +277,8 @@ impl HookAction {
             HookAction::Prepare(BackupTool::Xtrabackup) => "prepare the xtrabackup copy".into(),
             HookAction::Prepare(BackupTool::Mariabackup) => "prepare the mariabackup copy".into(),
             HookAction::MarkPrimary => format!("mark primary for {svc}"),
+            HookAction::Backup(BackupTool::Xtrabackup) => "back up with xtrabackup".into(),
+            HookAction::Backup(BackupTool::Mariabackup) => "back up with mariabackup".into(),
         }
     }
 }
@@ -295,6 +315,8 @@ pub enum HookError {
     },
     #[error("the custom profile has no command for {}", missing.join(", "))]
     MissingCommands { missing: Vec<&'static str> },
+    #[error("the profile has no command for {action}: add {action} = [...] to [hooks.commands]")]
+    NoCommand { action: &'static str },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -620,6 +642,24 @@ fn tungsten_builtin(action: HookAction) -> (&'static [&'static str], Option<&'st
             &["mariabackup", "--prepare", "--target-dir={staging}"],
             None,
         ),
+        HookAction::Backup(BackupTool::Xtrabackup) => (
+            &[
+                "xtrabackup",
+                "--backup",
+                "--target-dir={staging}",
+                "--datadir={datadir}",
+            ],
+            None,
+        ),
+        HookAction::Backup(BackupTool::Mariabackup) => (
+            &[
+                "mariabackup",
+                "--backup",
+                "--target-dir={staging}",
+                "--datadir={datadir}",
+            ],
+            None,
+        ),
     }
 }
 
@@ -630,9 +670,10 @@ impl HookProfile {
         kind: ProfileKind,
         mut given: BTreeMap<HookAction, CommandTemplate>,
     ) -> Result<Self, HookError> {
-        let all = KEYED
-            .into_iter()
-            .chain([HookAction::Prepare(BackupTool::Mariabackup)]);
+        let all = KEYED.into_iter().chain([
+            HookAction::Prepare(BackupTool::Mariabackup),
+            HookAction::Backup(BackupTool::Mariabackup),
+        ]);
         match kind {
             ProfileKind::Tungsten => {
                 for action in all {
@@ -644,8 +685,9 @@ impl HookProfile {
                 }
             }
             ProfileKind::Custom => {
+                // Only a source of a backup method needs `backup`; it says so then.
                 let mut missing: Vec<&'static str> = all
-                    .filter(|a| !given.contains_key(a))
+                    .filter(|a| !matches!(a, HookAction::Backup(_)) && !given.contains_key(a))
                     .map(HookAction::key)
                     .collect();
                 missing.dedup();
@@ -680,9 +722,13 @@ impl HookProfile {
         })
     }
 
+    /// Whether the profile has a command for `action` (a custom one may lack `backup`).
+    pub fn has(&self, action: HookAction) -> bool {
+        self.commands.contains_key(&action)
+    }
+
     fn template(&self, action: HookAction) -> Result<&CommandTemplate, HookError> {
-        // `new` fills in every action, so this only fails on a profile built some other way.
-        self.commands.get(&action).ok_or(HookError::EmptyCommand {
+        self.commands.get(&action).ok_or(HookError::NoCommand {
             action: action.key(),
         })
     }
@@ -829,6 +875,7 @@ database_stop = ["/opt/rec", "database-stop", "{datadir}"]
 database_start = ["/opt/rec", "database-start", "{datadir}"]
 prepare = { argv = ["/opt/rec", "prepare"], stdin = "{staging}\n" }
 mark_primary = ["/opt/rec", "mark-primary", "{host}"]
+backup = ["/opt/rec", "backup", "{datadir}", "{staging}"]
 "#;
 }
 
@@ -963,6 +1010,30 @@ mod tests {
                     "--prepare",
                     "--target-dir=/var/lib/mover/staging/t1"
                 ]),
+                none.clone()
+            )
+        );
+        assert_eq!(
+            golden(HookAction::Backup(BackupTool::Xtrabackup), &e),
+            (
+                argv(&[
+                    "xtrabackup",
+                    "--backup",
+                    "--target-dir=/var/lib/mover/staging/t1",
+                    "--datadir=/var/lib/mysql"
+                ]),
+                none.clone()
+            )
+        );
+        assert_eq!(
+            golden(HookAction::Backup(BackupTool::Mariabackup), &e),
+            (
+                argv(&[
+                    "mariabackup",
+                    "--backup",
+                    "--target-dir=/var/lib/mover/staging/t1",
+                    "--datadir=/var/lib/mysql"
+                ]),
                 none
             )
         );
@@ -1036,6 +1107,33 @@ mod tests {
             .render(HookAction::RoutersOnline, &site("east", "east"))
             .unwrap();
         assert_eq!(c.argv, argv(&["/opt/record", "routers_online", "east"]));
+    }
+
+    #[test]
+    fn custom_may_leave_backup_out_until_it_is_used() {
+        let rec = |a: HookAction| {
+            CommandTemplate::parse(a, &argv(&["/opt/record", a.key()]), None).unwrap()
+        };
+        let given: BTreeMap<_, _> = KEYED
+            .into_iter()
+            .chain([HookAction::Prepare(BackupTool::Mariabackup)])
+            .filter(|a| !matches!(a, HookAction::Backup(_)))
+            .map(|a| (a, rec(a)))
+            .collect();
+        let p = HookProfile::new(ProfileKind::Custom, given).unwrap();
+        let backup = HookAction::Backup(BackupTool::Xtrabackup);
+        assert!(!p.has(backup));
+        assert!(p.has(HookAction::Prepare(BackupTool::Xtrabackup)));
+        let e = p
+            .render(backup, &host("east1", "east", "east"))
+            .unwrap_err();
+        assert_eq!(e, HookError::NoCommand { action: "backup" });
+        assert!(e.to_string().contains("add backup = [...]"), "{e}");
+        // The tungsten profile has both tools' built-ins.
+        let t = HookProfile::tungsten().unwrap();
+        assert!(BackupTool::ALL
+            .into_iter()
+            .all(|tool| t.has(HookAction::Backup(tool))));
     }
 
     #[test]
@@ -1148,6 +1246,10 @@ mod tests {
             None
         );
         assert_eq!(HookAction::from_key_and_tool("prepare", None), None);
+        assert_eq!(
+            HookAction::from_key_and_tool("backup", Some("xtrabackup")),
+            Some(HookAction::Backup(BackupTool::Xtrabackup))
+        );
         assert_eq!(HookAction::from_key_and_tool("prepare", Some("tar")), None);
         assert_eq!(HookAction::from_key_and_tool("reboot", None), None);
     }
@@ -1165,7 +1267,7 @@ mod tests {
     #[test]
     fn every_action_has_a_key_and_back() {
         let keys: Vec<_> = HookAction::keys().collect();
-        assert_eq!(keys.len(), 11);
+        assert_eq!(keys.len(), 12);
         for k in keys {
             let actions = HookAction::for_key(k).unwrap();
             assert!(actions.iter().all(|a| a.key() == k));

@@ -17,8 +17,8 @@ use mover::config::{AgentConfig, DatasetConfig};
 use mover::tls::{Identity, TlsPaths};
 use mover_protocol::hash::{chunk_hash, file_root, tree_digest};
 use mover_protocol::{
-    Chunk, Encoding, Entry, EntryKind, FrameHeader, Grant, Message, Open, Outcome, Plan, PlanNode,
-    FRAME_HEADER_LEN,
+    Chunk, Encoding, Entry, EntryKind, FrameHeader, Grant, Message, Method, Open, Outcome, Plan,
+    PlanNode, FRAME_HEADER_LEN,
 };
 
 /// Nodes with certificates from the cluster CA; only east1 runs an agent.
@@ -238,6 +238,7 @@ pub fn granted_open(agent: &Agent, transfer_id: u64, chunk_size: u32, plan: Plan
         transfer_id,
         chunk_size,
         connections: 1,
+        method: Method::Files,
         plan,
         grant: unsigned_grant(agent, "controller"),
     };
