@@ -644,3 +644,112 @@ fn ctrl_c_interrupts_a_runbook_which_resume_then_finishes() {
     assert_eq!(step2["detail"]["replayed"], true, "{step2}");
     c.assert_rebuilt();
 }
+
+/// Every regular file under `src` is in `dst` with the same contents.
+fn assert_contents_within(src: &Path, dst: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let (s, d) = (e.path(), dst.join(e.file_name()));
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            n += assert_contents_within(&s, &d);
+        } else if t.is_file() {
+            assert_eq!(
+                mover::compare::b3sum(&s).unwrap(),
+                mover::compare::b3sum(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())),
+                "{}",
+                d.display()
+            );
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn provision_with_a_backup_method_backs_up_prepares_before_commit_and_restarts() {
+    let mut c = TwoSites::setup("24M");
+    let record = c.record();
+    let backup = c.script(
+        "fake-backup",
+        &format!(
+            "cp -a \"$1/.\" \"$2/\"\necho \"backup of $1\" > \"$2/xtrabackup_checkpoints\"\nexec {record} backup \"$1\""
+        ),
+    );
+    let prepare = c.script(
+        "fake-prepare",
+        &format!("echo prepared > \"$1/prepared.marker\"\nexec {record} prepare"),
+    );
+    // The backup hook is the source's; prepare, each target's.
+    let path = c.path().join("west1.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "backup = [{backup:?}, \"{{datadir}}\", \"{{staging}}\"]\n"
+    ));
+    std::fs::write(&path, text).unwrap();
+    for node in ["east2", "east3"] {
+        c.set_hook(node, "prepare", &[&prepare, "{staging}"]);
+    }
+    c.start_agents();
+    let cluster = c.cluster();
+    let out = c.mover(&[
+        "provision",
+        "--cluster",
+        &cluster,
+        "-s",
+        "west1",
+        "-m",
+        "xtrabackup",
+        "-c",
+        "east2",
+        "east3",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("transfer mysql (xtrabackup) west1 -> east2 -> east3"),
+        "{text}"
+    );
+    for node in ["east2", "east3"] {
+        let n = assert_contents_within(&c.data("west1"), &c.data(node));
+        assert!(n > 300, "{n} files");
+        assert_eq!(
+            std::fs::read_to_string(c.data(node).join("prepared.marker")).unwrap(),
+            "prepared\n"
+        );
+        assert!(c.data(node).join("xtrabackup_checkpoints").exists());
+    }
+    // The source ran the backup and is unchanged; no backup directory is left behind.
+    assert!(!c.data("west1").join("xtrabackup_checkpoints").exists());
+    assert_eq!(
+        c.actions("west1"),
+        [format!("backup {}", c.data("west1").display())]
+    );
+    assert_eq!(
+        c.actions("east2"),
+        [
+            "replicator_offline east",
+            "database_stop east2",
+            "prepare",
+            "database_start east2",
+            "replicator_reset east",
+            "mark_primary east",
+            "replicator_online east",
+        ]
+    );
+    assert_eq!(
+        c.actions("east3"),
+        [
+            "replicator_offline east",
+            "database_stop east3",
+            "prepare",
+            "database_start east3",
+            "replicator_reset east",
+            "replicator_online east",
+        ]
+    );
+    // Provision held only east: west is free for another runbook meanwhile, and east is free
+    // again now.
+    assert!(c.reseed(&["--dry-run"]).status.success());
+}

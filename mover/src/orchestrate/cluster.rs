@@ -90,6 +90,7 @@ impl Actions for ClusterActions {
             chunk_size: self.tuning.chunk_size,
             compress: self.tuning.compress,
             connections,
+            method: t.method,
         };
         Box::pin(async move {
             controller::send(&self.cluster, &req, |ev| {
