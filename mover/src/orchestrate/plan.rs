@@ -943,6 +943,7 @@ mod tests {
   8  east1       stop the database  (after 7)
                  $ sudo -n systemctl stop mysqld
   9  west1       transfer mysql (xtrabackup) west1 -> east1  (after 8)
+     west1:      $ xtrabackup --backup '--target-dir={staging}' '--datadir={datadir}'  (first, into a directory of its own)
      east1:      $ xtrabackup --prepare '--target-dir={staging}'  (before the commit)
  10  east1       start the database  (after 9)
                  $ sudo -n systemctl start mysqld

@@ -150,6 +150,12 @@ impl Runbook {
                 }
                 StepAction::Transfer(t) => {
                     if let Some(tool) = t.method.backup_tool() {
+                        previews.push((
+                            Target::Host(t.source.clone()),
+                            HookAction::Backup(tool),
+                            None,
+                            "  (first, into a directory of its own)",
+                        ));
                         for target in &t.targets {
                             previews.push((
                                 Target::Host(target.clone()),
