@@ -27,7 +27,7 @@ fn assert_all_committed(summary: &serde_json::Value, targets: &[&str]) {
     assert_eq!(summary["exit_code"], 0);
 }
 
-fn send_mixed_tree(topology: &str) {
+fn send_mixed_tree(topology: &str) -> Cluster {
     let c = Cluster::start(&NODES);
     mixed_tree(&c.data("west1"), 24 << 20);
     let (code, summary, stderr) = c.send(
@@ -48,21 +48,33 @@ fn send_mixed_tree(topology: &str) {
             std::path::Path::new("/etc/passwd")
         );
     }
+    c
 }
 
 #[test]
 fn mixed_tree_to_three_targets_in_a_chain() {
-    send_mixed_tree("chain");
+    let mut c = send_mixed_tree("chain");
+    // A finished transfer leaves nothing running: every agent stops at once when told (an
+    // agent waits up to 10 s for transfers in flight, and a relay's receive used to linger).
+    for node in NODES {
+        let t = std::time::Instant::now();
+        c.stop_agent(node, SIGTERM);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{node} took {:?} to stop after the transfer",
+            t.elapsed()
+        );
+    }
 }
 
 #[test]
 fn mixed_tree_to_three_targets_in_a_star() {
-    send_mixed_tree("star");
+    let _ = send_mixed_tree("star");
 }
 
 #[test]
 fn mixed_tree_in_a_tree_of_fan_out_two() {
-    send_mixed_tree("tree:2");
+    let _ = send_mixed_tree("tree:2");
 }
 
 #[test]

@@ -113,6 +113,9 @@ pub(crate) async fn run(
         r.fail_own(&e).await;
     }
     reader.abort();
+    // Every sender of the upstream channel must go for the pump to finish its stream: the
+    // receive holds one too.
+    drop(r);
     drop(up_tx);
     let _ = pump.await;
     let mut reg = ctx.registry.lock().unwrap_or_else(|p| p.into_inner());
