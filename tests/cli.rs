@@ -120,4 +120,14 @@ fn demo_runs_end_to_end() {
             "{stdout}"
         );
     }
+    // It ran the reseed-site runbook, and shows what each host's hooks were asked.
+    assert!(stdout.contains("starting runbook reseed-east-"), "{stdout}");
+    assert!(
+        stdout.contains("[31/31] site east  policy automatic"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  east2  replicator_offline east | replicator_reset east | database_stop east2 | database_start east2 | replicator_online east"),
+        "{stdout}"
+    );
 }
