@@ -196,6 +196,30 @@ impl TwoSites {
         p.display().to_string()
     }
 
+    /// Makes east1's `routers_offline` (step 2 of a reseed) take a few seconds.
+    fn slow_second_step(&self) {
+        let record = self.record();
+        let slow = self.script("slow", &format!("sleep 4\nexec {record} \"$@\""));
+        self.set_hook(
+            "east1",
+            "routers_offline",
+            &[&slow, "routers_offline", "{site}"],
+        );
+    }
+
+    /// Waits until a runbook has run its first step (and so holds its sites).
+    fn wait_until_started(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self
+            .actions("east1")
+            .iter()
+            .any(|a| a == "policy_maintenance east")
+        {
+            assert!(Instant::now() < deadline, "the runbook did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn record(&self) -> String {
         self.path().join("bin/record").display().to_string()
     }
@@ -236,6 +260,15 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The runbook id a human report names.
+fn runbook_id(text: &str) -> String {
+    text.split_whitespace()
+        .find(|w| w.starts_with("reseed-east-"))
+        .unwrap_or_else(|| panic!("no runbook id in {text}"))
+        .trim_end_matches(':')
+        .to_owned()
+}
+
 /// JSON events from `--json` output.
 fn events(text: &str) -> Vec<serde_json::Value> {
     text.lines()
@@ -254,16 +287,12 @@ fn reseed_site_rebuilds_every_east_host_and_runs_each_action_once_in_order() {
     // The report names the runbook, ends done, and shows the transfer summary.
     assert!(text.contains("starting runbook reseed-east-"), "{text}");
     assert!(text.contains("committed"), "{text}");
-    let id = text
-        .split_whitespace()
-        .find(|w| w.starts_with("reseed-east-"))
-        .unwrap()
-        .trim_end_matches(':');
+    let id = runbook_id(&text);
     assert!(text.contains(&format!("runbook {id} done")), "{text}");
     // The journal has it, done, every step with where it ran.
     let list = c.mover(&["runbook", "list"]);
-    assert!(stdout(&list).contains(id), "{}", stdout(&list));
-    let show = c.mover(&["runbook", "show", id, "--json"]);
+    assert!(stdout(&list).contains(&id), "{}", stdout(&list));
+    let show = c.mover(&["runbook", "show", &id, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(v["status"], "done");
     let steps = v["steps"].as_array().unwrap();
@@ -386,12 +415,7 @@ fn a_failing_hook_stops_the_runbook_with_its_output_and_resume_finishes_it() {
             c.actions(h)
         );
     }
-    let id = text
-        .split_whitespace()
-        .find(|w| w.starts_with("reseed-east-"))
-        .unwrap()
-        .trim_end_matches(':')
-        .to_owned();
+    let id = runbook_id(&text);
     let show = stdout(&c.mover(&["runbook", "show", &id]));
     assert!(show.contains("status failed"), "{show}");
     assert!(
@@ -424,25 +448,10 @@ fn a_failing_hook_stops_the_runbook_with_its_output_and_resume_finishes_it() {
 fn a_second_runbook_on_a_site_is_refused_while_one_runs() {
     let mut c = TwoSites::setup("16M");
     // Hold the first runbook in its second step for a while.
-    let record = c.record();
-    let slow = c.script("slow", &format!("sleep 4\nexec {record} \"$@\""));
-    c.set_hook(
-        "east1",
-        "routers_offline",
-        &[&slow, "routers_offline", "{site}"],
-    );
+    c.slow_second_step();
     c.start_agents();
     let first = c.spawn_reseed();
-    // Wait until it holds the sites.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !c
-        .actions("east1")
-        .iter()
-        .any(|a| a == "policy_maintenance east")
-    {
-        assert!(Instant::now() < deadline, "the first runbook did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until_started();
     let out = c.reseed(&[]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let err = stderr(&out);
@@ -545,12 +554,7 @@ fn rollback_undoes_what_a_failed_runbook_left_changed() {
     let out = c.reseed(&[]);
     assert_eq!(out.status.code(), Some(4), "{}", stdout(&out));
     let text = stdout(&out);
-    let id = text
-        .split_whitespace()
-        .find(|w| w.starts_with("reseed-east-"))
-        .unwrap()
-        .trim_end_matches(':')
-        .to_owned();
+    let id = runbook_id(&text);
     assert!(
         text.contains(&format!("undo:    mover runbook rollback {id}")),
         "{text}"
@@ -593,24 +597,10 @@ fn rollback_undoes_what_a_failed_runbook_left_changed() {
 #[test]
 fn ctrl_c_interrupts_a_runbook_which_resume_then_finishes() {
     let mut c = TwoSites::setup("4M");
-    let record = c.record();
-    let slow = c.script("slow", &format!("sleep 3\nexec {record} \"$@\""));
-    c.set_hook(
-        "east1",
-        "routers_offline",
-        &[&slow, "routers_offline", "{site}"],
-    );
+    c.slow_second_step();
     c.start_agents();
     let child = c.spawn_reseed();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !c
-        .actions("east1")
-        .iter()
-        .any(|a| a == "policy_maintenance east")
-    {
-        assert!(Instant::now() < deadline, "the runbook did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until_started();
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: kill(2) on a child we started and have not reaped.
     unsafe {

@@ -3,11 +3,11 @@
 
 use tokio::sync::mpsc;
 
-use super::exec::{ActionError, Actions, BoxFuture, HookRequest, HookRun, TransferProgress};
+use super::exec::{ActionError, Actions, BoxFuture, TransferProgress};
 use super::runbook::Transfer;
 use crate::config::ClusterConfig;
 use crate::controller::{self, Event, NodeDataset, SendRequest, Summary};
-use crate::hookrun::{call_hook, HookCall, HookCallError};
+use crate::hookrun::{call_hook, HookCall, HookCallError, HookResult};
 
 /// How runbook transfers are tuned (what `mover send` takes as flags).
 #[derive(Debug, Clone)]
@@ -35,32 +35,15 @@ pub struct ClusterActions {
 }
 
 impl Actions for ClusterActions {
-    fn hook(&self, host: &str, req: HookRequest) -> BoxFuture<'_, Result<HookRun, ActionError>> {
+    fn hook(&self, host: &str, call: HookCall) -> BoxFuture<'_, Result<HookResult, ActionError>> {
         let host = host.to_owned();
         Box::pin(async move {
-            let call = HookCall {
-                runbook: req.runbook,
-                step: req.step,
-                action: req.action,
-                service: req.service,
-                site: req.site,
-                dataset: req.dataset,
-            };
-            match call_hook(&self.cluster, &host, &call).await {
-                Ok(r) => Ok(HookRun {
-                    command: r.command,
-                    exit_code: r.exit_code,
-                    signal: r.signal,
-                    timed_out: r.timed_out,
-                    output: r.output,
-                    seconds: r.seconds,
-                    replayed: r.replayed,
-                }),
-                Err(e) => Err(ActionError {
+            call_hook(&self.cluster, &host, &call)
+                .await
+                .map_err(|e| ActionError {
                     unreachable: matches!(e, HookCallError::Unreachable { .. }),
                     message: e.to_string(),
-                }),
-            }
+                })
         })
     }
 

@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::hooks::{HookAction, Scope};
+use super::hooks::Scope;
 use super::inventory::Inventory;
 use super::journal::{Journal, JournalError, RunStatus, StepStatus};
 use super::runbook::{Runbook, Step, StepAction, Target, Transfer};
@@ -28,52 +28,7 @@ use crate::controller::Summary;
 
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A hook action for one host's agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HookRequest {
-    pub runbook: String,
-    pub step: u32,
-    pub action: HookAction,
-    pub service: Option<String>,
-    /// The site the action is about (a site action) or the host's site.
-    pub site: String,
-    /// The dataset whose paths fill `{datadir}` and `{staging}` (host actions).
-    pub dataset: Option<String>,
-}
-
-/// What a hook did, as its agent reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct HookRun {
-    /// The command line as the agent rendered it from its own profile.
-    pub command: String,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub timed_out: bool,
-    /// The end of its standard output and error.
-    pub output: String,
-    pub seconds: f64,
-    /// The agent had already run this step (an earlier attempt) and returned its record.
-    pub replayed: bool,
-}
-
-impl HookRun {
-    pub fn succeeded(&self) -> bool {
-        self.exit_code == Some(0) && !self.timed_out
-    }
-
-    /// `exit status 3`, `killed by signal 9`, `timed out`.
-    pub fn status(&self) -> String {
-        if self.timed_out {
-            "timed out".into()
-        } else if let Some(c) = self.exit_code {
-            format!("exit status {c}")
-        } else if let Some(s) = self.signal {
-            format!("killed by signal {s}")
-        } else {
-            "no exit status".into()
-        }
-    }
-}
+pub use crate::hookrun::{HookCall, HookResult};
 
 /// Why an action could not be run at all.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -94,7 +49,7 @@ pub enum TransferProgress {
 
 /// How steps act on the cluster.
 pub trait Actions: Send + Sync + 'static {
-    fn hook(&self, host: &str, req: HookRequest) -> BoxFuture<'_, Result<HookRun, ActionError>>;
+    fn hook(&self, host: &str, req: HookCall) -> BoxFuture<'_, Result<HookResult, ActionError>>;
 
     fn transfer(
         &self,
@@ -110,7 +65,7 @@ pub enum StepDetail {
     Hook {
         host: String,
         #[serde(flatten)]
-        run: HookRun,
+        run: HookResult,
     },
     Transfer {
         summary: Summary,
@@ -126,7 +81,7 @@ pub struct StepFailure {
     pub error: String,
     /// The hook's command, status and output, if it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub hook: Option<HookRun>,
+    pub hook: Option<HookResult>,
     /// The transfer's summary, if it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub summary: Option<Summary>,
@@ -437,7 +392,7 @@ impl StepJob {
         match &self.action {
             StepAction::Wait { .. } => Ok(StepDetail::Wait),
             StepAction::Hook { action, service } => {
-                let req = HookRequest {
+                let req = HookCall {
                     runbook: self.runbook.clone(),
                     step: self.step,
                     action: *action,
@@ -501,11 +456,7 @@ impl StepJob {
     }
 
     /// Runs a hook on the step's host, or on the first reachable host of its site.
-    async fn hook(
-        &self,
-        actions: &dyn Actions,
-        req: HookRequest,
-    ) -> Result<StepDetail, StepFailure> {
+    async fn hook(&self, actions: &dyn Actions, req: HookCall) -> Result<StepDetail, StepFailure> {
         let mut unreachable = Vec::new();
         for host in &self.hosts {
             match actions.hook(host, req.clone()).await {
@@ -606,8 +557,8 @@ mod tests {
         fn hook(
             &self,
             host: &str,
-            req: HookRequest,
-        ) -> BoxFuture<'_, Result<HookRun, ActionError>> {
+            req: HookCall,
+        ) -> BoxFuture<'_, Result<HookResult, ActionError>> {
             let host = host.to_owned();
             Box::pin(async move {
                 if self.unreachable.contains(&host) {
@@ -626,7 +577,8 @@ mod tests {
                     .unwrap()
                     .push((host.clone(), req.step, start, Instant::now()));
                 let fail = self.fail_step == Some(req.step);
-                Ok(HookRun {
+                Ok(HookResult {
+                    node: host.clone(),
                     command: format!("{} {}", req.action.key(), req.service.unwrap_or_default()),
                     exit_code: Some(if fail { 3 } else { 0 }),
                     signal: None,

@@ -304,9 +304,8 @@ impl Journal {
     /// Records a new runbook, run by this process, and takes its sites; refused, with the
     /// holder named, if another unfinished runbook holds one of them.
     pub fn create(&mut self, rb: &NewRunbook) -> Result<RunbookRecord, JournalError> {
-        let path = self.path.clone();
         let db = |source| JournalError::Db {
-            path: path.clone(),
+            path: self.path.clone(),
             source,
         };
         let tx = self
@@ -396,9 +395,8 @@ impl Journal {
     /// Takes over a runbook to resume it in this process: refused while another live
     /// controller runs it, or when it has nothing left to do.
     pub fn claim(&mut self, id: &str) -> Result<RunbookRecord, JournalError> {
-        let path = self.path.clone();
         let db = |source| JournalError::Db {
-            path: path.clone(),
+            path: self.path.clone(),
             source,
         };
         let tx = self
@@ -409,7 +407,7 @@ impl Journal {
             .map_err(db)?
             .ok_or_else(|| JournalError::Unknown {
                 id: id.to_owned(),
-                path: path.clone(),
+                path: self.path.clone(),
             })?;
         match rec.effective_status() {
             RunStatus::Running if rec.pid != std::process::id() => {
@@ -439,9 +437,8 @@ impl Journal {
 
     /// Sets a runbook's status; `Done` and `Abandoned` free its sites.
     pub fn set_status(&mut self, id: &str, status: RunStatus) -> Result<(), JournalError> {
-        let path = self.path.clone();
         let db = |source| JournalError::Db {
-            path: path.clone(),
+            path: self.path.clone(),
             source,
         };
         let tx = self.conn.transaction().map_err(db)?;
