@@ -12,6 +12,7 @@ pub mod chunk;
 pub mod compare;
 pub mod config;
 pub mod controller;
+pub mod disk;
 pub mod error;
 pub(crate) mod fault;
 pub(crate) mod frame;
