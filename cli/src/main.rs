@@ -67,12 +67,16 @@ enum Command {
     },
     /// Run an agent: send, receive and relay transfers for this host's datasets.
     #[command(
-        after_help = "Example:\n  mover agent --config /etc/mover/agent.toml\n\nStops cleanly on SIGINT or SIGTERM."
+        after_help = "Examples:\n  mover agent --config /etc/mover/agent.toml\n  mover agent --config /etc/mover/agent.toml --io threads\n\nDisk I/O: io_uring where a probe at start shows it works, else a pread/pwrite\nthread pool; the log's \"disk I/O:\" line says which and why. Without --io, the\nconfig's io key decides, then the MOVER_IO environment variable, then auto.\n\nStops cleanly on SIGINT or SIGTERM."
     )]
     Agent {
         /// Agent config file (TOML; see the README).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Disk I/O back end for chunk data, overriding the config's `io`: uring (fail at
+        /// start if io_uring cannot be set up), threads (pread/pwrite pool), or auto.
+        #[arg(long, value_name = "BACKEND", value_parser = ["auto", "uring", "threads"])]
+        io: Option<String>,
     },
     /// Copy a dataset from one node to one or more targets, verified, committed atomically.
     #[command(
@@ -311,8 +315,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(exit::OK)
         }
-        Command::Agent { config } => {
-            let cfg = AgentConfig::load(&config)?;
+        Command::Agent { config, io } => {
+            let mut cfg = AgentConfig::load(&config)?;
+            if let Some(io) = io {
+                cfg.io = Some(io.parse().map_err(anyhow::Error::msg)?);
+            }
             runtime()?.block_on(mover::agent::run(cfg, shutdown_signal()))?;
             Ok(exit::OK)
         }

@@ -41,6 +41,10 @@ pub enum AgentError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Disk(#[from] crate::disk::DiskError),
+    #[error("choose the disk I/O back end: {0}")]
+    IoChoice(String),
 }
 
 /// A receiver waiting for its parent's data streams.
@@ -80,6 +84,8 @@ pub(crate) struct Ctx {
     pub faults: crate::fault::Faults,
     /// The hook steps run for the controller, recorded under the state directory.
     pub ledger: crate::hookrun::Ledger,
+    /// Reads source chunks and writes received ones.
+    pub disk: Arc<dyn crate::disk::Disk>,
 }
 
 impl Ctx {
@@ -148,6 +154,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         source,
     })?;
     crate::backup::remove_leftovers(&cfg.state_dir);
+    let disk = crate::disk::open(cfg.io_choice().map_err(AgentError::IoChoice)?)?;
+    if cfg.source_cache == crate::disk::SourceCache::Drop {
+        tracing::info!(
+            "source_cache = \"drop\": source reads try RWF_DONTCACHE, else posix_fadvise(DONTNEED)"
+        );
+    }
     let transport = Arc::new(crate::net::transport_config());
     let server = crate::tls::server_config(&identity, transport.clone())?;
     let client = crate::tls::client_config(&identity, transport)?;
@@ -167,6 +179,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         committed: Mutex::new(HashSet::new()),
         faults: crate::fault::Faults::from_env(),
         ledger,
+        disk,
     });
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::certs::{validate_node_name, CONTROLLER_NAME};
+use crate::disk::{IoChoice, SourceCache};
 use crate::orchestrate::hooks::{profile_from_table, RawCommands};
 use crate::orchestrate::{HookAction, HookProfile};
 use crate::tls::TlsPaths;
@@ -56,6 +57,11 @@ pub struct AgentConfig {
     /// The hook commands this agent runs for the controller; without a `[hooks]` table it
     /// runs none.
     pub hooks: Option<AgentHooks>,
+    /// The disk I/O back end (`io`); `None` when the file does not say, and then the
+    /// `MOVER_IO` environment variable or `auto` decides (see [`AgentConfig::io_choice`]).
+    pub io: Option<IoChoice>,
+    /// What reading a source dataset does to the page cache (`source_cache`).
+    pub source_cache: SourceCache,
 }
 
 /// The hook commands an agent runs when the controller asks for an action: the `[hooks]`
@@ -112,6 +118,10 @@ struct AgentFile {
     #[serde(default)]
     workers: Option<usize>,
     hooks: Option<HooksTable>,
+    #[serde(default)]
+    io: Option<IoChoice>,
+    #[serde(default)]
+    source_cache: SourceCache,
 }
 
 /// The agent's `[hooks]` table as written.
@@ -262,6 +272,8 @@ impl AgentConfig {
             datasets: file.datasets,
             workers: file.workers,
             hooks,
+            io: file.io,
+            source_cache: file.source_cache,
         };
         let base = path.parent().unwrap_or(Path::new("."));
         resolve(base, &mut cfg.state_dir);
@@ -295,6 +307,17 @@ impl AgentConfig {
 
     pub fn workers(&self) -> usize {
         self.workers.unwrap_or_else(|| 2 * crate::cores())
+    }
+
+    /// The disk I/O back end to use: `io` from the file (or `mover agent --io`), else the
+    /// `MOVER_IO` environment variable (so that a test suite can run every agent on one back
+    /// end), else `auto`.
+    pub fn io_choice(&self) -> Result<IoChoice, String> {
+        match (self.io, std::env::var("MOVER_IO")) {
+            (Some(io), _) => Ok(io),
+            (None, Ok(env)) if !env.is_empty() => env.parse().map_err(|e| format!("MOVER_IO: {e}")),
+            (None, _) => Ok(IoChoice::Auto),
+        }
     }
 }
 
@@ -400,6 +423,27 @@ ca = "ca.pem"
 cert = "east1.pem"
 key = "east1.key"
 "#;
+
+    #[test]
+    fn disk_keys_parse_and_bad_values_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let c = AgentConfig::load(&write(d.path(), AGENT)).unwrap();
+        assert_eq!((c.io, c.source_cache), (None, SourceCache::Keep));
+        let text = format!("io = \"threads\"\nsource_cache = \"drop\"\n{AGENT}");
+        let c = AgentConfig::load(&write(d.path(), &text)).unwrap();
+        assert_eq!(c.io, Some(IoChoice::Threads));
+        assert_eq!(
+            c.io_choice(),
+            Ok(IoChoice::Threads),
+            "the file wins over MOVER_IO"
+        );
+        assert_eq!(c.source_cache, SourceCache::Drop);
+        let text = format!("io = \"aio\"\n{AGENT}");
+        let e = AgentConfig::load(&write(d.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1") && e.contains("uring"), "{e}");
+    }
 
     #[test]
     fn an_agent_without_hooks_has_none() {

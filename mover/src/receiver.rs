@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use crate::agent::Ctx;
 use crate::backup::Prepared;
 use crate::basis::{self, Record, Recorded};
+use crate::disk::SourceCache;
 use crate::error::{LinkError, TransferError};
 use crate::frame::{read_frame_pooled, read_message};
 use crate::link::{self, Downlink, Up};
@@ -1010,7 +1011,7 @@ impl Writer {
         };
         let written = self
             .staging
-            .write_at(chunk.file, chunk.offset, &raw)
+            .write_with(&*self.ctx.disk, chunk.file, chunk.offset, raw)
             .map_err(TransferError::from)
             .and_then(|()| {
                 self.record
@@ -1070,18 +1071,15 @@ impl Writer {
         let cs = self.staging.manifest().entries.len();
         std::thread::scope(|s| {
             for _ in 0..threads.max(1) {
-                s.spawn(|| {
-                    let mut buf = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some(&(file, offset, hash)) = present.get(i) else {
-                            return;
-                        };
-                        if (file as usize) >= cs || !self.matches(file, offset, hash, &mut buf) {
-                            lost.lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push((file, offset));
-                        }
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(&(file, offset, hash)) = present.get(i) else {
+                        return;
+                    };
+                    if (file as usize) >= cs || !self.matches(file, offset, hash) {
+                        lost.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((file, offset));
                     }
                 });
             }
@@ -1091,8 +1089,7 @@ impl Writer {
         lost.iter().filter(|&&(f, o)| t.lost(f, o)).count() as u64
     }
 
-    fn matches(&self, file: u32, offset: u64, hash: [u8; 32], buf: &mut Vec<u8>) -> bool {
-        use std::os::unix::fs::FileExt;
+    fn matches(&self, file: u32, offset: u64, hash: [u8; 32]) -> bool {
         let len = self
             .tracker
             .lock()
@@ -1102,10 +1099,20 @@ impl Writer {
             return false;
         };
         let size = self.staging.manifest().entries[file as usize].size();
-        buf.resize(len as usize, 0);
-        std::fs::File::open(&path)
-            .and_then(|f| f.read_exact_at(buf, offset))
-            .is_ok_and(|()| chunk_hash(buf, offset, size) == hash)
+        let Ok(f) = std::fs::File::open(&path) else {
+            return false;
+        };
+        let read = self
+            .ctx
+            .disk
+            .read(
+                Arc::new(f),
+                offset,
+                self.pool.take(len as usize),
+                SourceCache::Keep,
+            )
+            .wait();
+        read.is_ok_and(|(buf, got)| got == buf.len() && chunk_hash(&buf, offset, size) == hash)
     }
 
     /// Test fault: flips a bit of one chunk in staging.

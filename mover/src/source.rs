@@ -7,7 +7,7 @@
 //! anything (or the rounds run out), then sends `End`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -440,6 +440,7 @@ async fn repair(
         let producer = {
             let (tracker, manifest, root) = (tracker.clone(), manifest.clone(), root.to_owned());
             let level = start.compress;
+            let (disk, cache) = (ctx.disk.clone(), ctx.cfg.source_cache);
             async move {
                 for (file, offset) in needs {
                     let (len, want) = {
@@ -459,6 +460,8 @@ async fn repair(
                         len: len as usize,
                         level,
                         pool: pool.clone(),
+                        disk: disk.clone(),
+                        cache,
                     };
                     let permit = workers
                         .clone()
@@ -648,6 +651,8 @@ async fn stream_chunks(
                 len,
                 level: start.compress,
                 pool: pool.clone(),
+                disk: ctx.disk.clone(),
+                cache: ctx.cfg.source_cache,
             };
             tokio::spawn(async move {
                 let job = tokio::task::spawn_blocking(move || job.run()).await;
@@ -714,6 +719,8 @@ struct ReadJob {
     len: usize,
     level: u8,
     pool: Arc<Pool>,
+    disk: Arc<dyn crate::disk::Disk>,
+    cache: crate::disk::SourceCache,
 }
 
 impl ReadJob {
@@ -722,25 +729,22 @@ impl ReadJob {
             path: self.path.display().to_string(),
             source,
         };
-        let f = std::fs::File::open(&self.path).map_err(io)?;
-        let mut buf = self.pool.take(self.len);
-        let mut done = 0;
-        while done < self.len {
-            match f.read_at(&mut buf[done..], self.offset + done as u64) {
-                Ok(0) => {
-                    return Err(TransferError::SourceChanged {
-                        path: display_path(self.path.as_os_str().as_encoded_bytes()),
-                        detail: format!(
-                            "it ended at {} bytes, the scan saw {}",
-                            self.offset + done as u64,
-                            self.size
-                        ),
-                    })
-                }
-                Ok(k) => done += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io(e)),
-            }
+        let f = Arc::new(std::fs::File::open(&self.path).map_err(io)?);
+        let buf = self.pool.take(self.len);
+        let (buf, got) = self
+            .disk
+            .read(f.clone(), self.offset, buf, self.cache)
+            .wait()
+            .map_err(io)?;
+        if got < self.len {
+            return Err(TransferError::SourceChanged {
+                path: display_path(self.path.as_os_str().as_encoded_bytes()),
+                detail: format!(
+                    "it ended at {} bytes, the scan saw {}",
+                    self.offset + got as u64,
+                    self.size
+                ),
+            });
         }
         // A write during or before this read moves the file's mtime (or size): what was read
         // may be a mix of two versions, so the transfer must not go on with it.

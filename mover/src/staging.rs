@@ -274,6 +274,33 @@ impl Staging {
 
     /// Writes `data` at `offset` into file `file` (its index in the manifest).
     pub fn write_at(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), StagingError> {
+        let (f, path) = self.open_for_write(file, offset, data.len())?;
+        // `write_all_at` loops over short writes and retries on EINTR.
+        f.write_all_at(data, offset)
+            .map_err(|e| StagingError::io("write", &path, e))
+    }
+
+    /// Writes `data` at `offset` into file `file` through the disk back end `disk`.
+    pub fn write_with(
+        &self,
+        disk: &dyn crate::disk::Disk,
+        file: u32,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<(), StagingError> {
+        let (f, path) = self.open_for_write(file, offset, data.len())?;
+        disk.write(Arc::new(f), offset, data)
+            .wait()
+            .map_err(|e| StagingError::io("write", &path, e))
+    }
+
+    /// Checks that `len` bytes at `offset` fit file `file` and opens it for writing.
+    fn open_for_write(
+        &self,
+        file: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<(File, PathBuf), StagingError> {
         let entry = self
             .manifest
             .entries
@@ -288,13 +315,13 @@ impl Staging {
                 path: display_path(&entry.path),
             });
         };
-        let end = offset.checked_add(data.len() as u64);
+        let end = offset.checked_add(len as u64);
         if end.is_none_or(|end| end > size) {
             return Err(StagingError::OutOfRange {
                 file,
                 path: display_path(&entry.path),
                 offset,
-                len: data.len(),
+                len,
                 size,
             });
         }
@@ -306,9 +333,7 @@ impl Staging {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| StagingError::io("open", &path, e))?;
-        // `write_all_at` loops over short writes and retries on EINTR.
-        f.write_all_at(data, offset)
-            .map_err(|e| StagingError::io("write", &path, e))
+        Ok((f, path))
     }
 
     /// Creates the symlinks, sets every mode and mtime from the manifest, and makes the whole

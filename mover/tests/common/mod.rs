@@ -79,6 +79,8 @@ pub async fn start_east1_with(edit: impl FnOnce(&Path, &mut AgentConfig)) -> Age
         datasets,
         workers: None,
         hooks: None,
+        io: None,
+        source_cache: Default::default(),
     };
     edit(dir.path(), &mut cfg);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
