@@ -67,6 +67,39 @@ fn mixed_tree_to_three_targets_in_a_chain() {
     }
 }
 
+/// A chain whose agents all use the disk back end `io`; each agent's log names it.
+fn chain_with_io(io: &str, says: &str) {
+    let c = Cluster::start_with_agent_args(&NODES, &["--io", io]);
+    mixed_tree(&c.data("west1"), 24 << 20);
+    let (code, summary, stderr) =
+        c.send("west1:data", "east1,east2,east3", &["--chunk-size", "1M"]);
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_all_committed(&summary, &["east1", "east2", "east3"]);
+    for t in ["east1", "east2", "east3"] {
+        assert_same_tree(&c.data("west1"), &c.data(t));
+    }
+    for node in NODES {
+        let log = c.log(node);
+        assert!(log.contains(says), "{node} does not say {says:?}:\n{log}");
+    }
+}
+
+#[test]
+fn a_chain_on_the_thread_pool_disk_back_end() {
+    chain_with_io("threads", "disk I/O: threads");
+}
+
+#[test]
+fn a_chain_on_the_io_uring_disk_back_end() {
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .is_ok_and(|v| v.trim() != "0");
+    if disabled {
+        eprintln!("SKIP: kernel.io_uring_disabled is set on this machine");
+        return;
+    }
+    chain_with_io("uring", "disk I/O: io_uring");
+}
+
 #[test]
 fn mixed_tree_to_three_targets_in_a_star() {
     let _ = send_mixed_tree("star");

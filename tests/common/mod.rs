@@ -37,6 +37,8 @@ pub struct Cluster {
     addrs: Vec<String>,
     /// Network namespaces, one per node, when the cluster runs in them.
     netns: Option<Netns>,
+    /// Extra arguments for every `mover agent` started.
+    agent_args: Vec<String>,
 }
 
 impl Cluster {
@@ -46,7 +48,16 @@ impl Cluster {
             .iter()
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
-        Self::start_with(nodes, addrs, None)
+        Self::start_with(nodes, addrs, None, &[])
+    }
+
+    /// The same, every agent started with the extra arguments `args` (`--io threads`).
+    pub fn start_with_agent_args(nodes: &[&str], args: &[&str]) -> Self {
+        let addrs = nodes
+            .iter()
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        Self::start_with(nodes, addrs, None, args)
     }
 
     /// The same, each node in a network namespace of its own with its uplink limited to
@@ -57,10 +68,15 @@ impl Cluster {
         let addrs = (0..nodes.len())
             .map(|i| format!("{}:7400", netns.addr(i)))
             .collect();
-        Some(Self::start_with(nodes, addrs, Some(netns)))
+        Some(Self::start_with(nodes, addrs, Some(netns), &[]))
     }
 
-    fn start_with(nodes: &[&str], addrs: Vec<String>, netns: Option<Netns>) -> Self {
+    fn start_with(
+        nodes: &[&str],
+        addrs: Vec<String>,
+        netns: Option<Netns>,
+        agent_args: &[&str],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("mover-e2e-")
             .tempdir()
@@ -90,6 +106,7 @@ impl Cluster {
             agents: Vec::new(),
             addrs,
             netns,
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         for (i, node) in nodes.iter().enumerate() {
             c.write_agent_config(i, "certs");
@@ -172,6 +189,7 @@ impl Cluster {
             .mover_on(i)
             .args(["agent", "--config"])
             .arg(self.path().join(format!("{node}.toml")))
+            .args(&self.agent_args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
