@@ -271,7 +271,9 @@ impl Driver {
                     .build()
             }
         };
-        self.push(&e.user_data(slot as u64));
+        // ASYNC: run on the kernel's io-wq workers rather than inline in this thread, so that
+        // page-cache copies of several requests happen on several cores at once.
+        self.push(&e.user_data(slot as u64).flags(squeue::Flags::ASYNC));
     }
 
     fn push(&mut self, e: &squeue::Entry) {
