@@ -89,7 +89,7 @@ enum Command {
     /// Rebuild hosts from a source, tprovision-style, in one chained transfer. Journalled.
     #[command(after_help = runbook::PROVISION_HELP)]
     Provision(runbook::ProvisionArgs),
-    /// List, show, resume or abandon runbooks (reseed-site, provision) in the journal.
+    /// List, show, resume, roll back or abandon runbooks (reseed-site, provision).
     #[command(
         after_help = "Examples:\n  mover runbook list\n  mover runbook show reseed-east-20261122-041502-ab3x\n  mover runbook resume reseed-east-20261122-041502-ab3x"
     )]
@@ -97,9 +97,9 @@ enum Command {
         #[command(subcommand)]
         command: runbook::RunbookCommand,
     },
-    /// Run a local example: four agents on loopback, a generated data directory, a chained
-    /// transfer west1 -> east1 -> east2 -> east3, and a check of every target.
-    #[command(after_help = "Example:\n  mover demo --size 256M")]
+    /// Run a local example: a two-site cluster (six agents on loopback), east drifted from
+    /// west, rebuilt with reseed-site, every east host checked against west1.
+    #[command(after_help = "Example:\n  mover demo --size 128M\n  mover demo --keep")]
     Demo(demo::DemoArgs),
     /// Generate a sample data directory (as the demo does), for benchmarks and tests.
     #[command(hide = true)]
