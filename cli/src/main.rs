@@ -358,6 +358,23 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
+/// An error and its causes, `: `-separated, leaving out a cause whose text the message before
+/// it already ends with (many errors quote their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     mover::pool::tune_allocator();
     let cli = match Cli::try_parse() {
@@ -375,7 +392,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(exit::ERROR)
         }
     }
