@@ -19,6 +19,10 @@
 #   tarzstd-1to1   tar -c | zstd -1 | nc  ->  nc | zstd -d | tar -x, then sync
 #   tarzstd-serial3  the same three times one after the other (what tprovision does)
 #   tar-1to1       tar -c | nc  ->  nc | tar -x, then sync
+#   sshtar-1to1    tar -c | ssh east1 'tar -x' (the xtrabackup | ssh | tar shape), then sync
+#   rsync-1to1     rsync -a to an rsync daemon on east1 (no ssh), then sync
+#   scp-1to1       scp -r to east1's sshd, then sync
+#   cp-local       cp -a of the tree on this machine, then sync: the local disk's limit
 # and prints seconds, MB/s, the ratio to mover-1to1, and each agent's peak RSS (VmHWM).
 # Every scenario starts with empty targets and a warm page cache on the source (same for all).
 # mover encrypts (TLS 1.3) and verifies every chunk at every hop; the tar pipes do neither.
@@ -27,7 +31,7 @@ set -euo pipefail
 size=2G
 small=4000
 dir=""
-only="mover-1to1,mover-chain3,mover-star3,mover-raw-1to1,mover-raw-chain3,tarzstd-1to1,tarzstd-serial3,tar-1to1"
+only="mover-1to1,mover-chain3,mover-star3,mover-raw-1to1,mover-raw-chain3,tarzstd-1to1,tarzstd-serial3,tar-1to1,sshtar-1to1,rsync-1to1,scp-1to1,cp-local"
 keep=0
 link=""
 while [ $# -gt 0 ]; do
@@ -45,11 +49,12 @@ done
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nc || ! need zstd; then
+if ! need nc || ! need zstd || ! need rsync || ! need sshd || ! need scp; then
   if [ "$(id -u)" = 0 ] && need apt-get; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q netcat-openbsd zstd >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q netcat-openbsd zstd rsync \
+      openssh-server openssh-client >/dev/null
   else
-    echo "this benchmark needs nc (netcat-openbsd) and zstd" >&2; exit 1
+    echo "this benchmark needs nc (netcat-openbsd), zstd, rsync, sshd and scp" >&2; exit 1
   fi
 fi
 (cd "$top" && cargo build --release -q -p mover-cli)
@@ -173,6 +178,59 @@ run_pipe() { # name compress count
   record "$1" "$(awk "BEGIN{print $t1-$t0}")"
 }
 
+# The peers that need a server on east1: an rsync daemon and an sshd of our own (root login
+# with a key made here, on ports of our own), started only when a scenario wants them.
+netns_east1=""
+if [ -n "$link" ]; then netns_east1="ip netns exec mvb-east1"; fi
+start_servers() {
+  local a; a=$(addr 1)
+  mkdir -p "$dir/east1/recv" "$dir/ssh"
+  if [[ ",$only," == *,rsync-1to1,* ]]; then
+    printf 'use chroot = false\n[recv]\npath = %s/east1/recv\nread only = false\nuid = root\ngid = root\n' \
+      "$dir" > "$dir/rsyncd.conf"
+    # Started directly (not through `on`) so that $! is the daemon itself, for cleanup.
+    $netns_east1 rsync --daemon --no-detach --address "$a" --port 47301 \
+      --config "$dir/rsyncd.conf" --log-file "$dir/rsyncd.log" > /dev/null 2>&1 &
+    pids+=($!)
+  fi
+  if [[ ",$only," == *,scp-1to1,* || ",$only," == *,sshtar-1to1,* ]]; then
+    [ "$(id -u)" = 0 ] || { echo "scp-1to1 and sshtar-1to1 need root (an sshd of our own)" >&2; exit 1; }
+    ssh-keygen -q -t ed25519 -N '' -f "$dir/ssh/host" <<< y >/dev/null
+    ssh-keygen -q -t ed25519 -N '' -f "$dir/ssh/client" <<< y >/dev/null
+    cp "$dir/ssh/client.pub" "$dir/ssh/authorized_keys"
+    mkdir -p /run/sshd
+    $netns_east1 /usr/sbin/sshd -D -e -p 47302 -o ListenAddress="$a" -h "$dir/ssh/host" \
+      -o AuthorizedKeysFile="$dir/ssh/authorized_keys" -o PermitRootLogin=prohibit-password \
+      -o StrictModes=no -o PidFile=none > /dev/null 2> "$dir/sshd.log" &
+    pids+=($!)
+  fi
+  sleep 0.5
+}
+ssh_opts=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR)
+
+run_peer() { # name: one copy to east1 by a tool users use today, then sync
+  clear_targets
+  local t0 t1 a; a=$(addr 1)
+  mkdir -p "$dir/east1/recv"
+  t0=$(now)
+  case "$1" in
+    sshtar-1to1)
+      tar -C "$dir/west1/data" -cf - . | on west1 ssh "${ssh_opts[@]}" -i "$dir/ssh/client" \
+        -p 47302 "root@$a" "tar -C '$dir/east1/recv' -xf -" ;;
+    rsync-1to1)
+      on west1 rsync -a "$dir/west1/data/" "rsync://$a:47301/recv/" ;;
+    scp-1to1)
+      on west1 scp -q -r "${ssh_opts[@]}" -i "$dir/ssh/client" -P 47302 \
+        "$dir/west1/data/." "root@$a:$dir/east1/recv/" ;;
+    cp-local)
+      cp -a "$dir/west1/data/." "$dir/east1/recv/" ;;
+  esac
+  sync
+  t1=$(now)
+  record "$1" "$(awk "BEGIN{print $t1-$t0}")"
+}
+
+start_servers
 if [ -n "$link" ]; then where="network namespaces, $link uplinks"; else where=loopback; fi
 echo "running ($where, $(nproc) cores):"
 IFS=, read -ra wanted <<< "$only"
@@ -186,6 +244,7 @@ for s in "${wanted[@]}"; do
     tarzstd-1to1) run_pipe "$s" 1 1 ;;
     tarzstd-serial3) run_pipe "$s" 1 3 ;;
     tar-1to1) run_pipe "$s" 0 1 ;;
+    sshtar-1to1|rsync-1to1|scp-1to1|cp-local) run_peer "$s" ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
 done

@@ -300,6 +300,24 @@ fn reseed_site_rebuilds_every_east_host_and_runs_each_action_once_in_order() {
     assert!(steps.iter().all(|s| s["status"] == "done"), "{v}");
     assert_eq!(steps[0]["host"], "east1");
     assert_eq!(steps[0]["detail"]["exit_code"], 0);
+    // The transfer's summary is journalled: east1 and east2 kept their drifted copies but
+    // the chunks that differ, east3 (empty) received everything.
+    let transfer = steps
+        .iter()
+        .find(|s| s["detail"]["kind"] == "transfer")
+        .unwrap();
+    let targets = transfer["detail"]["summary"]["targets"].as_array().unwrap();
+    for t in targets {
+        let (held, bytes) = (
+            t["held_bytes"].as_u64().unwrap(),
+            t["bytes"].as_u64().unwrap(),
+        );
+        if t["node"] == "east3" {
+            assert_eq!(held, 0, "{t}");
+        } else {
+            assert!(held > 0 && held < bytes, "{t}");
+        }
+    }
     // Done: the sites are free for the next runbook.
     let out = c.reseed(&["--dry-run"]);
     assert!(out.status.success());

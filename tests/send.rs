@@ -386,3 +386,27 @@ fn an_agent_stopped_mid_transfer_fails_its_part_clearly_and_keeps_staging_to_res
     );
     assert!(!c.data("east2").exists());
 }
+
+#[test]
+fn a_relay_that_is_down_before_the_transfer_is_linked_past() {
+    let mut c = Cluster::start(&NODES);
+    mixed_tree(&c.data("west1"), 16 << 20);
+    c.stop_agent("east2", SIGTERM);
+    let (code, summary, stderr) = c.send("west1:data", "east1,east2,east3", &[]);
+    assert_eq!(code, 3, "partial: {stderr}\n{summary}");
+    // east1 could not open its link to east2, so it opened east2's child in its place.
+    for t in ["east1", "east3"] {
+        assert_eq!(target(&summary, t)["result"], "committed", "{t}: {summary}");
+        assert_same_tree(&c.data("west1"), &c.data(t));
+    }
+    let e2 = target(&summary, "east2");
+    assert_eq!(e2["result"], "failed");
+    assert!(
+        e2["reason"]
+            .as_str()
+            .unwrap()
+            .contains("link to east2 failed"),
+        "{summary}"
+    );
+    assert!(!c.data("east2").exists());
+}

@@ -165,14 +165,17 @@ method = \"files\"
     Ok(path)
 }
 
-/// Copies a tree of plain files and directories (the sample has nothing else).
+/// Copies a tree of directories, files and symlinks (copied as links), as the sample has.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;
         let (src, dst) = (e.path(), to.join(e.file_name()));
-        if e.file_type()?.is_dir() {
+        let t = e.file_type()?;
+        if t.is_dir() {
             copy_tree(&src, &dst)?;
+        } else if t.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
         } else {
             std::fs::copy(&src, &dst)?;
         }
@@ -180,16 +183,18 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The largest file under `dir`.
+/// The largest regular file under `dir` (symlinks are not followed).
 fn largest_file(dir: &Path) -> std::io::Result<Option<(PathBuf, u64)>> {
     let mut best: Option<(PathBuf, u64)> = None;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        let m = e.metadata()?;
-        let found = if m.is_dir() {
+        let t = e.file_type()?;
+        let found = if t.is_dir() {
             largest_file(&e.path())?
+        } else if t.is_file() {
+            Some((e.path(), e.metadata()?.len()))
         } else {
-            Some((e.path(), m.len()))
+            None
         };
         if let Some((p, n)) = found {
             if best.as_ref().is_none_or(|b| n > b.1) {

@@ -93,7 +93,7 @@ enum Command {
     /// Rebuild hosts from a source, tprovision-style, in one chained transfer. Journalled.
     #[command(after_help = runbook::PROVISION_HELP)]
     Provision(runbook::ProvisionArgs),
-    /// List, show, resume or abandon runbooks (reseed-site, provision) in the journal.
+    /// List, show, resume, roll back or abandon runbooks (reseed-site, provision).
     #[command(
         after_help = "Examples:\n  mover runbook list\n  mover runbook show reseed-east-20261122-041502-ab3x\n  mover runbook resume reseed-east-20261122-041502-ab3x"
     )]
@@ -101,9 +101,9 @@ enum Command {
         #[command(subcommand)]
         command: runbook::RunbookCommand,
     },
-    /// Run a local example: four agents on loopback, a generated data directory, a chained
-    /// transfer west1 -> east1 -> east2 -> east3, and a check of every target.
-    #[command(after_help = "Example:\n  mover demo --size 256M")]
+    /// Run a local example: a two-site cluster (six agents on loopback), east drifted from
+    /// west, rebuilt with reseed-site, every east host checked against west1.
+    #[command(after_help = "Example:\n  mover demo --size 128M\n  mover demo --keep")]
     Demo(demo::DemoArgs),
     /// Generate a sample data directory (as the demo does), for benchmarks and tests.
     #[command(hide = true)]
@@ -365,6 +365,23 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
+/// An error and its causes, `: `-separated, leaving out a cause whose text the message before
+/// it already ends with (many errors quote their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     mover::pool::tune_allocator();
     let cli = match Cli::try_parse() {
@@ -382,7 +399,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(exit::ERROR)
         }
     }

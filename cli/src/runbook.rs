@@ -52,15 +52,15 @@ pub struct ReseedSiteArgs {
 
 pub const PROVISION_HELP: &str = "\
 How tprovision's flags map:
-  tprovision -s HOST, --source HOST   -s, --source HOST: any host of the inventory
-  tprovision -m METHOD, --method      -m, --method files|xtrabackup|mariabackup (physical
-                                      copies only; mysqldump is not offered)
-  tprovision -c (as in a site rebuild) -c, --create-master: the first target becomes its
-                                      site's primary (mark_primary) before its replicator
-                                      goes online
-  tprovision -t N, --threads N        -t, --threads N: QUIC connections per hop
-  (runs on the one target)            runs from any host; several targets are one chained
-                                      transfer, in the order given
+  tprovision                  mover provision
+  -s HOST, --source HOST      -s, --source HOST: any host of the inventory
+  -m METHOD, --method METHOD  -m, --method files|xtrabackup|mariabackup (physical copies
+                              only; mysqldump is not offered)
+  -c (as in a site rebuild)   -c, --create-master: the first target becomes its site's
+                              primary (mark_primary) before its replicator goes online
+  -t N, --threads N           -t, --threads N: QUIC connections per hop
+  (runs on the one target)    runs from any host; several targets are one chained
+                              transfer, in the order given
 
 On each target: replicator offline, database stop; one chained transfer (a backup
 method is prepared on each target before its commit; the old data stays until then);

@@ -515,8 +515,10 @@ async fn repair(
     Ok(resent)
 }
 
-/// Opens links to the children of `me`; a child that cannot be reached is reported failed
-/// with its subtree, and the transfer goes on for the others.
+/// Opens links to the children of `me`. A child that cannot be reached (or refuses) is
+/// reported failed and linked past: its own children are opened in its place, with the same
+/// signed plan (a node accepts an `Open` from any node above it), as the [`link::Relinker`]
+/// does for a child that fails later. The transfer goes on for the others.
 pub(crate) async fn open_children(
     ctx: &Arc<Ctx>,
     open: &Open,
@@ -526,27 +528,20 @@ pub(crate) async fn open_children(
     up: &Up,
 ) -> Vec<Downlink> {
     let mut links = Vec::new();
-    for child in plan.children(me) {
+    let mut todo: std::collections::VecDeque<usize> = plan.children(me).into();
+    while let Some(child) = todo.pop_front() {
         match Downlink::open(&ctx.endpoint, open, child, manifest).await {
             Ok(l) => links.push(l),
             Err(e) => {
                 let name = &plan.nodes()[child].name;
-                tracing::warn!(child = %name, error = %e, "cannot open link to child");
+                tracing::warn!(child = %name, error = %e, "cannot open link to child; linking past it");
                 // A child that refused says why in its own words, naming itself.
                 let reason = match &e {
                     TransferError::Refused(why) => why.clone(),
                     other => format!("link to {name} failed: {other}"),
                 };
                 link::report_failed(up, plan, &[child], &reason, e.retryable()).await;
-                let below = plan.descendants(child);
-                link::report_failed(
-                    up,
-                    plan,
-                    &below,
-                    &format!("upstream relay {name} could not be reached: {e}"),
-                    e.retryable(),
-                )
-                .await;
+                todo.extend(plan.children(child));
             }
         }
     }

@@ -672,20 +672,22 @@ mod tests {
         Run { outcome, events }
     }
 
+    /// Creates runbook `rb-1` and runs it to its end.
+    async fn fresh(dir: &Path, inv: &Inventory, fake: Arc<Fake>) -> Run {
+        run(dir, "rb-1", inv, fake, std::future::pending(), true).await
+    }
+
+    /// Resumes runbook `rb-1` and runs it to its end.
+    async fn resumed(dir: &Path, inv: &Inventory, fake: Arc<Fake>) -> Run {
+        run(dir, "rb-1", inv, fake, std::future::pending(), false).await
+    }
+
     #[tokio::test]
     async fn steps_run_in_dependency_order_and_parallel_where_allowed() {
         let d = tempfile::tempdir().unwrap();
         let inv = cluster(3);
         let fake = Arc::new(Fake::default());
-        let r = run(
-            d.path(),
-            "rb-1",
-            &inv,
-            fake.clone(),
-            std::future::pending(),
-            true,
-        )
-        .await;
+        let r = fresh(d.path(), &inv, fake.clone()).await;
         assert_eq!(r.outcome.status, RunStatus::Done);
         let rb = plan(&reseed(), &inv).unwrap();
         let calls = fake.calls.lock().unwrap().clone();
@@ -751,15 +753,7 @@ mod tests {
             fail_step: Some(9),
             ..Fake::default()
         });
-        let r = run(
-            d.path(),
-            "rb-1",
-            &inv,
-            fake.clone(),
-            std::future::pending(),
-            true,
-        )
-        .await;
+        let r = fresh(d.path(), &inv, fake.clone()).await;
         assert_eq!(r.outcome.status, RunStatus::Failed);
         let (n, failure) = &r.outcome.failed[0];
         assert_eq!(*n, 9);
@@ -779,15 +773,7 @@ mod tests {
         // Fixed: resume runs step 9 and what follows, and nothing that finished.
         let before: BTreeSet<u32> = ran.iter().copied().filter(|&s| s != 9).collect();
         let fake2 = Arc::new(Fake::default());
-        let r = run(
-            d.path(),
-            "rb-1",
-            &inv,
-            fake2.clone(),
-            std::future::pending(),
-            false,
-        )
-        .await;
+        let r = resumed(d.path(), &inv, fake2.clone()).await;
         assert_eq!(r.outcome.status, RunStatus::Done);
         let again: BTreeSet<u32> = fake2.steps().into_iter().collect();
         assert!(again.contains(&9));
@@ -816,15 +802,7 @@ mod tests {
             fail_step: None,
             ..Fake::default()
         });
-        let r = run(
-            d.path(),
-            "rb-1",
-            &inv,
-            fake.clone(),
-            std::future::pending(),
-            true,
-        )
-        .await;
+        let r = fresh(d.path(), &inv, fake.clone()).await;
         // Steps 1 and 2 ran on east2; step 8 (east1's own replicator) could not run anywhere.
         let calls = fake.calls.lock().unwrap().clone();
         assert_eq!(calls.iter().find(|c| c.1 == 1).unwrap().0, "east2");
@@ -853,15 +831,7 @@ mod tests {
         assert_eq!(j.get("rb-1").unwrap().status, RunStatus::Interrupted);
         drop(j);
         let fake = Arc::new(Fake::default());
-        let r = run(
-            d.path(),
-            "rb-1",
-            &inv,
-            fake.clone(),
-            std::future::pending(),
-            false,
-        )
-        .await;
+        let r = resumed(d.path(), &inv, fake.clone()).await;
         assert_eq!(r.outcome.status, RunStatus::Done);
         assert_eq!(fake.steps()[0], 3);
     }

@@ -20,7 +20,9 @@ pub const JOURNAL_FILE: &str = "journal.db";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("create the state directory {path}: {source}")]
+    #[error(
+        "create the state directory {path} (choose another with --state-dir or MOVER_STATE_DIR)"
+    )]
     StateDir {
         path: PathBuf,
         source: std::io::Error,

@@ -141,6 +141,27 @@ impl Builder {
         self.add(on, action, after)
     }
 
+    /// One chained transfer of the inventory's database from `source` to `targets`, run by
+    /// the source's agent.
+    fn transfer(
+        &mut self,
+        inv: &Inventory,
+        source: &Host,
+        targets: &[&Host],
+        method: Method,
+        threads: Option<u32>,
+        after: &[StepId],
+    ) -> StepId {
+        let action = StepAction::Transfer(Transfer {
+            source: source.name.clone(),
+            targets: targets.iter().map(|h| h.name.clone()).collect(),
+            dataset: inv.database().name.clone(),
+            method,
+            threads,
+        });
+        self.add(Target::Host(source.name.clone()), action, after)
+    }
+
     fn site(&mut self, site: &str, action: HookAction, after: &[StepId]) -> StepId {
         self.hook(Target::Site(site.to_owned()), action, None, after)
     }
@@ -261,18 +282,8 @@ fn reseed_site(
         let reset = b.host(&h.name, HookAction::ReplicatorReset, Some(svc), &[off]);
         stopped.push(b.host(&h.name, HookAction::DatabaseStop, None, &[reset]));
     }
-    let dataset = inv.database();
-    let transfer = b.add(
-        Target::Host(source.name.clone()),
-        StepAction::Transfer(Transfer {
-            source: source.name.clone(),
-            targets: targets.iter().map(|h| h.name.clone()).collect(),
-            dataset: dataset.name.clone(),
-            method: dataset.method,
-            threads: None,
-        }),
-        &stopped,
-    );
+    let method = inv.database().method;
+    let transfer = b.transfer(inv, source, &targets, method, None, &stopped);
     let started = start_targets(&mut b, &targets, transfer);
     // The new primary first, then the replicas follow it.
     let primary = b.host(
@@ -364,18 +375,7 @@ fn provision(
         };
         stopped.push(b.host(&h.name, HookAction::DatabaseStop, None, &after));
     }
-    let dataset = inv.database();
-    let transfer = b.add(
-        Target::Host(source.name.clone()),
-        StepAction::Transfer(Transfer {
-            source: source.name.clone(),
-            targets: hosts.iter().map(|h| h.name.clone()).collect(),
-            dataset: dataset.name.clone(),
-            method,
-            threads,
-        }),
-        &stopped,
-    );
+    let transfer = b.transfer(inv, source, &hosts, method, threads, &stopped);
     for (i, (h, svc)) in hosts.iter().zip(&local).enumerate() {
         let start = b.host(&h.name, HookAction::DatabaseStart, None, &[transfer]);
         let Some(svc) = svc else { continue };
