@@ -347,3 +347,43 @@ fn a_dead_relay_in_the_middle_is_linked_around() {
 fn a_dead_first_hop_is_linked_around() {
     a_dead_hop_is_linked_around("east1");
 }
+
+#[test]
+fn a_relay_stopped_while_passing_end_on_is_linked_past_and_its_child_still_commits() {
+    let mut c = Cluster::start(&["west1", "east1", "east2", "east3"]);
+    // east2 holds the source's End back for a while before passing it on to east3.
+    c.stop_agent("east2", SIGTERM);
+    c.start_agent_with_env("east2", &[("MOVER_TEST_HOLD_END_MS", "8000")]);
+    mixed_tree(&c.data("west1"), 16 << 20);
+    let send = c.spawn_send("west1:data", "east1,east2,east3", &[]);
+    // east1 commits once it has passed End on; east2 is then holding it, and east3, which
+    // has everything, waits for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !c.data("east1").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "east1 never committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.stop_agent("east2", SIGTERM);
+    let (code, summary) = Cluster::finish_send(send);
+    // east1 links past east2 after End went by, and passes End on to east3 itself.
+    assert_eq!(code, Some(3), "partial: {summary}");
+    for t in ["east1", "east3"] {
+        assert_eq!(target(&summary, t)["result"], "committed", "{t}: {summary}");
+        assert_same_tree(&c.data("west1"), &c.data(t));
+    }
+    assert_eq!(target(&summary, "east2")["result"], "failed", "{summary}");
+    assert!(
+        c.log("east1")
+            .contains("passing End to a node linked in after it"),
+        "{}",
+        c.log("east1")
+    );
+    // east2 had End in hand when it was stopped: if it committed on its way down, its copy
+    // is whole.
+    if c.data("east2").exists() {
+        assert_same_tree(&c.data("west1"), &c.data("east2"));
+    }
+}

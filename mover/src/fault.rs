@@ -5,6 +5,8 @@
 //!   it receives for its own copy, after forwarding them untouched, before verifying them.
 //! - `MOVER_TEST_FLIP_STAGING=N`: after the data of a transfer has arrived, the agent flips one
 //!   bit in N chunks of its staging area, before the final check reads them back.
+//! - `MOVER_TEST_HOLD_END_MS=N`: a relay waits N ms after its parent's `End` before passing it
+//!   on, so that a test can stop it in that window.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Faults {
     flip_chunks: AtomicU64,
     flip_staging: AtomicU64,
+    hold_end_ms: u64,
 }
 
 impl Faults {
@@ -30,6 +33,7 @@ impl Faults {
         Self {
             flip_chunks: AtomicU64::new(get("MOVER_TEST_FLIP_CHUNKS")),
             flip_staging: AtomicU64::new(get("MOVER_TEST_FLIP_STAGING")),
+            hold_end_ms: get("MOVER_TEST_HOLD_END_MS"),
         }
     }
 
@@ -42,6 +46,11 @@ impl Faults {
     /// Whether to damage the next received chunk.
     pub fn flip_chunk(&self) -> bool {
         Self::take(&self.flip_chunks)
+    }
+
+    /// How long a relay holds its parent's `End` back.
+    pub fn hold_end(&self) -> Option<std::time::Duration> {
+        (self.hold_end_ms > 0).then(|| std::time::Duration::from_millis(self.hold_end_ms))
     }
 
     /// How many chunks of the staging area to damage now.

@@ -676,6 +676,37 @@ fn topmost(plan: &Plan, failed: usize, unreported: &[usize]) -> Vec<usize> {
     out
 }
 
+/// Waits for the subtrees' events tasks, which follow any re-link under way, while taking in
+/// the links that join meanwhile. After `End` went down (`end`), each such link (made past a
+/// dead child) gets it too, so that the node it reaches finishes from what it holds instead of
+/// waiting for an `End` that has gone by.
+pub(crate) async fn await_subtrees(
+    events: Vec<tokio::task::JoinHandle<HashSet<String>>>,
+    end: Option<&Message>,
+    joined: &mut mpsc::UnboundedReceiver<Downlink>,
+    links: &mut Vec<Downlink>,
+) {
+    let mut all = tokio::spawn(async move {
+        for t in events {
+            let _ = t.await;
+        }
+    });
+    loop {
+        tokio::select! {
+            _ = &mut all => break,
+            Some(mut l) = joined.recv() => {
+                if let Some(end) = end {
+                    tracing::info!(node = %l.node, "passing End to a node linked in after it");
+                    let _ = write_message(&mut l.control, end).await;
+                    let _ = l.control.finish();
+                }
+                links.push(l);
+            }
+        }
+    }
+    take_new_links(joined, links);
+}
+
 /// Adds links that joined the transfer to `links`.
 pub(crate) fn take_new_links(
     rx: &mut mpsc::UnboundedReceiver<Downlink>,

@@ -540,18 +540,16 @@ impl Receive<'_> {
             Err(e) => Err(e),
         };
         link::take_new_links(&mut joined, &mut controls);
-        if result.is_err() && !ended {
+        if result.is_err() && ended.is_none() {
             // Failing (or replaced by a newer transfer): take over nothing below.
             relinker.cancel();
         }
-        if !ended {
+        if ended.is_none() {
             for l in &controls {
                 l.close(link::close::FAILED, "upstream failed");
             }
         }
-        for t in events_tasks {
-            let _ = t.await;
-        }
+        link::await_subtrees(events_tasks, ended.as_ref(), &mut joined, &mut controls).await;
         drop(relinker);
         link::take_new_links(&mut joined, &mut controls);
         for l in &controls {
@@ -598,7 +596,7 @@ impl Receive<'_> {
     }
 
     /// The main pass on the data streams, then repair rounds on the control stream until the
-    /// parent's `End`. Returns the source's digest once ours equals it, and whether `End` was
+    /// parent's `End`. Returns the source's digest once ours equals it, and the `End` if it was
     /// passed on to the children (after which they finish on their own).
     ///
     /// Once this node's own copy has failed it asks for nothing more, but it keeps passing
@@ -611,18 +609,35 @@ impl Receive<'_> {
         writer: Option<&Writer>,
         workers: &Arc<Semaphore>,
         failure: &Arc<Mutex<Option<TransferError>>>,
-    ) -> (Result<[u8; 32], TransferError>, bool) {
-        // The main pass ends when every data stream has; the parent says nothing on the
-        // control stream until it has our needs, so anything there now means it is gone.
+    ) -> (Result<[u8; 32], TransferError>, Option<Message>) {
+        // The main pass ends when every data stream has. The parent says nothing on the
+        // control stream until its own main pass is over, so anything there now means that
+        // it is gone, or that this node was linked in late (past a dead relay) and hears
+        // the repair rounds or `End` while its data streams, already over upstream, end.
+        let mut early: Option<Message> = None;
+        let late_deadline = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(late_deadline);
         loop {
             tokio::select! {
+                () = &mut late_deadline, if early.is_some() => {
+                    return (Err(LinkError::Timeout {
+                        what: "the data streams to end after the parent's repair rounds began",
+                        secs: ATTACH_TIMEOUT.as_secs(),
+                    }.into()), None);
+                }
                 r = data_tasks.join_next() => match r {
                     None => break,
                     Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(e))) => return (Err(e.into()), false),
-                    Some(Err(e)) => return (Err(TransferError::Internal(e.to_string())), false),
+                    Some(Ok(Err(e))) => return (Err(e.into()), None),
+                    Some(Err(e)) => return (Err(TransferError::Internal(e.to_string())), None),
                 },
-                m = next_control(ctl) => {
+                m = next_control(ctl), if early.is_none() => {
+                    if let Ok(m @ (Message::Chunk(_) | Message::Repaired { .. } | Message::End { .. })) = m {
+                        tracing::debug!(message = m.name(), "heard from the parent before the data streams ended");
+                        early = Some(m);
+                        late_deadline.as_mut().reset(tokio::time::Instant::now() + ATTACH_TIMEOUT);
+                        continue;
+                    }
                     // The parent spoke out of turn or is gone. Give the data streams a moment
                     // to drain: a chunk that broke the rules says more than what followed it.
                     let drain = async {
@@ -636,21 +651,21 @@ impl Receive<'_> {
                     let data_error = tokio::time::timeout(Duration::from_secs(1), drain).await;
                     data_tasks.abort_all();
                     if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                        return (Err(e), false);
+                        return (Err(e), None);
                     }
                     if let Ok(Some(e)) = data_error {
-                        return (Err(e.into()), false);
+                        return (Err(e.into()), None);
                     }
                     return (Err(match m {
                         Err(e) => e.into(),
                         Ok(other) => LinkError::Unexpected { got: other.name(), expected: "data" }.into(),
-                    }), false);
+                    }), None);
                 }
             }
         }
         tracing::debug!("main pass done");
         if let Err(e) = settle(workers, self.ctx.cfg.workers()).await {
-            return (Err(e), false);
+            return (Err(e), None);
         }
         let mut own: Option<TransferError> =
             failure.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -677,13 +692,16 @@ impl Receive<'_> {
             writer = None;
         } else if let Some(w) = writer {
             if let Err(e) = self.send_needs(&w.tracker, 0).await {
-                return (Err(e), false);
+                return (Err(e), None);
             }
         }
         loop {
-            let m = match next_control(ctl).await {
-                Ok(m) => m,
-                Err(e) => return (Err(own.unwrap_or_else(|| e.into())), false),
+            let m = match early.take() {
+                Some(m) => m,
+                None => match next_control(ctl).await {
+                    Ok(m) => m,
+                    Err(e) => return (Err(own.unwrap_or_else(|| e.into())), None),
+                },
             };
             link::take_new_links(joined, controls);
             match &m {
@@ -701,20 +719,28 @@ impl Receive<'_> {
                     forward_control(controls, &m).await;
                     if let Some(w) = writer {
                         if let Err(e) = self.send_needs(&w.tracker, round + 1).await {
-                            return (Err(e), false);
+                            return (Err(e), None);
                         }
                     }
                 }
                 Message::End { digest, .. } => {
+                    if let Some(hold) = self.ctx.faults.hold_end() {
+                        tracing::warn!(?hold, "TEST FAULT: holding End back");
+                        tokio::time::sleep(hold).await;
+                    }
+                    link::take_new_links(joined, controls);
                     forward_control(controls, &m).await;
                     for l in controls.iter_mut() {
                         let _ = l.control.finish();
                     }
                     if let Some(e) = own {
-                        return (Err(e), true);
+                        return (Err(e), Some(m.clone()));
                     }
                     let Some(w) = writer else {
-                        return (Err(TransferError::Internal("no staging area".into())), true);
+                        return (
+                            Err(TransferError::Internal("no staging area".into())),
+                            Some(m.clone()),
+                        );
                     };
                     let t = w.tracker.lock().unwrap_or_else(|p| p.into_inner());
                     if !t.is_complete() {
@@ -722,13 +748,13 @@ impl Receive<'_> {
                             Err(TransferError::Incomplete {
                                 missing: t.missing_chunks(),
                             }),
-                            true,
+                            Some(m.clone()),
                         );
                     }
                     if t.digest() != Some(*digest) {
-                        return (Err(TransferError::DigestMismatch), true);
+                        return (Err(TransferError::DigestMismatch), Some(m.clone()));
                     }
-                    return (Ok(*digest), true);
+                    return (Ok(*digest), Some(m.clone()));
                 }
                 other => {
                     return (
@@ -737,7 +763,7 @@ impl Receive<'_> {
                             expected: "repairs or end",
                         }
                         .into()),
-                        false,
+                        None,
                     )
                 }
             }

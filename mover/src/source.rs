@@ -135,7 +135,7 @@ async fn run_inner(
         new_links: mut joined,
     } = joining;
     let link::Fanout {
-        events: events_tasks,
+        events: mut events_tasks,
         streams: data_streams,
         links: mut all_links,
     } = link::Fanout::new(links, start.connections, &plan, &ev_tx, &relinker);
@@ -176,19 +176,19 @@ async fn run_inner(
             )
             .await?;
             link::take_new_links(&mut joined, &mut all_links);
+            let end = Message::End {
+                chunks: totals.chunks,
+                digest,
+            };
             for l in &mut all_links {
-                let end = Message::End {
-                    chunks: totals.chunks,
-                    digest,
-                };
                 let _ = crate::frame::write_message(&mut l.control, &end).await;
                 let _ = l.control.finish();
             }
-            Ok::<_, TransferError>(totals)
+            Ok::<_, TransferError>((totals, end))
         }
         .await;
         match sent {
-            Ok(totals) => {
+            Ok((totals, end)) => {
                 let _ = up
                     .send(Message::Sent {
                         bytes: totals.bytes,
@@ -199,6 +199,8 @@ async fn run_inner(
                         resent: totals.resent,
                     })
                     .await;
+                let events = std::mem::take(&mut events_tasks);
+                link::await_subtrees(events, Some(&end), &mut joined, &mut all_links).await;
             }
             Err(TransferError::NoTargetsLeft) => {
                 for t in events_tasks {
