@@ -688,7 +688,11 @@ impl Receive<'_> {
             }
         }
         if let Some(e) = &own {
-            self.fail_own(e).await;
+            // With End already here the failure is reported with the result, once the
+            // staging area has been dealt with; otherwise now, for the rounds still to come.
+            if !matches!(early, Some(Message::End { .. })) {
+                self.fail_own(e).await;
+            }
             writer = None;
         } else if let Some(w) = writer {
             if let Err(e) = self.send_needs(&w.tracker, 0).await {
