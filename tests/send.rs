@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{assert_same_tree, mixed_tree, target, wait_recorded, Cluster, SIGTERM};
+use common::{assert_same_tree, mixed_tree, num, target, wait_recorded, Cluster, SIGTERM};
 
 const NODES: [&str; 4] = ["west1", "east1", "east2", "east3"];
 
@@ -409,4 +409,35 @@ fn a_relay_that_is_down_before_the_transfer_is_linked_past() {
         "{summary}"
     );
     assert!(!c.data("east2").exists());
+}
+
+#[test]
+fn max_rate_holds_the_source_to_it_and_auto_compression_shrinks_what_a_slow_link_carries() {
+    let c = Cluster::start(&["west1", "east1"]);
+    mixed_tree(&c.data("west1"), 12 << 20);
+    let rate = 2u64 << 20;
+    let timed = |extra: &[&str]| {
+        let t = std::time::Instant::now();
+        let (code, summary, stderr) = c.send("west1:data", "east1", extra);
+        assert_eq!(code, 0, "{stderr}\n{summary}");
+        assert_same_tree(&c.data("west1"), &c.data("east1"));
+        std::fs::remove_dir_all(c.data("east1")).unwrap();
+        let src = &summary["source"];
+        let (total, wire) = (num(&src["total_bytes"]), num(&src["wire_bytes"]));
+        (t.elapsed().as_secs_f64(), total, wire)
+    };
+    let rate_arg = rate.to_string();
+    // Uncompressed, every byte goes at no more than the rate.
+    let (secs, total, wire) = timed(&["--compress", "off", "--max-rate", &rate_arg]);
+    assert!(wire >= total, "{wire} < {total}");
+    let floor = wire as f64 / rate as f64 - 0.2;
+    assert!(
+        secs >= floor,
+        "{wire} bytes at {rate}/s took only {secs:.2}s"
+    );
+    assert!(secs < floor * 3.0 + 10.0, "took {secs:.2}s");
+    // The limited link is what holds the data back, so auto (the default) compresses it.
+    let (secs, total, wire) = timed(&["--max-rate", &rate_arg]);
+    assert!(wire < total * 3 / 4, "auto sent {wire} of {total} bytes");
+    assert!(secs >= wire as f64 / rate as f64 - 0.2, "{secs:.2}s");
 }

@@ -331,7 +331,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<u8> {
         site: "east".into(),
         source: None,
     };
-    let mut code = crate::runbook::start(op, &cluster, false, &common)?;
+    let mut code = crate::runbook::start(op, &cluster, false, &common, Default::default())?;
     drop(agents);
 
     let src = dir.join("west1/mysql");

@@ -170,9 +170,16 @@ pub(crate) struct Tuning {
     /// Chunk size, a power of two from 64K to 64M.
     #[arg(long, default_value = "4M", value_parser = parse_size)]
     chunk_size: u64,
-    /// zstd level per chunk (1-19), or off. Chunks that do not shrink go raw.
-    #[arg(long, default_value = "1", value_parser = parse_compress)]
-    compress: u8,
+    /// zstd per chunk: auto (level 1 for as long as the link, not the CPU, is what holds the
+    /// transfer back; decided per chunk as it goes), off, or a level 1-19 for every chunk.
+    /// Chunks that do not shrink go raw.
+    #[arg(long, default_value = "auto", value_parser = parse_compress)]
+    compress: Compress,
+    /// Most bytes per second the source sends to each of its children, e.g. 100M (MiB/s) or
+    /// 800mbit. Relays pass on what they get, so the whole chain keeps to it. No limit by
+    /// default.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    max_rate: Option<u64>,
     /// QUIC connections per hop (default: one per core, at most 8).
     #[arg(long)]
     connections: Option<u8>,
@@ -197,14 +204,57 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn parse_compress(s: &str) -> Result<u8, String> {
+/// `--compress`: a zstd level (0 for off) and whether the source decides per chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Compress {
+    level: u8,
+    auto: bool,
+}
+
+fn parse_compress(s: &str) -> Result<Compress, String> {
     match s {
-        "off" | "0" => Ok(0),
+        "auto" => Ok(Compress {
+            level: 1,
+            auto: true,
+        }),
+        "off" | "0" => Ok(Compress {
+            level: 0,
+            auto: false,
+        }),
         _ => match s.parse::<u8>() {
-            Ok(l @ 1..=19) => Ok(l),
-            _ => Err(format!("{s:?}: use off or a zstd level from 1 to 19")),
+            Ok(level @ 1..=19) => Ok(Compress { level, auto: false }),
+            _ => Err(format!("{s:?}: use auto, off or a zstd level from 1 to 19")),
         },
     }
+}
+
+/// `--max-rate`: bytes per second, as a size (`100M`, `1G`, optionally ending in `/s`) or in
+/// bits as `tc` writes them (`800mbit`, decimal).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let bad =
+        || format!("{s:?} is not a rate like 100M (bytes per second) or 800mbit (bits per second)");
+    let rate = if let Some(num) = t.strip_suffix("bit") {
+        let split = num.find(|c: char| !c.is_ascii_digit()).unwrap_or(num.len());
+        let (n, unit) = num.split_at(split);
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit {
+            "" => 1,
+            "k" => 1_000,
+            "m" => 1_000_000,
+            "g" => 1_000_000_000,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).ok_or_else(bad)? / 8
+    } else {
+        parse_size(t.strip_suffix("/s").unwrap_or(&t)).map_err(|_| bad())?
+    };
+    if rate == 0 {
+        return Err(format!(
+            "{s:?}: a rate must be above zero (leave --max-rate out for none)"
+        ));
+    }
+    Ok(rate)
 }
 
 fn parse_node_dataset(s: &str, default_dataset: Option<&str>) -> anyhow::Result<NodeDataset> {
@@ -261,8 +311,10 @@ impl Tuning {
             targets,
             topology: self.topology,
             chunk_size,
-            compress: self.compress,
+            compress: self.compress.level,
+            compress_auto: self.compress.auto,
             connections,
+            max_rate: self.max_rate.unwrap_or(0),
             method: Method::Files,
         })
     }
@@ -402,5 +454,51 @@ fn main() -> ExitCode {
             eprintln!("error: {}", error_chain(&e));
             ExitCode::from(exit::ERROR)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_read_as_bytes_or_as_tc_bits() {
+        assert_eq!(parse_rate("100M"), Ok(100 << 20));
+        assert_eq!(parse_rate("100M/s"), Ok(100 << 20));
+        assert_eq!(parse_rate("65536"), Ok(65536));
+        assert_eq!(parse_rate("800mbit"), Ok(100_000_000));
+        assert_eq!(parse_rate("1Gbit"), Ok(125_000_000));
+        assert_eq!(parse_rate("8kbit"), Ok(1000));
+        for bad in ["0", "0mbit", "fast", "10 furlongs", "12xbit", ""] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn compress_is_auto_off_or_a_level() {
+        assert_eq!(
+            parse_compress("auto"),
+            Ok(Compress {
+                level: 1,
+                auto: true
+            })
+        );
+        assert_eq!(
+            parse_compress("off"),
+            Ok(Compress {
+                level: 0,
+                auto: false
+            })
+        );
+        assert_eq!(
+            parse_compress("7"),
+            Ok(Compress {
+                level: 7,
+                auto: false
+            })
+        );
+        assert!(parse_compress("20").is_err());
+        assert!(parse_compress("fast").unwrap_err().contains("auto, off"));
     }
 }

@@ -29,6 +29,15 @@ pub struct Common {
     pub json: bool,
 }
 
+/// How fast a runbook's transfers may go.
+#[derive(Args, Clone, Copy, Default)]
+pub struct Pace {
+    /// Most bytes per second the source of each transfer sends, as 100M (MiB/s) or 800mbit;
+    /// see `mover send --max-rate`. No limit by default.
+    #[arg(long, value_name = "RATE", value_parser = crate::parse_rate)]
+    pub max_rate: Option<u64>,
+}
+
 #[derive(Args)]
 pub struct ReseedSiteArgs {
     /// The inventory (cluster file with sites, hosts, datasets and hooks).
@@ -46,6 +55,8 @@ pub struct ReseedSiteArgs {
     /// Print the plan (steps, hosts, commands) and stop.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub pace: Pace,
     #[command(flatten)]
     pub common: Common,
 }
@@ -92,6 +103,8 @@ pub struct ProvisionArgs {
     #[arg(long)]
     pub dry_run: bool,
     #[command(flatten)]
+    pub pace: Pace,
+    #[command(flatten)]
     pub common: Common,
     /// The hosts to rebuild, in chain order.
     #[arg(required = true, value_name = "TARGET")]
@@ -121,6 +134,8 @@ pub enum RunbookCommand {
         /// The inventory, if it moved since the runbook started.
         #[arg(long, value_name = "FILE")]
         cluster: Option<PathBuf>,
+        #[command(flatten)]
+        pace: Pace,
         #[command(flatten)]
         common: Common,
     },
@@ -183,7 +198,7 @@ pub fn reseed_site(args: ReseedSiteArgs) -> anyhow::Result<u8> {
         site: args.site,
         source: args.source,
     };
-    start(op, &args.cluster, args.dry_run, &args.common)
+    start(op, &args.cluster, args.dry_run, &args.common, args.pace)
 }
 
 pub fn provision(args: ProvisionArgs) -> anyhow::Result<u8> {
@@ -194,7 +209,7 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<u8> {
         threads: args.threads,
         targets: args.targets,
     };
-    start(op, &args.cluster, args.dry_run, &args.common)
+    start(op, &args.cluster, args.dry_run, &args.common, args.pace)
 }
 
 /// What the journal keeps to plan a runbook again: an operation, or the rollback of a
@@ -306,7 +321,14 @@ fn rollback_cmd(
     for k in &kept {
         line(&format!("not undone: {k}"));
     }
-    run(&new_id, &back, &inventory, &mut journal, common)
+    run(
+        &new_id,
+        &back,
+        &inventory,
+        &mut journal,
+        common,
+        Pace::default(),
+    )
 }
 
 fn id_prefix(op: &Operation) -> String {
@@ -321,6 +343,7 @@ pub(crate) fn start(
     cluster: &Path,
     dry_run: bool,
     common: &Common,
+    pace: Pace,
 ) -> anyhow::Result<u8> {
     let inventory = load_inventory(cluster)?;
     let runbook = plan(&op, &inventory)?;
@@ -353,15 +376,15 @@ pub(crate) fn start(
         sites: exec::touched_sites(&runbook, &inventory),
         takes_over: None,
     })?;
-    run(&id, &runbook, &inventory, &mut journal, common)
+    run(&id, &runbook, &inventory, &mut journal, common, pace)
 }
 
-fn resume(id: &str, cluster: Option<PathBuf>, common: &Common) -> anyhow::Result<u8> {
+fn resume(id: &str, cluster: Option<PathBuf>, common: &Common, pace: Pace) -> anyhow::Result<u8> {
     let mut journal = Journal::open(&state_dir(common))?;
     let rec = journal.get(id)?;
     let (runbook, inventory) = replan(&journal, &rec, cluster)?;
     journal.claim(id)?;
-    run(id, &runbook, &inventory, &mut journal, common)
+    run(id, &runbook, &inventory, &mut journal, common, pace)
 }
 
 fn run(
@@ -370,10 +393,14 @@ fn run(
     inventory: &Inventory,
     journal: &mut Journal,
     common: &Common,
+    pace: Pace,
 ) -> anyhow::Result<u8> {
     let actions = Arc::new(ClusterActions {
         cluster: inventory.cluster_config(),
-        tuning: TransferTuning::default(),
+        tuning: TransferTuning {
+            max_rate: pace.max_rate.unwrap_or(0),
+            ..TransferTuning::default()
+        },
     });
     let started = Instant::now();
     let mut report = Reporter::new(common.json, runbook.steps.len());
@@ -757,8 +784,9 @@ pub fn runbook(cmd: RunbookCommand) -> anyhow::Result<u8> {
         RunbookCommand::Resume {
             id,
             cluster,
+            pace,
             common,
-        } => resume(&id, cluster, &common),
+        } => resume(&id, cluster, &common, pace),
         RunbookCommand::Rollback {
             id,
             dry_run,

@@ -70,7 +70,11 @@ pub struct SendRequest {
     pub chunk_size: u32,
     /// zstd level, 0 for none.
     pub compress: u8,
+    /// Compress only while the link is what holds the transfer back.
+    pub compress_auto: bool,
     pub connections: u8,
+    /// Most bytes per second the source sends, or 0 for no limit.
+    pub max_rate: u64,
     /// `Files` sends the dataset's directory; `Xtrabackup` and `Mariabackup` send a backup
     /// made by the source's `backup` hook, which each target's `prepare` hook finishes before
     /// it commits (see the agent config's `[hooks]`).
@@ -298,7 +302,9 @@ pub async fn send(
         transfer_id,
         chunk_size: req.chunk_size,
         compress: req.compress,
+        compress_auto: req.compress_auto,
         connections: req.connections,
+        max_rate: req.max_rate,
         method: wire_method(req.method),
         plan: plan.clone(),
         grant: Grant {

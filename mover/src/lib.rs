@@ -21,6 +21,7 @@ pub(crate) mod link;
 pub mod net;
 pub mod orchestrate;
 pub mod pool;
+pub(crate) mod rate;
 pub(crate) mod receiver;
 pub mod sample;
 pub mod scan;

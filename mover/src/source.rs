@@ -36,6 +36,8 @@ struct Totals {
     chunks: u64,
     skipped: Arc<AtomicU64>,
     resent: u64,
+    /// `--max-rate`, shared by the data streams and the repair rounds.
+    pacer: Option<Arc<crate::rate::Pacer>>,
 }
 
 /// Runs a transfer started by the controller. Every outcome goes to `up` as messages; the
@@ -494,6 +496,9 @@ async fn repair(
             while let Some(c) = rx.recv().await {
                 let parts = [c.frame_prefix(), c.payload.clone()];
                 let len = (parts[0].len() + parts[1].len()) as u64;
+                if let Some(p) = &totals.pacer {
+                    p.take(len).await;
+                }
                 for l in links.iter_mut() {
                     if crate::frame::write_parts(&mut l.control, &parts)
                         .await
@@ -566,7 +571,17 @@ async fn stream_chunks(
     let n = data_streams.len();
     let mut senders = Vec::with_capacity(n);
     let mut writers = Vec::with_capacity(n);
-    let totals = Totals::default();
+    let pacer = crate::rate::Pacer::new(start.max_rate).map(Arc::new);
+    let totals = Totals {
+        pacer: pacer.clone(),
+        ..Totals::default()
+    };
+    if start.max_rate > 0 {
+        tracing::info!(
+            bytes_per_sec = start.max_rate,
+            "sending at most the set rate"
+        );
+    }
     let wire = totals.wire_bytes.clone();
     let skipped = totals.skipped.clone();
     for (mut streams, mut join) in data_streams.into_iter().zip(joiners) {
@@ -574,6 +589,7 @@ async fn stream_chunks(
         senders.push(tx);
         let wire = wire.clone();
         let relinker = relinker.clone();
+        let pacer = pacer.clone();
         writers.push(tokio::spawn(async move {
             while let Some(parts) = rx.recv().await {
                 while let Ok(s) = join.try_recv() {
@@ -589,10 +605,11 @@ async fn stream_chunks(
                 {
                     return;
                 }
-                wire.fetch_add(
-                    (parts[0].len() + parts[1].len()) as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                let len = (parts[0].len() + parts[1].len()) as u64;
+                if let Some(p) = &pacer {
+                    p.take(len).await;
+                }
+                wire.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                 link::forward(&parts, &mut streams).await;
             }
             join.close();
@@ -633,6 +650,14 @@ async fn stream_chunks(
                 .await
                 .map_err(|e| TransferError::Internal(e.to_string()))?;
             let tx = senders[(chunks % n as u64) as usize].clone();
+            // Automatic compression: a frame waiting on this stream means the link is what
+            // holds it back, so the CPU has time to shrink the next one; an empty queue means
+            // the link waits for the CPU, so the next chunk goes as it is.
+            let level = if start.compress_auto && tx.capacity() == tx.max_capacity() {
+                0
+            } else {
+                start.compress
+            };
             let (tracker, err_tx, haves, skipped) = (
                 tracker.clone(),
                 err_tx.clone(),
@@ -646,7 +671,7 @@ async fn stream_chunks(
                 size,
                 mtime: (e.mtime_sec, e.mtime_nsec),
                 len,
-                level: start.compress,
+                level,
                 pool: pool.clone(),
                 disk: ctx.disk.clone(),
                 cache: ctx.cfg.source_cache,

@@ -194,7 +194,9 @@ impl Agents {
             topology: Topology::Chain,
             chunk_size: 1 << 16,
             compress: 1,
+            compress_auto: false,
             connections: 1,
+            max_rate: 0,
             method,
         };
         tokio::time::timeout(

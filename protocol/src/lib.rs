@@ -110,7 +110,8 @@
 //! is refused with an error naming both. New message kinds get new numbers; unknown kinds are
 //! errors, never ignored. Version 2 added `Have`, `Need` and `Repaired`; version 3 added the
 //! grant to `Start` and `Open`; version 4 added `Hook` and `HookDone`; version 5 added the
-//! method to `Start`, `Open` and the grant. The version is also
+//! method to `Start`, `Open` and the grant; version 6 added automatic compression and the
+//! rate limit to `Start`. The version is also
 //! part of the signed grant bytes, so a grant made for one version is no good for another.
 
 pub mod codec;

@@ -10,7 +10,7 @@ use crate::manifest::Entry;
 use crate::plan::{Plan, MAX_NAME};
 
 /// The protocol version this build speaks. Start and Open carry it; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Longest failure reason carried in a report.
 pub const MAX_REASON: usize = 4096;
 /// Most entries in one manifest part (parts also respect the frame length bound).
@@ -99,8 +99,13 @@ pub struct Start {
     pub chunk_size: u32,
     /// zstd level 1..=19, or 0 for no compression.
     pub compress: u8,
+    /// Compress a chunk only while the link is what holds the data stream back (the source
+    /// decides per chunk, as it goes); otherwise every chunk at `compress`.
+    pub compress_auto: bool,
     /// QUIC connections per hop.
     pub connections: u8,
+    /// Most bytes per second the source sends (to each child), or 0 for no limit.
+    pub max_rate: u64,
     pub method: Method,
     pub plan: Plan,
     /// The controller's signature of this transfer, which the source copies into `Open`.
@@ -457,7 +462,9 @@ impl Message {
                 buf.put_u64(s.transfer_id);
                 buf.put_u32(s.chunk_size);
                 buf.put_u8(s.compress);
+                buf.put_u8(u8::from(s.compress_auto));
                 buf.put_u8(s.connections);
+                buf.put_u64(s.max_rate);
                 buf.put_u8(s.method.code());
                 s.plan.encode(buf);
                 s.grant.encode(buf);
@@ -613,7 +620,9 @@ impl Message {
                     transfer_id: get_u64(body, "transfer id")?,
                     chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
                     compress: check_level(get_u8(body, "compression level")?)?,
+                    compress_auto: get_flag(body, "automatic compression")?,
                     connections: check_connections(get_u8(body, "connections")?)?,
+                    max_rate: get_u64(body, "max rate")?,
                     method: Method::decode(body)?,
                     plan: Plan::decode(body)?,
                     grant: Grant::decode(body)?,
@@ -1093,7 +1102,9 @@ mod tests {
             transfer_id: 7,
             chunk_size: 1 << 20,
             compress: 3,
+            compress_auto: true,
             connections: 4,
+            max_rate: 0,
             method: Method::Mariabackup,
             plan: plan(Topology::Chain),
             grant: grant.clone(),

@@ -112,19 +112,29 @@ fn start() -> impl Strategy<Value = Message> {
     (
         any::<u64>(),
         chunk_size(),
-        0u8..=19,
-        connections(),
+        (0u8..=19, any::<bool>()),
+        (connections(), any::<u64>()),
         method(),
         plan(),
         grant(),
     )
         .prop_map(
-            |(transfer_id, chunk_size, compress, connections, method, plan, grant)| {
+            |(
+                transfer_id,
+                chunk_size,
+                (compress, compress_auto),
+                (connections, max_rate),
+                method,
+                plan,
+                grant,
+            )| {
                 Message::Start(Start {
                     transfer_id,
                     chunk_size,
                     compress,
+                    compress_auto,
                     connections,
+                    max_rate,
                     method,
                     plan,
                     grant,

@@ -15,6 +15,10 @@ pub struct TransferTuning {
     pub chunk_size: u32,
     /// zstd level, 0 for none.
     pub compress: u8,
+    /// Compress only while the link is what holds the transfer back.
+    pub compress_auto: bool,
+    /// Most bytes per second the source sends, or 0 for no limit.
+    pub max_rate: u64,
     /// Connections per hop when the step does not say (tprovision's `--threads` does).
     pub connections: u8,
 }
@@ -24,6 +28,8 @@ impl Default for TransferTuning {
         TransferTuning {
             chunk_size: 4 << 20,
             compress: 1,
+            compress_auto: true,
+            max_rate: 0,
             connections: crate::cores().clamp(1, 8) as u8,
         }
     }
@@ -72,7 +78,9 @@ impl Actions for ClusterActions {
             topology: mover_protocol::Topology::Chain,
             chunk_size: self.tuning.chunk_size,
             compress: self.tuning.compress,
+            compress_auto: self.tuning.compress_auto,
             connections,
+            max_rate: self.tuning.max_rate,
             method: t.method,
         };
         Box::pin(async move {
