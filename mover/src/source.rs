@@ -23,7 +23,7 @@ use crate::agent::Ctx;
 use crate::chunk;
 use crate::error::TransferError;
 use crate::link::{self, close, Downlink, Streams, Up};
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolBuf};
 
 /// How long the source waits for every target's needs after a round.
 const NEED_TIMEOUT: Duration = Duration::from_secs(900);
@@ -619,12 +619,16 @@ async fn stream_chunks(
             link::finish_all(&mut streams);
         }));
     }
+    // Chunks under way at once (read, waiting to encode, or encoding): more than the encoding
+    // threads, so that the disk always has reads queued while the CPU encodes.
+    let depth = read_ahead(ctx.cfg.workers());
+    let in_flight = Arc::new(Semaphore::new(depth));
     let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
-    // Buffers in use at once: a read and a compressed copy per worker, and a frame queued or
-    // in flight per stream.
+    // Buffers in use at once: a read and a compressed copy per chunk under way, and a frame
+    // queued or in flight per stream.
     let pool = Pool::new(
         crate::chunk::buffer_capacity(start.chunk_size),
-        2 * ctx.cfg.workers() + 4 * n,
+        2 * depth + 4 * n,
     );
     let tracker = Arc::new(Mutex::new(Tracker::new(manifest, start.chunk_size)));
     let (err_tx, mut err_rx) = mpsc::channel::<TransferError>(1);
@@ -644,44 +648,48 @@ async fn stream_chunks(
                 return Err(TransferError::NoTargetsLeft);
             }
             let len = (size - offset).min(u64::from(start.chunk_size)) as usize;
-            let permit = workers
+            let permit = in_flight
                 .clone()
                 .acquire_owned()
                 .await
                 .map_err(|e| TransferError::Internal(e.to_string()))?;
             let tx = senders[(chunks % n as u64) as usize].clone();
-            // Automatic compression: a frame waiting on this stream means the link is what
-            // holds it back, so the CPU has time to shrink the next one; an empty queue means
-            // the link waits for the CPU, so the next chunk goes as it is.
-            let level = if start.compress_auto && tx.capacity() == tx.max_capacity() {
-                0
-            } else {
-                start.compress
-            };
-            let (tracker, err_tx, haves, skipped) = (
+            let (tracker, err_tx, haves, skipped, workers) = (
                 tracker.clone(),
                 err_tx.clone(),
                 haves.clone(),
                 skipped.clone(),
+                workers.clone(),
             );
-            let job = ReadJob {
+            let auto = start.compress_auto;
+            let mut job = ReadJob {
                 path: path.clone(),
                 file: id as u32,
                 offset,
                 size,
                 mtime: (e.mtime_sec, e.mtime_nsec),
                 len,
-                level,
+                level: start.compress,
                 pool: pool.clone(),
                 disk: ctx.disk.clone(),
                 cache: ctx.cfg.source_cache,
             };
             tokio::spawn(async move {
-                let job = tokio::task::spawn_blocking(move || job.run()).await;
-                let result = match job {
-                    Ok(r) => r,
-                    Err(e) => Err(TransferError::Internal(e.to_string())),
-                };
+                let internal = |e: &dyn std::fmt::Display| TransferError::Internal(e.to_string());
+                let result = async {
+                    let (f, buf) = job.read().await?;
+                    let _cpu = workers.acquire_owned().await.map_err(|e| internal(&e))?;
+                    // Automatic compression: a frame waiting on this stream means the link
+                    // is what holds it back, so the CPU has time to shrink this chunk; an
+                    // empty queue means the link waits for the CPU, so it goes as it is.
+                    if auto && tx.capacity() == tx.max_capacity() {
+                        job.level = 0;
+                    }
+                    tokio::task::spawn_blocking(move || job.encode(&f, buf))
+                        .await
+                        .map_err(|e| internal(&e))?
+                }
+                .await;
                 match result {
                     Ok(c) => {
                         {
@@ -709,8 +717,8 @@ async fn stream_chunks(
         }
     }
     // Wait for every job: they hold permits until their frame is queued.
-    let _all = workers
-        .acquire_many(ctx.cfg.workers() as u32)
+    let _all = in_flight
+        .acquire_many(depth as u32)
         .await
         .map_err(|e| TransferError::Internal(e.to_string()))?;
     if let Ok(err) = err_rx.try_recv() {
@@ -746,18 +754,43 @@ struct ReadJob {
 }
 
 impl ReadJob {
-    fn run(self) -> Result<mover_protocol::Chunk, TransferError> {
-        let io = |source| TransferError::Read {
+    fn io_error(&self, source: std::io::Error) -> TransferError {
+        TransferError::Read {
             path: self.path.display().to_string(),
             source,
-        };
-        let f = Arc::new(std::fs::File::open(&self.path).map_err(io)?);
+        }
+    }
+
+    /// Reads and encodes the chunk on this (blocking) thread.
+    fn run(self) -> Result<mover_protocol::Chunk, TransferError> {
+        let f = Arc::new(std::fs::File::open(&self.path).map_err(|e| self.io_error(e))?);
         let buf = self.pool.take(self.len);
-        let (buf, got) = self
+        let read = self
             .disk
             .read(f.clone(), self.offset, buf, self.cache)
-            .wait()
-            .map_err(io)?;
+            .wait();
+        let buf = self.check_read(read)?;
+        self.encode(&f, buf)
+    }
+
+    /// Reads the chunk from an async task, so that reads queue on the disk back end while
+    /// the encoding threads are busy. Returns the open file for [`ReadJob::encode`].
+    async fn read(&self) -> Result<(Arc<std::fs::File>, PoolBuf), TransferError> {
+        let f = Arc::new(std::fs::File::open(&self.path).map_err(|e| self.io_error(e))?);
+        let buf = self.pool.take(self.len);
+        let read = self
+            .disk
+            .read(f.clone(), self.offset, buf, self.cache)
+            .done()
+            .await;
+        Ok((f, self.check_read(read)?))
+    }
+
+    fn check_read(
+        &self,
+        read: std::io::Result<(PoolBuf, usize)>,
+    ) -> Result<PoolBuf, TransferError> {
+        let (buf, got) = read.map_err(|e| self.io_error(e))?;
         if got < self.len {
             return Err(TransferError::SourceChanged {
                 path: display_path(self.path.as_os_str().as_encoded_bytes()),
@@ -768,9 +801,18 @@ impl ReadJob {
                 ),
             });
         }
+        Ok(buf)
+    }
+
+    /// Checks that the file did not change under the read, then hashes and compresses.
+    fn encode(
+        self,
+        f: &std::fs::File,
+        buf: PoolBuf,
+    ) -> Result<mover_protocol::Chunk, TransferError> {
         // A write during or before this read moves the file's mtime (or size): what was read
         // may be a mix of two versions, so the transfer must not go on with it.
-        let meta = f.metadata().map_err(io)?;
+        let meta = f.metadata().map_err(|e| self.io_error(e))?;
         let now = (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0));
         if meta.len() != self.size || now != self.mtime {
             return Err(TransferError::SourceChanged {
@@ -791,6 +833,11 @@ impl ReadJob {
             &self.pool,
         ))
     }
+}
+
+/// Chunks a source keeps under way for `workers` encoding threads.
+fn read_ahead(workers: usize) -> usize {
+    (2 * workers).clamp(4, 16)
 }
 
 #[cfg(test)]
