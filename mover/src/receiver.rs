@@ -850,7 +850,14 @@ fn prepare(
 ) -> Result<(Stage, basis::Seeded), TransferError> {
     let dir = Staging::locate(state_dir, dest, label)?;
     let leftover = basis::set_aside(&dir)?;
-    let staging = match Staging::create(state_dir, dest, label, manifest) {
+    // With nothing to seed from, the files are made while the data already flows: creating
+    // thousands of them takes seconds on a busy filesystem.
+    let created = if leftover.is_none() && !dest.is_dir() {
+        Staging::create_deferred(state_dir, dest, label, manifest)
+    } else {
+        Staging::create(state_dir, dest, label, manifest)
+    };
+    let staging = match created {
         Ok(s) => s,
         Err(e) => {
             if let Some(l) = leftover {

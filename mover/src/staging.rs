@@ -2,7 +2,8 @@
 //! commit, in one atomic rename.
 //!
 //! Life cycle: [`Staging::create`] makes every directory and (preallocated) file of the
-//! manifest; [`Staging::write_at`] fills files, from many threads at once;
+//! manifest ([`Staging::create_deferred`] makes the files on a thread of its own while writes
+//! begin); [`Staging::write_at`] fills files, from many threads at once;
 //! [`Staging::finalize`] adds symlinks, sets modes and times, and makes it all durable;
 //! [`Staging::commit`] swaps the tree into place, or [`Staging::abort`] throws it away. The
 //! destination is not touched before the commit, so a failed transfer never leaves a
@@ -120,6 +121,101 @@ pub struct Staging {
     dest: PathBuf,
     manifest: Arc<Manifest>,
     finalized: AtomicBool,
+    /// Set when the files are being created in the background ([`Staging::create_deferred`]).
+    creator: Option<Creator>,
+}
+
+/// The thread that creates a deferred staging tree's files, in manifest order, while data
+/// already flows: writers wait only for the file they write. Dropping it stops the thread.
+#[derive(Debug)]
+struct Creator {
+    shared: Arc<Creating>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Creating {
+    state: std::sync::Mutex<CreateState>,
+    changed: std::sync::Condvar,
+    cancel: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct CreateState {
+    /// Entries with an index below this exist.
+    next: usize,
+    done: bool,
+    /// The first failure: the path, and the error as the OS gave it.
+    failed: Option<(PathBuf, io::Error)>,
+}
+
+impl Creating {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CreateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until entry `upto` exists (`None`: every entry), or creating failed.
+    fn wait(&self, upto: Option<usize>) -> Result<(), StagingError> {
+        let mut st = self.lock();
+        loop {
+            if let Some((path, e)) = &st.failed {
+                let again = match e.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(e.kind(), e.to_string()),
+                };
+                return Err(StagingError::io("create file", path, again));
+            }
+            if st.done || upto.is_some_and(|u| st.next > u) {
+                return Ok(());
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Creator {
+    fn start(dir: PathBuf, manifest: Arc<Manifest>) -> Result<Self, StagingError> {
+        let shared = Arc::new(Creating::default());
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("mover-create".into())
+            .spawn(move || {
+                for (i, e) in manifest.entries.iter().enumerate().skip(1) {
+                    if s.cancel.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let EntryKind::File { size } = e.kind {
+                        let path = dir.join(OsStr::from_bytes(&e.path));
+                        if let Err(err) = create_file_raw(&path, size) {
+                            s.lock().failed = Some((path, err));
+                            break;
+                        }
+                    }
+                    s.lock().next = i + 1;
+                    s.changed.notify_all();
+                }
+                s.lock().done = true;
+                s.changed.notify_all();
+            })
+            .map_err(|e| StagingError::io("start creating files in", Path::new("staging"), e))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.shared.cancel.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Creator {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Staging {
@@ -141,6 +237,32 @@ impl Staging {
         label: &str,
         manifest: Arc<Manifest>,
     ) -> Result<Staging, StagingError> {
+        Self::create_with(state_dir, dest, label, manifest, false)
+    }
+
+    /// Like [`Staging::create`], but only the directories are made before it returns: a
+    /// thread creates (and preallocates) the files in manifest order meanwhile, so that a
+    /// tree of thousands of files does not hold the transfer back until the last one exists.
+    /// Writes wait for their file; [`Staging::finalize`] for all of them. A full disk then
+    /// shows up as the failure of a write (or of `finalize`), still before anything is
+    /// committed. For a tree with nothing to adopt into it: [`Staging::adopt`] needs every
+    /// file in place first.
+    pub fn create_deferred(
+        state_dir: &Path,
+        dest: &Path,
+        label: &str,
+        manifest: Arc<Manifest>,
+    ) -> Result<Staging, StagingError> {
+        Self::create_with(state_dir, dest, label, manifest, true)
+    }
+
+    fn create_with(
+        state_dir: &Path,
+        dest: &Path,
+        label: &str,
+        manifest: Arc<Manifest>,
+        deferred: bool,
+    ) -> Result<Staging, StagingError> {
         let dir = Self::locate(state_dir, dest, label)?;
         match DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
@@ -149,13 +271,23 @@ impl Staging {
             }
             Err(e) => return Err(StagingError::io("create directory", &dir, e)),
         }
-        let staging = Staging {
+        let mut staging = Staging {
             dir,
             dest: dest.to_path_buf(),
             manifest,
             finalized: AtomicBool::new(false),
+            creator: None,
         };
-        if let Err(e) = staging.populate() {
+        let made = staging.populate(!deferred).and_then(|()| {
+            if deferred {
+                staging.creator = Some(Creator::start(
+                    staging.dir.clone(),
+                    staging.manifest.clone(),
+                )?);
+            }
+            Ok(())
+        });
+        if let Err(e) = made {
             if let Err(rm) = remove_tree(&staging.dir) {
                 tracing::warn!(path = %staging.dir.display(), error = %rm,
                     "failed to remove a partly created staging tree");
@@ -227,6 +359,7 @@ impl Staging {
     /// `file` of the tree (replacing the empty one `create` made), at the manifest's size.
     /// What it holds is kept: a resumed transfer checks it chunk by chunk.
     pub fn adopt(&self, file: u32, from_dir: &File, name: &CString) -> Result<(), StagingError> {
+        self.created(None)?;
         let entry = &self.manifest.entries[file as usize];
         let EntryKind::File { size } = entry.kind else {
             return Err(StagingError::NotAFile {
@@ -325,6 +458,7 @@ impl Staging {
                 size,
             });
         }
+        self.created(Some(file as usize))?;
         let path = self.entry_path(entry);
         // Opened per call: chunks are MiBs, so the open is cheap next to the write, and
         // thousands of files never hold thousands of descriptors.
@@ -339,6 +473,7 @@ impl Staging {
     /// Creates the symlinks, sets every mode and mtime from the manifest, and makes the whole
     /// tree durable. May be called again after a failure.
     pub fn finalize(&self) -> Result<(), StagingError> {
+        self.created(None)?;
         // Ownership is not carried in the manifest yet, so even as root every entry stays
         // owned by this process's user: a known gap.
         let entries = &self.manifest.entries;
@@ -486,7 +621,10 @@ impl Staging {
     }
 
     /// Removes the staging tree; the destination is not touched.
-    pub fn abort(self) -> Result<(), StagingError> {
+    pub fn abort(mut self) -> Result<(), StagingError> {
+        if let Some(c) = &mut self.creator {
+            c.stop();
+        }
         match remove_tree(&self.dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(StagingError::io("remove staging tree", &self.dir, e))
@@ -503,8 +641,18 @@ impl Staging {
         }
     }
 
-    /// Makes every directory and file of the manifest (not the symlinks: they come last).
-    fn populate(&self) -> Result<(), StagingError> {
+    /// Waits until file `upto` exists (`None`: every file), when they are made in the
+    /// background.
+    fn created(&self, upto: Option<usize>) -> Result<(), StagingError> {
+        match &self.creator {
+            Some(c) => c.shared.wait(upto),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes every directory of the manifest, and with `files` every file (not the
+    /// symlinks: they come last).
+    fn populate(&self, files: bool) -> Result<(), StagingError> {
         for e in self.manifest.entries.iter().skip(1) {
             let path = self.entry_path(e);
             match e.kind {
@@ -512,8 +660,8 @@ impl Staging {
                     .mode(0o700)
                     .create(&path)
                     .map_err(|err| StagingError::io("create directory", &path, err))?,
-                EntryKind::File { size } => create_file(&path, size)?,
-                EntryKind::Symlink { .. } => {}
+                EntryKind::File { size } if files => create_file(&path, size)?,
+                EntryKind::File { .. } | EntryKind::Symlink { .. } => {}
             }
         }
         Ok(())
@@ -581,38 +729,39 @@ fn dest_parent(dest: &Path) -> Result<PathBuf, StagingError> {
 
 /// Creates `path` (never through a symlink, never over an existing entry) at its final size.
 fn create_file(path: &Path, size: u64) -> Result<(), StagingError> {
+    create_file_raw(path, size).map_err(|e| StagingError::io("create file", path, e))
+}
+
+/// Creates a file that must not exist yet and reserves `size` bytes for it.
+fn create_file_raw(path: &Path, size: u64) -> io::Result<()> {
     let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| StagingError::io("create file", path, e))?;
-    preallocate(&f, path, size)
+        .open(path)?;
+    reserve(&f, size)
 }
 
 /// Reserves `size` bytes for `f` (`fallocate`, or `set_len` where unsupported).
 fn preallocate(f: &File, path: &Path, size: u64) -> Result<(), StagingError> {
+    reserve(f, size).map_err(|e| StagingError::io("preallocate", path, e))
+}
+
+/// Reserves `size` bytes for `f` (`fallocate`, or `set_len` where unsupported).
+fn reserve(f: &File, size: u64) -> io::Result<()> {
     if size == 0 {
         return Ok(());
     }
-    let len = libc::off_t::try_from(size).map_err(|_| {
-        StagingError::io(
-            "create file",
-            path,
-            io::Error::from_raw_os_error(libc::EFBIG),
-        )
-    })?;
+    let len = libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: `f` is an open descriptor for the whole call.
     if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) } == 0 {
         return Ok(());
     }
     let err = io::Error::last_os_error();
     match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP | libc::ENOSYS) => f
-            .set_len(size)
-            .map_err(|e| StagingError::io("size file", path, e)),
-        _ => Err(StagingError::io("preallocate", path, err)),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS) => f.set_len(size),
+        _ => Err(err),
     }
 }
 
@@ -917,6 +1066,54 @@ mod tests {
         let diffs = compare_trees(&src, &dest).unwrap();
         assert!(diffs.is_empty(), "{diffs:#?}");
         assert_eq!(fs::read_dir(state.join("staging")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_deferred_tree_takes_writes_in_any_order_while_its_files_are_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, m) = source(tmp.path());
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let dest = tmp.path().join("fresh");
+        let s = Staging::create_deferred(&state, &dest, "deferred", m.clone()).unwrap();
+        // Directories are there at once; writes to the last file first wait for it.
+        assert!(s.path().join("a").is_dir());
+        let mut files: Vec<_> = m
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
+            .collect();
+        files.reverse();
+        for (i, e) in files {
+            let data = fs::read(source_path(&src, e)).unwrap();
+            s.write_at(i as u32, 0, &data).unwrap();
+        }
+        s.finalize().unwrap();
+        s.commit().unwrap();
+        let diffs = compare_trees(&src, &dest).unwrap();
+        assert!(diffs.is_empty(), "{diffs:#?}");
+    }
+
+    #[test]
+    fn aborting_a_deferred_tree_stops_making_files_and_removes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let src = tmp.path().join("many");
+        fs::create_dir(&src).unwrap();
+        for i in 0..2000 {
+            fs::write(src.join(format!("f{i}")), b"x").unwrap();
+        }
+        let m = Arc::new(scan(&src).unwrap().manifest);
+        let dest = tmp.path().join("dest");
+        let s = Staging::create_deferred(&state, &dest, "stopped", m).unwrap();
+        let path = s.path().to_path_buf();
+        s.abort().unwrap();
+        // Nothing is made after the abort removed the tree.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!path.exists());
+        assert!(!dest.exists());
     }
 
     #[test]
