@@ -418,7 +418,8 @@ fn max_rate_holds_the_source_to_it_and_auto_compression_shrinks_what_a_slow_link
     let rate = 2u64 << 20;
     let timed = |extra: &[&str]| {
         let t = std::time::Instant::now();
-        let (code, summary, stderr) = c.send("west1:data", "east1", extra);
+        let args = [extra, &["--chunk-size", "256K"]].concat();
+        let (code, summary, stderr) = c.send("west1:data", "east1", &args);
         assert_eq!(code, 0, "{stderr}\n{summary}");
         assert_same_tree(&c.data("west1"), &c.data("east1"));
         std::fs::remove_dir_all(c.data("east1")).unwrap();
@@ -436,8 +437,14 @@ fn max_rate_holds_the_source_to_it_and_auto_compression_shrinks_what_a_slow_link
         "{wire} bytes at {rate}/s took only {secs:.2}s"
     );
     assert!(secs < floor * 3.0 + 10.0, "took {secs:.2}s");
-    // The limited link is what holds the data back, so auto (the default) compresses it.
+    // The limited link is what holds the data back, so auto (the default) compresses about
+    // as much as compressing every chunk does.
+    let (_, _, every) = timed(&["--compress", "1", "--max-rate", &rate_arg]);
+    assert!(every < total * 9 / 10, "level 1 sent {every} of {total} bytes");
     let (secs, total, wire) = timed(&["--max-rate", &rate_arg]);
-    assert!(wire < total * 3 / 4, "auto sent {wire} of {total} bytes");
+    assert!(
+        wire < every + (total - every) / 4,
+        "auto sent {wire} of {total} bytes, level 1 {every}"
+    );
     assert!(secs >= wire as f64 / rate as f64 - 0.2, "{secs:.2}s");
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -586,12 +586,25 @@ async fn stream_chunks(
     let skipped = totals.skipped.clone();
     for (mut streams, mut join) in data_streams.into_iter().zip(joiners) {
         let (tx, mut rx) = mpsc::channel::<[Bytes; 2]>(2);
-        senders.push(tx);
+        // Whether this stream's writer sits waiting for a frame: the link is then ahead of
+        // the CPU (see the automatic compression below). Until the first frame has gone
+        // there is nothing to tell, and compressing is the safer guess.
+        let idle = Arc::new(AtomicBool::new(false));
+        senders.push((tx, idle.clone()));
         let wire = wire.clone();
         let relinker = relinker.clone();
         let pacer = pacer.clone();
         writers.push(tokio::spawn(async move {
-            while let Some(parts) = rx.recv().await {
+            let mut first = true;
+            loop {
+                if !first {
+                    idle.store(true, Ordering::Relaxed);
+                }
+                first = false;
+                let Some(parts) = rx.recv().await else {
+                    break;
+                };
+                idle.store(false, Ordering::Relaxed);
                 while let Ok(s) = join.try_recv() {
                     streams.push(Some(s));
                 }
@@ -644,7 +657,7 @@ async fn stream_chunks(
             if let Ok(err) = err_rx.try_recv() {
                 return Err(err);
             }
-            if senders.iter().all(mpsc::Sender::is_closed) {
+            if senders.iter().all(|(tx, _)| tx.is_closed()) {
                 return Err(TransferError::NoTargetsLeft);
             }
             let len = (size - offset).min(u64::from(start.chunk_size)) as usize;
@@ -653,7 +666,7 @@ async fn stream_chunks(
                 .acquire_owned()
                 .await
                 .map_err(|e| TransferError::Internal(e.to_string()))?;
-            let tx = senders[(chunks % n as u64) as usize].clone();
+            let (tx, idle) = senders[(chunks % n as u64) as usize].clone();
             let (tracker, err_tx, haves, skipped, workers) = (
                 tracker.clone(),
                 err_tx.clone(),
@@ -679,10 +692,11 @@ async fn stream_chunks(
                 let result = async {
                     let (f, buf) = job.read().await?;
                     let _cpu = workers.acquire_owned().await.map_err(|e| internal(&e))?;
-                    // Automatic compression: a frame waiting on this stream means the link
-                    // is what holds it back, so the CPU has time to shrink this chunk; an
-                    // empty queue means the link waits for the CPU, so it goes as it is.
-                    if auto && tx.capacity() == tx.max_capacity() {
+                    // Automatic compression: a writer busy sending (or a frame queued) on
+                    // this stream means the link is what holds it back, so the CPU has time
+                    // to shrink this chunk; a writer waiting with nothing queued means the
+                    // link waits for the CPU, so the chunk goes as it is.
+                    if auto && idle.load(Ordering::Relaxed) && tx.capacity() == tx.max_capacity() {
                         job.level = 0;
                     }
                     tokio::task::spawn_blocking(move || job.encode(&f, buf))
