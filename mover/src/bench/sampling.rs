@@ -135,8 +135,10 @@ pub fn resident(file: &File, offset: u64, len: u64) -> io::Result<u64> {
 }
 
 /// Copies the pieces of each file into a compact file of the same relative path under `dest`
-/// (a fresh directory), one file's pieces one after another. `files[i]` is file `i`'s source
-/// path and its path relative to the dataset. Returns the bytes copied.
+/// (a fresh directory), one file's pieces one after another, and flushes its filesystem, so
+/// that the transfer which sends the copy does not pay for writing it back (on one machine,
+/// the targets' commits would). `files[i]` is file `i`'s source path and its path relative to
+/// the dataset. Returns the bytes copied.
 pub fn copy(files: &[(&Path, &Path)], pieces: &[Piece], dest: &Path) -> io::Result<u64> {
     fs::create_dir(dest)?;
     let mut copied = 0;
@@ -168,6 +170,11 @@ pub fn copy(files: &[(&Path, &Path)], pieces: &[Piece], dest: &Path) -> io::Resu
     }
     if let Some((_, _, into)) = open.as_mut() {
         into.flush()?;
+    }
+    let dir = File::open(dest)?;
+    // SAFETY: `dir` is an open descriptor for the whole call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(copied)
 }
