@@ -84,9 +84,11 @@ enum Command {
         after_help = "Examples:\n  mover send --cluster cluster.toml --from west1:mysql --to east1,east2,east3\n  mover send --cluster cluster.toml --from west1:mysql --to east1:restore --topology star --json\n\nExit status: 0 all committed, 1 not started, 3 partial, 4 none committed."
     )]
     Send(SendArgs),
-    /// Measure how fast a reseed will go: each stage on the host where it happens (source
-    /// disk, encode, every link, each target's decode and disk), one real transfer of a
-    /// sample, the bottleneck, and estimates for chain, star and serial copies.
+    /// Measure how fast a reseed will go and what limits it, stage by stage on each host.
+    ///
+    /// Each stage on the host where it happens (source disk, encode, every link, each
+    /// target's decode and disk), one real transfer of a sample, the bottleneck, and
+    /// estimates for chain, star and serial copies.
     #[command(after_help = bench::HELP)]
     Bench(bench::BenchArgs),
     /// Rebuild a whole site from another: maintenance, routers offline, replicators reset,
