@@ -440,7 +440,10 @@ fn max_rate_holds_the_source_to_it_and_auto_compression_shrinks_what_a_slow_link
     // The limited link is what holds the data back, so auto (the default) compresses about
     // as much as compressing every chunk does.
     let (_, _, every) = timed(&["--compress", "1", "--max-rate", &rate_arg]);
-    assert!(every < total * 9 / 10, "level 1 sent {every} of {total} bytes");
+    assert!(
+        every < total * 9 / 10,
+        "level 1 sent {every} of {total} bytes"
+    );
     let (secs, total, wire) = timed(&["--max-rate", &rate_arg]);
     assert!(
         wire < every + (total - every) / 4,

@@ -1,6 +1,7 @@
 //! The `mover` command: parses flags, validates them into engine requests, and maps every
 //! outcome to a documented exit code.
 
+mod bench;
 mod demo;
 mod report;
 mod runbook;
@@ -83,6 +84,13 @@ enum Command {
         after_help = "Examples:\n  mover send --cluster cluster.toml --from west1:mysql --to east1,east2,east3\n  mover send --cluster cluster.toml --from west1:mysql --to east1:restore --topology star --json\n\nExit status: 0 all committed, 1 not started, 3 partial, 4 none committed."
     )]
     Send(SendArgs),
+    /// Measure how fast a reseed will go and what limits it, stage by stage on each host.
+    ///
+    /// Each stage on the host where it happens (source disk, encode, every link, each
+    /// target's decode and disk), one real transfer of a sample, the bottleneck, and
+    /// estimates for chain, star and serial copies.
+    #[command(after_help = bench::HELP)]
+    Bench(bench::BenchArgs),
     /// Rebuild a whole site from another: maintenance, routers offline, replicators reset,
     /// one chained transfer to every host of the site, everything back online. Journalled.
     #[command(
@@ -393,6 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             report::print_summary(&summary, args.json);
             Ok(report::exit_code(&summary))
         }
+        Command::Bench(args) => bench::run(args),
         Command::ReseedSite(args) => runbook::reseed_site(args),
         Command::Provision(args) => runbook::provision(args),
         Command::Runbook { command } => runbook::runbook(command),

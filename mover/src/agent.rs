@@ -86,6 +86,8 @@ pub(crate) struct Ctx {
     pub ledger: crate::hookrun::Ledger,
     /// Reads source chunks and writes received ones.
     pub disk: Arc<dyn crate::disk::Disk>,
+    /// What `mover bench` probes share.
+    pub bench: crate::bench::AgentBench,
 }
 
 impl Ctx {
@@ -154,6 +156,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         source,
     })?;
     crate::backup::remove_leftovers(&cfg.state_dir);
+    let mut cfg = cfg;
+    crate::bench::install(&mut cfg);
     let disk = crate::disk::open(cfg.io_choice().map_err(AgentError::IoChoice)?)?;
     if cfg.source_cache == crate::disk::SourceCache::Drop {
         tracing::info!(
@@ -180,6 +184,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         faults: crate::fault::Faults::from_env(),
         ledger,
         disk,
+        bench: crate::bench::AgentBench::default(),
     });
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -279,6 +284,12 @@ async fn serve_control(
         (Message::Hook(hook), Peer::Controller) => {
             tracing::info!(runbook = %hook.runbook, step = hook.step, action = %hook.action, "hook asked for");
             crate::hookrun::serve(ctx, conn, hook, send).await;
+        }
+        (Message::Bench(bench), Peer::Controller) => {
+            crate::bench::serve(ctx, conn, bench, send).await;
+        }
+        (Message::Sink(sink), Peer::Node(from)) => {
+            crate::bench::sink(ctx, from, sink, send, recv).await;
         }
         (Message::Open(open), Peer::Node(parent)) => {
             tracing::info!(transfer = open.transfer_id, %parent, "receiving transfer");

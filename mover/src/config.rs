@@ -292,6 +292,13 @@ impl AgentConfig {
         validate_node_name(&self.node).map_err(|e| format!("node: {e}"))?;
         for (name, d) in &self.datasets {
             validate_dataset_name(name).map_err(|e| format!("[datasets.{name}]: {e}"))?;
+            if name.starts_with(crate::bench::SCRATCH_DATASET) {
+                return Err(format!(
+                    "[datasets.{name}]: names starting with {} are reserved for the scratch \
+                     copies of `mover bench`",
+                    crate::bench::SCRATCH_DATASET
+                ));
+            }
             if d.path.parent().is_none() {
                 return Err(format!(
                     "[datasets.{name}] path {} has no parent directory",
@@ -393,6 +400,25 @@ path = "/var/lib/mysql"
         assert_eq!(c.state_dir, d.path().join("state"));
         assert_eq!(c.tls.ca, d.path().join("certs/ca.pem"));
         assert_eq!(c.datasets["mysql"].path, Path::new("/var/lib/mysql"));
+    }
+
+    #[test]
+    fn the_bench_scratch_dataset_names_are_reserved() {
+        let d = tempfile::tempdir().unwrap();
+        let base = "node = \"east1\"\nlisten = \"127.0.0.1:7001\"\nstate_dir = \"s\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        for name in ["mover-bench", "mover-bench2"] {
+            let p = write(
+                d.path(),
+                &format!("{base}[datasets.{name}]\npath = \"/d\"\n"),
+            );
+            let e = AgentConfig::load(&p).unwrap_err().to_string();
+            assert!(e.contains("reserved"), "{e}");
+        }
+        let p = write(
+            d.path(),
+            &format!("{base}[datasets.mover]\npath = \"/d\"\n"),
+        );
+        assert!(AgentConfig::load(&p).is_ok());
     }
 
     #[test]

@@ -301,7 +301,7 @@ pub(crate) async fn serve(
 
 /// Resolves when this agent closes the connection (it does so to all of them as it shuts
 /// down); never when the peer closes it or goes away.
-async fn agent_shutdown(conn: &quinn::Connection) {
+pub(crate) async fn agent_shutdown(conn: &quinn::Connection) {
     if matches!(conn.closed().await, quinn::ConnectionError::LocallyClosed) {
         return;
     }

@@ -7,6 +7,7 @@
 pub mod agent;
 pub(crate) mod backup;
 pub(crate) mod basis;
+pub mod bench;
 pub mod certs;
 pub mod chunk;
 pub mod compare;

@@ -96,6 +96,41 @@
 //! agent -> controller: HookDone
 //! ```
 //!
+//! # Benchmarks
+//!
+//! `mover bench` asks agents to measure, each on its own host, the stages a transfer goes
+//! through, with [`Message::Bench`] first on a control stream of the controller's own, answered
+//! by one [`Message::BenchDone`] (see [`bench`]). Only the controller's certificate may send
+//! `Bench`, and a probe names things (a dataset of the agent's config, a node and its address,
+//! sizes bounded by [`bench::MAX_SAMPLE`] and [`bench::MAX_LINK_BYTES`]), never a command or a
+//! path. The probes:
+//!
+//! - `Source`: read a sample of a dataset through the disk back end in chunk-size reads, then
+//!   hash and compress it on one core and on all; optionally copy the sample into the agent's
+//!   scratch dataset (`mover-bench`, under its state directory) for an end-to-end run.
+//! - `Link`: the agent asked (upstream) dials the agent `to` (downstream) with its own node
+//!   certificate and, on each of `connections` connections, sends [`Message::Sink`] and then
+//!   raw incompressible bytes until its share of the byte bound or the time bound is reached;
+//!   the downstream reads and discards them and answers [`Message::SinkDone`] with what
+//!   arrived. `Sink` carries a [`Grant`] of the controller's over
+//!   [`bench::link_grant_bytes`] (test id, both ends, byte bound, connections, expiry); the
+//!   downstream checks it as a target checks an `Open`'s grant, checks that the peer's
+//!   certificate names the grant's upstream and that it is the grant's downstream, takes each
+//!   connection of a test once, and never reads past the stream's share of the bound.
+//! - `Target`: write, fdatasync and remove a scratch file where the dataset's staging area
+//!   goes, and decode (decompress and verify) the scratch dataset an end-to-end run left.
+//! - `Reset`: remove the scratch dataset and any leftovers.
+//!
+//! The end-to-end measurement is an ordinary transfer (`Start`, `Open`...) of the sampled
+//! copy, from the source's scratch dataset to each target's.
+//!
+//! ```text
+//! controller -> agent:       Bench
+//! agent -> controller:       BenchDone
+//! upstream -> downstream:    Sink, raw bytes...     (per connection, Link probes only)
+//! downstream -> upstream:    SinkDone
+//! ```
+//!
 //! # Chunks and hashes
 //!
 //! Files are cut into chunks of `chunk_size` bytes (a power of two, 64 KiB..=64 MiB). A chunk
@@ -106,14 +141,15 @@
 //!
 //! # Versioning
 //!
-//! `Start`, `Open` and `Hook` carry [`PROTOCOL_VERSION`]; a peer that speaks another version
+//! `Start`, `Open`, `Hook`, `Bench` and `Sink` carry [`PROTOCOL_VERSION`]; a peer that speaks another version
 //! is refused with an error naming both. New message kinds get new numbers; unknown kinds are
 //! errors, never ignored. Version 2 added `Have`, `Need` and `Repaired`; version 3 added the
 //! grant to `Start` and `Open`; version 4 added `Hook` and `HookDone`; version 5 added the
 //! method to `Start`, `Open` and the grant; version 6 added automatic compression and the
-//! rate limit to `Start`. The version is also
+//! rate limit to `Start`, and `Bench`, `BenchDone`, `Sink` and `SinkDone`. The version is also
 //! part of the signed grant bytes, so a grant made for one version is no good for another.
 
+pub mod bench;
 pub mod codec;
 pub mod hash;
 pub mod manifest;

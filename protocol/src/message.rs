@@ -2,6 +2,7 @@
 
 use bytes::{Buf, BufMut, Bytes};
 
+use crate::bench::{Bench, BenchReply, Sink};
 use crate::codec::{
     get_bytes16, get_hash, get_payload, get_string, get_string32, get_u16, get_u32, get_u64,
     get_u8, put_bytes16, put_bytes32, DecodeError, FrameHeader, FRAME_HEADER_LEN,
@@ -165,13 +166,13 @@ pub struct Grant {
 }
 
 impl Grant {
-    fn encode(&self, buf: &mut impl BufMut) {
+    pub(crate) fn encode(&self, buf: &mut impl BufMut) {
         put_bytes16(buf, &self.controller_cert);
         buf.put_u64(self.not_after_unix);
         put_bytes16(buf, &self.signature);
     }
 
-    fn decode(buf: &mut impl Buf) -> Result<Self, DecodeError> {
+    pub(crate) fn decode(buf: &mut impl Buf) -> Result<Self, DecodeError> {
         Ok(Self {
             controller_cert: get_bytes16(buf, MAX_GRANT_CERT, "grant certificate")?,
             not_after_unix: get_u64(buf, "grant expiry")?,
@@ -374,6 +375,22 @@ pub enum Message {
         node: String,
         reply: HookReply,
     },
+    /// Controller -> agent, first on a control stream of its own: measure one stage of a
+    /// transfer on this host (`mover bench`; see [`crate::bench`]).
+    Bench(Bench),
+    /// Agent -> controller: the answer to `Bench`, from `node`.
+    BenchDone {
+        node: String,
+        reply: BenchReply,
+    },
+    /// Upstream -> downstream, first on a stream of a link probe; raw bytes follow.
+    Sink(Sink),
+    /// Downstream -> upstream: the stream ended; `bytes` arrived over `micros`.
+    SinkDone {
+        node: String,
+        bytes: u64,
+        micros: u64,
+    },
 }
 
 mod kind {
@@ -393,6 +410,10 @@ mod kind {
     pub const REPAIRED: u8 = 14;
     pub const HOOK: u8 = 15;
     pub const HOOK_DONE: u8 = 16;
+    pub const BENCH: u8 = 17;
+    pub const BENCH_DONE: u8 = 18;
+    pub const SINK: u8 = 19;
+    pub const SINK_DONE: u8 = 20;
 }
 
 impl Message {
@@ -414,6 +435,10 @@ impl Message {
             Self::Repaired { .. } => kind::REPAIRED,
             Self::Hook(_) => kind::HOOK,
             Self::HookDone { .. } => kind::HOOK_DONE,
+            Self::Bench(_) => kind::BENCH,
+            Self::BenchDone { .. } => kind::BENCH_DONE,
+            Self::Sink(_) => kind::SINK,
+            Self::SinkDone { .. } => kind::SINK_DONE,
         }
     }
 
@@ -435,6 +460,10 @@ impl Message {
             Self::Repaired { .. } => "repaired",
             Self::Hook(_) => "hook",
             Self::HookDone { .. } => "hook done",
+            Self::Bench(_) => "bench",
+            Self::BenchDone { .. } => "bench done",
+            Self::Sink(_) => "sink",
+            Self::SinkDone { .. } => "sink done",
         }
     }
 
@@ -607,6 +636,21 @@ impl Message {
                         put_bytes16(buf, head(reason, MAX_REASON).as_bytes());
                     }
                 }
+            }
+            Self::Bench(b) => b.encode(buf),
+            Self::BenchDone { node, reply } => {
+                put_bytes16(buf, node.as_bytes());
+                reply.encode(buf);
+            }
+            Self::Sink(s) => s.encode(buf),
+            Self::SinkDone {
+                node,
+                bytes,
+                micros,
+            } => {
+                put_bytes16(buf, node.as_bytes());
+                buf.put_u64(*bytes);
+                buf.put_u64(*micros);
             }
         }
     }
@@ -796,6 +840,23 @@ impl Message {
                 };
                 Self::HookDone { node, reply }
             }
+            kind::BENCH => {
+                check_version(body)?;
+                Self::Bench(Bench::decode(body)?)
+            }
+            kind::BENCH_DONE => Self::BenchDone {
+                node: get_string(body, MAX_NAME, "node name")?,
+                reply: BenchReply::decode(body)?,
+            },
+            kind::SINK => {
+                check_version(body)?;
+                Self::Sink(Sink::decode(body)?)
+            }
+            kind::SINK_DONE => Self::SinkDone {
+                node: get_string(body, MAX_NAME, "node name")?,
+                bytes: get_u64(body, "sink bytes")?,
+                micros: get_u64(body, "sink time")?,
+            },
             k => return Err(DecodeError::UnknownKind(k)),
         };
         if body.has_remaining() {

@@ -5,6 +5,10 @@
 use std::collections::HashSet;
 
 use bytes::{Buf, Bytes};
+use mover_protocol::bench::{
+    Bench, BenchReply, LinkStats, Probe, Sink, SourceStats, TargetStats, MAX_LINK_BYTES,
+    MAX_LINK_MILLIS, MAX_SAMPLE,
+};
 use mover_protocol::manifest::{MAX_FILE_SIZE, MAX_NAME_LEN, MAX_PATH_LEN};
 use mover_protocol::message::{
     Held, MAX_ACTION, MAX_GRANT_CERT, MAX_GRANT_SIGNATURE, MAX_HOOK_COMMAND, MAX_HOOK_OUTPUT,
@@ -333,6 +337,139 @@ fn hook_done() -> impl Strategy<Value = Message> {
     (node_name(), reply).prop_map(|(node, reply)| Message::HookDone { node, reply })
 }
 
+fn bench() -> impl Strategy<Value = Message> {
+    let source = (
+        node_name(),
+        0..=MAX_SAMPLE,
+        chunk_size(),
+        0u8..=19,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(dataset, sample, chunk_size, compress, stage)| Probe::Source {
+                dataset,
+                sample,
+                chunk_size,
+                compress,
+                stage,
+            },
+        );
+    let link = (
+        node_name(),
+        bounded_string(),
+        0..=MAX_LINK_BYTES,
+        0..=MAX_LINK_MILLIS,
+        connections(),
+        grant(),
+    )
+        .prop_map(
+            |(to, address, bytes, millis, connections, grant)| Probe::Link {
+                to,
+                address,
+                bytes,
+                millis,
+                connections,
+                grant,
+            },
+        );
+    let target = (node_name(), 0..=MAX_SAMPLE, chunk_size(), 0u8..=19).prop_map(
+        |(dataset, bytes, chunk_size, compress)| Probe::Target {
+            dataset,
+            bytes,
+            chunk_size,
+            compress,
+        },
+    );
+    let probe = prop_oneof![source, link, target, Just(Probe::Reset)];
+    (any::<u64>(), probe).prop_map(|(id, probe)| Message::Bench(Bench { id, probe }))
+}
+
+fn bench_done() -> impl Strategy<Value = Message> {
+    // Multi-byte characters only where the bound leaves room for them (the encoder cuts a
+    // longer string, which would then not round-trip).
+    let text = |max: usize| {
+        prop_oneof![
+            6 => if max > 4 * 30 { "\\PC{0,30}" } else { "[a-z]{0,12}" },
+            1 => Just("x".repeat(max)),
+        ]
+    };
+    let source = (
+        any::<[u64; 9]>(),
+        any::<u16>(),
+        any::<u64>(),
+        text(MAX_ACTION),
+    )
+        .prop_map(|(v, threads, staged_bytes, io)| {
+            BenchReply::Source(SourceStats {
+                total_bytes: v[0],
+                files: v[1],
+                read_bytes: v[2],
+                read_micros: v[3],
+                cached_bytes: v[4],
+                encode_bytes: v[5],
+                wire_bytes: v[6],
+                encode_one_micros: v[7],
+                encode_all_micros: v[8],
+                threads,
+                staged_bytes,
+                io,
+            })
+        });
+    let link =
+        (any::<u64>(), any::<u64>(), any::<u8>()).prop_map(|(bytes, micros, connections)| {
+            BenchReply::Link(LinkStats {
+                bytes,
+                micros,
+                connections,
+            })
+        });
+    let target = (
+        any::<[u64; 6]>(),
+        any::<u16>(),
+        text(MAX_ACTION),
+        text(MAX_REASON),
+    )
+        .prop_map(|(v, threads, io, scratch_dir)| {
+            BenchReply::Target(TargetStats {
+                write_bytes: v[0],
+                write_micros: v[1],
+                sync_micros: v[2],
+                decode_bytes: v[3],
+                decode_one_micros: v[4],
+                decode_all_micros: v[5],
+                threads,
+                io,
+                scratch_dir,
+            })
+        });
+    let failed = text(MAX_REASON).prop_map(|reason| BenchReply::Failed { reason });
+    let reply = prop_oneof![failed, source, link, target, Just(BenchReply::Reset)];
+    (node_name(), reply).prop_map(|(node, reply)| Message::BenchDone { node, reply })
+}
+
+fn sink() -> impl Strategy<Value = Message> {
+    (
+        any::<u64>(),
+        node_name(),
+        node_name(),
+        0..=MAX_LINK_BYTES,
+        connections(),
+        any::<prop::sample::Index>(),
+        grant(),
+    )
+        .prop_map(|(id, from, to, bytes, connections, index, grant)| {
+            Message::Sink(Sink {
+                id,
+                from,
+                to,
+                bytes,
+                connections,
+                index: index.index(usize::from(connections)) as u8,
+                grant,
+            })
+        })
+}
+
 fn any_message() -> BoxedStrategy<Message> {
     prop_oneof![
         start(),
@@ -388,6 +525,16 @@ fn any_message() -> BoxedStrategy<Message> {
         (0..=MAX_ROUNDS).prop_map(|round| Message::Repaired { round }),
         hook(),
         hook_done(),
+        bench(),
+        bench_done(),
+        sink(),
+        (node_name(), any::<u64>(), any::<u64>()).prop_map(|(node, bytes, micros)| {
+            Message::SinkDone {
+                node,
+                bytes,
+                micros,
+            }
+        }),
     ]
     .boxed()
 }
@@ -630,6 +777,31 @@ proptest! {
         check_message(&msg, &extra)?;
     }
 
+    #[test]
+    fn bench_roundtrips(msg in bench(), extra in vec(any::<u8>(), 0..8)) {
+        check_message(&msg, &extra)?;
+    }
+
+    #[test]
+    fn bench_done_roundtrips(msg in bench_done(), extra in vec(any::<u8>(), 0..8)) {
+        check_message(&msg, &extra)?;
+    }
+
+    #[test]
+    fn sink_roundtrips(msg in sink(), extra in vec(any::<u8>(), 0..8)) {
+        check_message(&msg, &extra)?;
+    }
+
+    #[test]
+    fn sink_done_roundtrips(
+        node in node_name(),
+        bytes in any::<u64>(),
+        micros in any::<u64>(),
+        extra in vec(any::<u8>(), 0..8),
+    ) {
+        check_message(&Message::SinkDone { node, bytes, micros }, &extra)?;
+    }
+
     /// Frames back to back on one stream decode one by one, each taking exactly its own bytes.
     #[test]
     fn a_stream_of_frames_decodes_in_order(msgs in vec(any_message(), 1..8)) {
@@ -720,7 +892,7 @@ fn every_kind_refuses_or_decodes_fixed_bodies_without_panicking() {
     for kind in 0..=u8::MAX {
         for body in bodies {
             let got = Message::decode(kind, &mut &body[..]);
-            if !(1..=16).contains(&kind) {
+            if !(1..=20).contains(&kind) {
                 assert_eq!(got, Err(DecodeError::UnknownKind(kind)));
             }
         }
