@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -569,7 +569,6 @@ async fn stream_chunks(
     haves: &Arc<Haves>,
 ) -> Result<(Totals, Arc<Mutex<Tracker>>), TransferError> {
     let n = data_streams.len();
-    let mut senders = Vec::with_capacity(n);
     let mut writers = Vec::with_capacity(n);
     let pacer = crate::rate::Pacer::new(start.max_rate).map(Arc::new);
     let totals = Totals {
@@ -584,13 +583,17 @@ async fn stream_chunks(
     }
     let wire = totals.wire_bytes.clone();
     let skipped = totals.skipped.clone();
+    // One queue of encoded frames for every data stream: whichever stream's writer is free
+    // takes the next frame, so a stream slowed by its connection's congestion control does
+    // not hold the others back.
+    let (tx, rx) = mpsc::channel::<[Bytes; 2]>(2 * n);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    // Writers waiting for a frame: the link is then ahead of the CPU (see the automatic
+    // compression below). A writer counts only once it has sent its first frame: until
+    // then there is nothing to tell, and compressing is the safer guess.
+    let waiting = Arc::new(AtomicUsize::new(0));
     for (mut streams, mut join) in data_streams.into_iter().zip(joiners) {
-        let (tx, mut rx) = mpsc::channel::<[Bytes; 2]>(2);
-        // Whether this stream's writer sits waiting for a frame: the link is then ahead of
-        // the CPU (see the automatic compression below). Until the first frame has gone
-        // there is nothing to tell, and compressing is the safer guess.
-        let idle = Arc::new(AtomicBool::new(false));
-        senders.push((tx, idle.clone()));
+        let (rx, waiting) = (rx.clone(), waiting.clone());
         let wire = wire.clone();
         let relinker = relinker.clone();
         let pacer = pacer.clone();
@@ -598,13 +601,16 @@ async fn stream_chunks(
             let mut first = true;
             loop {
                 if !first {
-                    idle.store(true, Ordering::Relaxed);
+                    waiting.fetch_add(1, Ordering::Relaxed);
+                }
+                let next = rx.lock().await.recv().await;
+                if !first {
+                    waiting.fetch_sub(1, Ordering::Relaxed);
                 }
                 first = false;
-                let Some(parts) = rx.recv().await else {
+                let Some(parts) = next else {
                     break;
                 };
-                idle.store(false, Ordering::Relaxed);
                 while let Ok(s) = join.try_recv() {
                     streams.push(Some(s));
                 }
@@ -612,7 +618,8 @@ async fn stream_chunks(
                     link::pause_for_relink(&relinker, &mut join, &mut streams).await;
                 }
                 // Every child on this stream dropped out (each is reported by its events
-                // task) and none joins: dropping the receiver tells the producer.
+                // task) and none joins: this writer stops, and once every writer has, the
+                // closed queue tells the producer.
                 if streams.iter().all(Option::is_none)
                     && !link::wait_for_joiner(&relinker, &mut join, &mut streams).await
                 {
@@ -647,6 +654,7 @@ async fn stream_chunks(
     let (err_tx, mut err_rx) = mpsc::channel::<TransferError>(1);
     let mut chunks = 0u64;
     let mut bytes = 0u64;
+    let went_raw = Arc::new(AtomicU64::new(0));
     for (id, e) in manifest.entries.iter().enumerate() {
         let EntryKind::File { size } = e.kind else {
             continue;
@@ -657,7 +665,7 @@ async fn stream_chunks(
             if let Ok(err) = err_rx.try_recv() {
                 return Err(err);
             }
-            if senders.iter().all(|(tx, _)| tx.is_closed()) {
+            if tx.is_closed() {
                 return Err(TransferError::NoTargetsLeft);
             }
             let len = (size - offset).min(u64::from(start.chunk_size)) as usize;
@@ -666,7 +674,7 @@ async fn stream_chunks(
                 .acquire_owned()
                 .await
                 .map_err(|e| TransferError::Internal(e.to_string()))?;
-            let (tx, idle) = senders[(chunks % n as u64) as usize].clone();
+            let (tx, waiting) = (tx.clone(), waiting.clone());
             let (tracker, err_tx, haves, skipped, workers) = (
                 tracker.clone(),
                 err_tx.clone(),
@@ -674,7 +682,7 @@ async fn stream_chunks(
                 skipped.clone(),
                 workers.clone(),
             );
-            let auto = start.compress_auto;
+            let auto = start.compress_auto.then(|| went_raw.clone());
             let mut job = ReadJob {
                 path: path.clone(),
                 file: id as u32,
@@ -692,12 +700,15 @@ async fn stream_chunks(
                 let result = async {
                     let (f, buf) = job.read().await?;
                     let _cpu = workers.acquire_owned().await.map_err(|e| internal(&e))?;
-                    // Automatic compression: a writer busy sending (or a frame queued) on
-                    // this stream means the link is what holds it back, so the CPU has time
-                    // to shrink this chunk; a writer waiting with nothing queued means the
-                    // link waits for the CPU, so the chunk goes as it is.
-                    if auto && idle.load(Ordering::Relaxed) && tx.capacity() == tx.max_capacity() {
+                    // Automatic compression: every writer busy sending (or a frame queued)
+                    // means the link is what holds the data back, so the CPU has time to
+                    // shrink this chunk; a writer waiting with nothing queued means the link
+                    // waits for the CPU, so the chunk goes as it is.
+                    if let Some(raw) = auto.filter(|_| {
+                        waiting.load(Ordering::Relaxed) > 0 && tx.capacity() == tx.max_capacity()
+                    }) {
                         job.level = 0;
+                        raw.fetch_add(job.len as u64, Ordering::Relaxed);
                     }
                     tokio::task::spawn_blocking(move || job.encode(&f, buf))
                         .await
@@ -738,9 +749,16 @@ async fn stream_chunks(
     if let Ok(err) = err_rx.try_recv() {
         return Err(err);
     }
-    drop(senders);
+    drop(tx);
     for w in writers {
         let _ = w.await;
+    }
+    if start.compress_auto {
+        tracing::info!(
+            raw_bytes = went_raw.load(Ordering::Relaxed),
+            bytes,
+            "automatic compression: sent these bytes as they were, the link waiting for the CPU"
+        );
     }
     Ok((
         Totals {
