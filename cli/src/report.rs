@@ -81,20 +81,8 @@ pub async fn send_with_progress(
     result
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+/// `1.0 GiB`, `512.0 MiB`, `42 B`: one formatting for every report.
+pub use mover::bench::human_bytes;
 
 pub fn print_summary(s: &Summary, json: bool) {
     if json {
