@@ -163,6 +163,18 @@ fn quoted_output(output: &str) -> String {
 }
 
 impl TransferError {
+    /// Whether this node's own endpoint is closing (the agent is shutting down): nothing it
+    /// dials from now on can succeed.
+    pub fn endpoint_stopping(&self) -> bool {
+        matches!(
+            self,
+            Self::Link(LinkError::Net(crate::net::NetError::Connect {
+                source: quinn::ConnectError::EndpointStopping,
+                ..
+            }))
+        )
+    }
+
     /// Whether running the same transfer again may succeed without changing anything.
     pub fn retryable(&self) -> bool {
         if let Self::Link(l) = self {

@@ -593,6 +593,10 @@ impl Relinker {
                 }
                 match self.connect(failed).await {
                     Ok(events) => return events.map(|e| (e, failed)).into_iter().collect(),
+                    Err(e) if e.endpoint_stopping() => {
+                        tracing::debug!(child = %name, "this agent is stopping; not dialing again");
+                        break;
+                    }
                     Err(e) if tokio::time::Instant::now() + wait < deadline => {
                         // (A dial to a dead host takes the handshake timeout itself.)
                         tracing::debug!(child = %name, error = %e, "child still unreachable");

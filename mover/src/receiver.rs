@@ -730,7 +730,11 @@ impl Receive<'_> {
                 Message::End { digest, .. } => {
                     if let Some(hold) = self.ctx.faults.hold_end() {
                         tracing::warn!(?hold, "TEST FAULT: holding End back");
-                        tokio::time::sleep(hold).await;
+                        // Until the agent stops, as a relay busy elsewhere would be.
+                        tokio::select! {
+                            () = tokio::time::sleep(hold) => {}
+                            _ = self.parent_conn.closed() => {}
+                        }
                     }
                     link::take_new_links(joined, controls);
                     forward_control(controls, &m).await;
