@@ -594,8 +594,10 @@ impl Relinker {
                 match self.connect(failed).await {
                     Ok(events) => return events.map(|e| (e, failed)).into_iter().collect(),
                     Err(e) if e.endpoint_stopping() => {
+                        // This agent is stopping: its parent takes over the nodes below it,
+                        // so it reports none of them failed.
                         tracing::debug!(child = %name, "this agent is stopping; not dialing again");
-                        break;
+                        return Vec::new();
                     }
                     Err(e) if tokio::time::Instant::now() + wait < deadline => {
                         // (A dial to a dead host takes the handshake timeout itself.)
@@ -628,6 +630,7 @@ impl Relinker {
             tracing::warn!(node = %b, dead = %name, "linking past a dead relay");
             match self.connect(below).await {
                 Ok(events) => linked.extend(events.map(|e| (e, below))),
+                Err(e) if e.endpoint_stopping() => return linked,
                 Err(e) => {
                     let why = format!(
                         "upstream relay {name} failed ({reason}) and {b} could not be reached: {e}"
