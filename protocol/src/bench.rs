@@ -19,7 +19,10 @@
 use bytes::{Buf, BufMut};
 
 use crate::codec::{get_string, get_u16, get_u32, get_u64, get_u8, put_bytes16, DecodeError};
-use crate::message::{Grant, MAX_ACTION, MAX_REASON, PROTOCOL_VERSION};
+use crate::message::{
+    check_chunk_size, check_connections, check_level, Grant, MAX_ACTION, MAX_REASON,
+    PROTOCOL_VERSION,
+};
 use crate::plan::MAX_NAME;
 
 /// Most bytes a source probe may sample from a dataset.
@@ -255,8 +258,8 @@ impl Bench {
             0 => Probe::Source {
                 dataset: get_string(body, MAX_NAME, "dataset name")?,
                 sample: at_most(get_u64(body, "sample size")?, MAX_SAMPLE, "sample size")?,
-                chunk_size: chunk_size(get_u32(body, "chunk size")?)?,
-                compress: level(get_u8(body, "compression level")?)?,
+                chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
+                compress: check_level(get_u8(body, "compression level")?)?,
                 stage: get_flag(body, "stage flag")?,
             },
             1 => Probe::Link {
@@ -268,14 +271,14 @@ impl Bench {
                     MAX_LINK_MILLIS.into(),
                     "link time",
                 )? as u32,
-                connections: connections(get_u8(body, "connections")?)?,
+                connections: check_connections(get_u8(body, "connections")?)?,
                 grant: Grant::decode(body)?,
             },
             2 => Probe::Target {
                 dataset: get_string(body, MAX_NAME, "dataset name")?,
                 bytes: at_most(get_u64(body, "scratch size")?, MAX_SAMPLE, "scratch size")?,
-                chunk_size: chunk_size(get_u32(body, "chunk size")?)?,
-                compress: level(get_u8(body, "compression level")?)?,
+                chunk_size: check_chunk_size(get_u32(body, "chunk size")?)?,
+                compress: check_level(get_u8(body, "compression level")?)?,
             },
             3 => Probe::Reset,
             p => {
@@ -405,7 +408,7 @@ impl Sink {
         let from = get_string(body, MAX_NAME, "node name")?;
         let to = get_string(body, MAX_NAME, "node name")?;
         let bytes = at_most(get_u64(body, "link bytes")?, MAX_LINK_BYTES, "link bytes")?;
-        let connections = connections(get_u8(body, "connections")?)?;
+        let connections = check_connections(get_u8(body, "connections")?)?;
         let index = get_u8(body, "connection index")?;
         if index >= connections {
             return Err(DecodeError::Invalid {
@@ -430,33 +433,6 @@ fn at_most(v: u64, max: u64, what: &'static str) -> Result<u64, DecodeError> {
         return Err(DecodeError::TooLarge { what, len: v, max });
     }
     Ok(v)
-}
-
-fn chunk_size(size: u32) -> Result<u32, DecodeError> {
-    crate::check_chunk_size(size).map_err(|why| DecodeError::Invalid {
-        what: "chunk size",
-        why,
-    })
-}
-
-fn level(level: u8) -> Result<u8, DecodeError> {
-    if level > 19 {
-        return Err(DecodeError::Invalid {
-            what: "compression level",
-            why: format!("{level} is not off (0) or a zstd level 1..=19"),
-        });
-    }
-    Ok(level)
-}
-
-fn connections(n: u8) -> Result<u8, DecodeError> {
-    if n == 0 || n > crate::MAX_CONNECTIONS {
-        return Err(DecodeError::Invalid {
-            what: "connections",
-            why: format!("{n} is not in 1..={}", crate::MAX_CONNECTIONS),
-        });
-    }
-    Ok(n)
 }
 
 fn get_flag(body: &mut impl Buf, what: &'static str) -> Result<bool, DecodeError> {

@@ -979,14 +979,14 @@ fn check_version(body: &mut impl Buf) -> Result<(), DecodeError> {
     }
 }
 
-fn check_chunk_size(size: u32) -> Result<u32, DecodeError> {
+pub(crate) fn check_chunk_size(size: u32) -> Result<u32, DecodeError> {
     crate::check_chunk_size(size).map_err(|why| DecodeError::Invalid {
         what: "chunk size",
         why,
     })
 }
 
-fn check_level(level: u8) -> Result<u8, DecodeError> {
+pub(crate) fn check_level(level: u8) -> Result<u8, DecodeError> {
     if level > 19 {
         return Err(DecodeError::Invalid {
             what: "compression level",
@@ -996,7 +996,7 @@ fn check_level(level: u8) -> Result<u8, DecodeError> {
     Ok(level)
 }
 
-fn check_connections(n: u8) -> Result<u8, DecodeError> {
+pub(crate) fn check_connections(n: u8) -> Result<u8, DecodeError> {
     if n == 0 || n > crate::MAX_CONNECTIONS {
         return Err(DecodeError::Invalid {
             what: "connections",
