@@ -857,7 +857,8 @@ fn prepare(
     // With nothing to seed from, the files are made while the data already flows: creating
     // thousands of them takes seconds on a busy filesystem.
     let created = if leftover.is_none() && !dest.is_dir() {
-        Staging::create_deferred(state_dir, dest, label, manifest)
+        // Files that fit one chunk are made whole by the writer that gets that chunk.
+        Staging::create_deferred(state_dir, dest, label, manifest, u64::from(chunk_size))
     } else {
         Staging::create(state_dir, dest, label, manifest)
     };
@@ -1050,23 +1051,25 @@ impl Writer {
                 return Ok(());
             }
         };
-        let written = self
-            .staging
-            .write_with(&*self.ctx.disk, chunk.file, chunk.offset, raw)
-            .map_err(TransferError::from)
-            .and_then(|()| {
-                self.record
-                    .append(
-                        &entry.path,
-                        &Recorded {
-                            file_size: size,
-                            offset: chunk.offset,
-                            len: chunk.raw_len,
-                            hash: chunk.hash,
-                        },
-                    )
-                    .map_err(|e| TransferError::Internal(format!("append to record: {e}")))
-            });
+        let written = if self.staging.writes_whole(chunk.file) {
+            self.staging.write_whole(chunk.file, &raw)
+        } else {
+            self.staging
+                .write_with(&*self.ctx.disk, chunk.file, chunk.offset, raw)
+        };
+        let written = written.map_err(TransferError::from).and_then(|()| {
+            self.record
+                .append(
+                    &entry.path,
+                    &Recorded {
+                        file_size: size,
+                        offset: chunk.offset,
+                        len: chunk.raw_len,
+                        hash: chunk.hash,
+                    },
+                )
+                .map_err(|e| TransferError::Internal(format!("append to record: {e}")))
+        });
         let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         match written {
             Ok(()) => {

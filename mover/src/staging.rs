@@ -3,7 +3,8 @@
 //!
 //! Life cycle: [`Staging::create`] makes every directory and (preallocated) file of the
 //! manifest ([`Staging::create_deferred`] makes the files on a thread of its own while writes
-//! begin); [`Staging::write_at`] fills files, from many threads at once;
+//! begin, and leaves files that fit one chunk to [`Staging::write_whole`]);
+//! [`Staging::write_at`] fills files, from many threads at once;
 //! [`Staging::finalize`] adds symlinks, sets modes and times, and makes it all durable;
 //! [`Staging::commit`] swaps the tree into place, or [`Staging::abort`] throws it away. The
 //! destination is not touched before the commit, so a failed transfer never leaves a
@@ -66,6 +67,21 @@ pub enum StagingError {
         len: usize,
         size: u64,
     },
+    #[error(
+        "finalize {}: its data never arrived (the transfer ended without it)",
+        path.display()
+    )]
+    NeverWritten { path: PathBuf },
+    #[error(
+        "write file {file} ({path}) whole: {len} bytes given for a file of {size} (or one \
+         written chunk by chunk)"
+    )]
+    NotWhole {
+        file: u32,
+        path: String,
+        len: usize,
+        size: u64,
+    },
     #[error("commit {}: the staging area was not finalized", path.display())]
     NotFinalized { path: PathBuf },
     #[error(
@@ -123,6 +139,11 @@ pub struct Staging {
     finalized: AtomicBool,
     /// Set when the files are being created in the background ([`Staging::create_deferred`]).
     creator: Option<Creator>,
+    /// Files of at most this many bytes (and not empty) are left to [`Staging::write_whole`],
+    /// which makes each in one go; 0 when none are.
+    whole_max: u64,
+    /// Which of those `write_whole` has made, by manifest index.
+    whole_done: Vec<AtomicBool>,
 }
 
 /// The thread that creates a deferred staging tree's files, in manifest order, while data
@@ -174,7 +195,8 @@ impl Creating {
 }
 
 impl Creator {
-    fn start(dir: PathBuf, manifest: Arc<Manifest>) -> Result<Self, StagingError> {
+    /// Files of 1 to `whole_max` bytes are skipped: [`Staging::write_whole`] makes them.
+    fn start(dir: PathBuf, manifest: Arc<Manifest>, whole_max: u64) -> Result<Self, StagingError> {
         let shared = Arc::new(Creating::default());
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -185,6 +207,9 @@ impl Creator {
                         break;
                     }
                     if let EntryKind::File { size } = e.kind {
+                        if size > 0 && size <= whole_max {
+                            continue;
+                        }
                         let path = dir.join(OsStr::from_bytes(&e.path));
                         if let Err(err) = create_file_raw(&path, size) {
                             s.lock().failed = Some((path, err));
@@ -237,7 +262,7 @@ impl Staging {
         label: &str,
         manifest: Arc<Manifest>,
     ) -> Result<Staging, StagingError> {
-        Self::create_with(state_dir, dest, label, manifest, false)
+        Self::create_with(state_dir, dest, label, manifest, None)
     }
 
     /// Like [`Staging::create`], but only the directories are made before it returns: a
@@ -247,13 +272,18 @@ impl Staging {
     /// shows up as the failure of a write (or of `finalize`), still before anything is
     /// committed. For a tree with nothing to adopt into it: [`Staging::adopt`] needs every
     /// file in place first.
+    ///
+    /// Files of 1 to `whole_max` bytes (those that fit one chunk) are not made here at all:
+    /// [`Staging::write_whole`] makes each with its data, mode and mtime in one go, and
+    /// [`Staging::finalize`] fails if one never came.
     pub fn create_deferred(
         state_dir: &Path,
         dest: &Path,
         label: &str,
         manifest: Arc<Manifest>,
+        whole_max: u64,
     ) -> Result<Staging, StagingError> {
-        Self::create_with(state_dir, dest, label, manifest, true)
+        Self::create_with(state_dir, dest, label, manifest, Some(whole_max))
     }
 
     fn create_with(
@@ -261,7 +291,7 @@ impl Staging {
         dest: &Path,
         label: &str,
         manifest: Arc<Manifest>,
-        deferred: bool,
+        deferred: Option<u64>,
     ) -> Result<Staging, StagingError> {
         let dir = Self::locate(state_dir, dest, label)?;
         match DirBuilder::new().mode(0o700).create(&dir) {
@@ -271,18 +301,31 @@ impl Staging {
             }
             Err(e) => return Err(StagingError::io("create directory", &dir, e)),
         }
+        let whole_max = deferred.unwrap_or(0);
+        let whole_done = if whole_max > 0 {
+            manifest
+                .entries
+                .iter()
+                .map(|_| AtomicBool::new(false))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut staging = Staging {
             dir,
             dest: dest.to_path_buf(),
             manifest,
             finalized: AtomicBool::new(false),
             creator: None,
+            whole_max,
+            whole_done,
         };
-        let made = staging.populate(!deferred).and_then(|()| {
-            if deferred {
+        let made = staging.populate(deferred.is_none()).and_then(|()| {
+            if deferred.is_some() {
                 staging.creator = Some(Creator::start(
                     staging.dir.clone(),
                     staging.manifest.clone(),
+                    whole_max,
                 )?);
             }
             Ok(())
@@ -427,13 +470,47 @@ impl Staging {
             .map_err(|e| StagingError::io("write", &path, e))
     }
 
-    /// Checks that `len` bytes at `offset` fit file `file` and opens it for writing.
-    fn open_for_write(
-        &self,
-        file: u32,
-        offset: u64,
-        len: usize,
-    ) -> Result<(File, PathBuf), StagingError> {
+    /// Whether file `file` is left to [`Staging::write_whole`] (see
+    /// [`Staging::create_deferred`]).
+    pub fn writes_whole(&self, file: u32) -> bool {
+        self.manifest.entries.get(file as usize).is_some_and(
+            |e| matches!(e.kind, EntryKind::File { size } if size > 0 && size <= self.whole_max),
+        )
+    }
+
+    /// Makes file `file`, one that [`Staging::writes_whole`], with all of its data, then its
+    /// mode and mtime, through one descriptor. A plain `pwrite` on the calling thread: for a
+    /// file this small, handing the write to the disk back end costs more than the copy into
+    /// the page cache. A second call for the same file rewrites it, as long as the mode the
+    /// first gave it lets this user write.
+    pub fn write_whole(&self, file: u32, data: &[u8]) -> Result<(), StagingError> {
+        let entry = self.file_entry(file, 0, data.len())?;
+        if !self.writes_whole(file) || data.len() as u64 != entry.size() {
+            return Err(StagingError::NotWhole {
+                file,
+                path: display_path(&entry.path),
+                len: data.len(),
+                size: entry.size(),
+            });
+        }
+        let path = self.entry_path(entry);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| StagingError::io("create file", &path, e))?;
+        f.write_all_at(data, 0)
+            .map_err(|e| StagingError::io("write", &path, e))?;
+        set_mode_and_mtime_of(&f, entry, &path)?;
+        self.whole_done[file as usize].store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Checks that file `file` is a regular file and that `len` bytes at `offset` fit it.
+    fn file_entry(&self, file: u32, offset: u64, len: usize) -> Result<&Entry, StagingError> {
         let entry = self
             .manifest
             .entries
@@ -458,6 +535,17 @@ impl Staging {
                 size,
             });
         }
+        Ok(entry)
+    }
+
+    /// Checks that `len` bytes at `offset` fit file `file` and opens it for writing.
+    fn open_for_write(
+        &self,
+        file: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<(File, PathBuf), StagingError> {
+        let entry = self.file_entry(file, offset, len)?;
         self.created(Some(file as usize))?;
         let path = self.entry_path(entry);
         // Opened per call: chunks are MiBs, so the open is cheap next to the write, and
@@ -496,10 +584,19 @@ impl Staging {
             filetime::set_symlink_file_times(&path, t, t)
                 .map_err(|err| StagingError::io("set the times of", &path, err))?;
         }
-        for e in entries
-            .iter()
-            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
-        {
+        for (i, e) in entries.iter().enumerate() {
+            if !matches!(e.kind, EntryKind::File { .. }) {
+                continue;
+            }
+            if self.writes_whole(i as u32) {
+                // Made whole, mode and mtime included, by `write_whole`.
+                if !self.whole_done[i].load(Ordering::Acquire) {
+                    return Err(StagingError::NeverWritten {
+                        path: self.entry_path(e),
+                    });
+                }
+                continue;
+            }
             self.set_mode_and_mtime(e, 0)?;
         }
         // Directories last, children before parents (the reverse of the manifest's order):
@@ -676,11 +773,16 @@ impl Staging {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | extra_flags)
             .open(&path)
             .map_err(|err| StagingError::io("open", &path, err))?;
-        f.set_permissions(fs::Permissions::from_mode(e.mode))
-            .map_err(|err| StagingError::io("set the mode of", &path, err))?;
-        filetime::set_file_handle_times(&f, None, Some(mtime(e)))
-            .map_err(|err| StagingError::io("set the mtime of", &path, err))
+        set_mode_and_mtime_of(&f, e, &path)
     }
+}
+
+/// Gives the open file `f` (at `path`) entry `e`'s mode and mtime.
+fn set_mode_and_mtime_of(f: &File, e: &Entry, path: &Path) -> Result<(), StagingError> {
+    f.set_permissions(fs::Permissions::from_mode(e.mode))
+        .map_err(|err| StagingError::io("set the mode of", path, err))?;
+    filetime::set_file_handle_times(f, None, Some(mtime(e)))
+        .map_err(|err| StagingError::io("set the mtime of", path, err))
 }
 
 fn mtime(e: &Entry) -> FileTime {
@@ -1075,9 +1177,20 @@ mod tests {
         let state = tmp.path().join("state");
         fs::create_dir(&state).unwrap();
         let dest = tmp.path().join("fresh");
-        let s = Staging::create_deferred(&state, &dest, "deferred", m.clone()).unwrap();
+        // Files of up to 200,000 bytes are left to `write_whole`; "big" is not.
+        let s = Staging::create_deferred(&state, &dest, "deferred", m.clone(), 200_000).unwrap();
         // Directories are there at once; writes to the last file first wait for it.
         assert!(s.path().join("a").is_dir());
+        let whole = |name: &str| {
+            let i = m
+                .entries
+                .iter()
+                .position(|e| e.path == name.as_bytes())
+                .unwrap();
+            s.writes_whole(i as u32)
+        };
+        assert!(whole("a/with space") && whole("ro/readonly"));
+        assert!(!whole("big") && !whole("empty") && !whole("a"));
         let mut files: Vec<_> = m
             .entries
             .iter()
@@ -1087,12 +1200,60 @@ mod tests {
         files.reverse();
         for (i, e) in files {
             let data = fs::read(source_path(&src, e)).unwrap();
-            s.write_at(i as u32, 0, &data).unwrap();
+            if s.writes_whole(i as u32) {
+                // Made by its writer, not in the background: nothing there before.
+                assert!(!s.entry_path(e).exists(), "{}", display_path(&e.path));
+                s.write_whole(i as u32, &data).unwrap();
+            } else {
+                s.write_at(i as u32, 0, &data).unwrap();
+            }
         }
         s.finalize().unwrap();
         s.commit().unwrap();
+        // Modes (0400 and 0640 among them) and mtimes of whole files are right too.
         let diffs = compare_trees(&src, &dest).unwrap();
         assert!(diffs.is_empty(), "{diffs:#?}");
+    }
+
+    #[test]
+    fn a_whole_file_must_come_whole_and_must_come() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, m) = source(tmp.path());
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let dest = tmp.path().join("fresh");
+        let s = Staging::create_deferred(&state, &dest, "whole", m.clone(), 200_000).unwrap();
+        let idx = |name: &str| {
+            m.entries
+                .iter()
+                .position(|e| e.path == name.as_bytes())
+                .unwrap()
+        };
+        let (deep, big) = (idx("a/b/c/deep.txt") as u32, idx("big") as u32);
+        // Part of a file, more than it, or a file left to the background: refused.
+        for (file, len) in [(deep, 3), (big, 5)] {
+            let err = s.write_whole(file, &vec![b'x'; len]).unwrap_err();
+            assert!(matches!(err, StagingError::NotWhole { .. }), "{err}");
+        }
+        let err = s.write_whole(deep, b"deep\n+").unwrap_err();
+        assert!(matches!(err, StagingError::OutOfRange { .. }), "{err}");
+        assert!(!s.path().join("a/b/c/deep.txt").exists());
+        // Everything else arrives; deep.txt never does, so the tree is not finalized.
+        for (i, e) in m.entries.iter().enumerate() {
+            if matches!(e.kind, EntryKind::File { .. }) && i as u32 != deep {
+                let data = fs::read(source_path(&src, e)).unwrap();
+                if s.writes_whole(i as u32) {
+                    s.write_whole(i as u32, &data).unwrap();
+                } else {
+                    s.write_at(i as u32, 0, &data).unwrap();
+                }
+            }
+        }
+        let err = s.finalize().unwrap_err();
+        assert!(matches!(err, StagingError::NeverWritten { .. }), "{err}");
+        assert!(err.to_string().contains("deep.txt"), "{err}");
+        assert!(matches!(s.commit(), Err(StagingError::NotFinalized { .. })));
+        assert!(!dest.exists());
     }
 
     #[test]
@@ -1107,7 +1268,7 @@ mod tests {
         }
         let m = Arc::new(scan(&src).unwrap().manifest);
         let dest = tmp.path().join("dest");
-        let s = Staging::create_deferred(&state, &dest, "stopped", m).unwrap();
+        let s = Staging::create_deferred(&state, &dest, "stopped", m, 0).unwrap();
         let path = s.path().to_path_buf();
         s.abort().unwrap();
         // Nothing is made after the abort removed the tree.
