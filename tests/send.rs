@@ -451,3 +451,21 @@ fn max_rate_holds_the_source_to_it_and_auto_compression_shrinks_what_a_slow_link
     );
     assert!(secs >= wire as f64 / rate as f64 - 0.2, "{secs:.2}s");
 }
+
+#[test]
+fn auto_compression_sends_chunks_as_they_are_when_every_node_is_on_this_host() {
+    let c = Cluster::start(&["west1", "east1"]);
+    mixed_tree(&c.data("west1"), 8 << 20);
+    let (code, summary, stderr) = c.send("west1:data", "east1", &["--chunk-size", "256K"]);
+    assert_eq!(code, 0, "{stderr}\n{summary}");
+    assert_same_tree(&c.data("west1"), &c.data("east1"));
+    let src = &summary["source"];
+    let (total, wire) = (num(&src["total_bytes"]), num(&src["wire_bytes"]));
+    // The tree compresses well (the test above), yet nothing was compressed: every chunk
+    // went with its frame header only.
+    assert!(
+        wire >= total,
+        "auto sent {wire} of {total} bytes over loopback"
+    );
+    assert!(c.log("west1").contains("listens on a loopback address"));
+}

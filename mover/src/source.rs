@@ -655,6 +655,15 @@ async fn stream_chunks(
     let mut chunks = 0u64;
     let mut bytes = 0u64;
     let went_raw = Arc::new(AtomicU64::new(0));
+    // All on one host with no rate set: the "link" is a memory copy.
+    let one_host = start.compress_auto && start.max_rate == 0 && all_on_loopback(&start.plan);
+    if one_host {
+        tracing::info!(
+            "automatic compression: every node of this transfer listens on a loopback address \
+             and no rate is set, so chunks go as they are (compressing would only spend this \
+             host's CPU twice)"
+        );
+    }
     for (id, e) in manifest.entries.iter().enumerate() {
         let EntryKind::File { size } = e.kind else {
             continue;
@@ -705,7 +714,9 @@ async fn stream_chunks(
                     // shrink this chunk; a writer waiting with nothing queued means the link
                     // waits for the CPU, so the chunk goes as it is.
                     if let Some(raw) = auto.filter(|_| {
-                        waiting.load(Ordering::Relaxed) > 0 && tx.capacity() == tx.max_capacity()
+                        one_host
+                            || (waiting.load(Ordering::Relaxed) > 0
+                                && tx.capacity() == tx.max_capacity())
                     }) {
                         job.level = 0;
                         raw.fetch_add(job.len as u64, Ordering::Relaxed);
@@ -757,7 +768,7 @@ async fn stream_chunks(
         tracing::info!(
             raw_bytes = went_raw.load(Ordering::Relaxed),
             bytes,
-            "automatic compression: sent these bytes as they were, the link waiting for the CPU"
+            "automatic compression: of all the bytes, these went as they were"
         );
     }
     Ok((
@@ -867,6 +878,26 @@ impl ReadJob {
     }
 }
 
+/// Whether every node of `plan` listens on a loopback address, so that all of them share
+/// this host's CPUs and the "link" between them is a memory copy: compressing a chunk then
+/// costs CPU at both ends and saves nothing the link would have spent.
+fn all_on_loopback(plan: &Plan) -> bool {
+    plan.nodes().iter().all(|n| is_loopback_address(&n.address))
+}
+
+/// Whether `host:port` (or `[v6]:port`) names a loopback address.
+fn is_loopback_address(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Chunks a source keeps under way for `workers` encoding threads.
 fn read_ahead(workers: usize) -> usize {
     (2 * workers).clamp(4, 16)
@@ -892,6 +923,47 @@ mod tests {
             Topology::Chain,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn loopback_addresses_are_told_from_others() {
+        for a in [
+            "127.0.0.1:4710",
+            "127.8.9.10:1",
+            "[::1]:4710",
+            "localhost:4710",
+        ] {
+            assert!(is_loopback_address(a), "{a}");
+        }
+        for a in [
+            "198.18.0.2:4710",
+            "[2001:db8::1]:4710",
+            "east1:4710",
+            "10.0.0.1:1",
+        ] {
+            assert!(!is_loopback_address(a), "{a}");
+        }
+        let mut p = plan(&["t1", "t2"]);
+        assert!(
+            !all_on_loopback(&p),
+            "addresses named \"a\" are not loopback"
+        );
+        let mut on = |addrs: &[&str]| {
+            let nodes = addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| PlanNode {
+                    name: format!("n{i}"),
+                    address: (*a).into(),
+                    dataset: "d".into(),
+                    parent: None,
+                })
+                .collect::<Vec<_>>();
+            p = Plan::build(nodes[0].clone(), nodes[1..].to_vec(), Topology::Chain).unwrap();
+            all_on_loopback(&p)
+        };
+        assert!(on(&["127.0.0.1:1", "127.0.0.1:2", "[::1]:3"]));
+        assert!(!on(&["127.0.0.1:1", "198.18.0.2:2", "127.0.0.1:3"]));
     }
 
     fn manifest() -> Manifest {
