@@ -229,6 +229,9 @@ for n in "${nodes[@]}"; do
 done
 for n in "${nodes[@]}"; do
   for _ in $(seq 1 200); do grep -q "agent listening" "$dir/$n.log" && break; sleep 0.05; done
+  grep -q "agent listening" "$dir/$n.log" || {
+    echo "the $n agent did not start (a port of 47101..47105 taken?):" >&2
+    cat "$dir/$n.log" >&2; exit 1; }
 done
 
 # The peers that need a server on east1: an rsync daemon and an sshd of our own (root login
