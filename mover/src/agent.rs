@@ -51,6 +51,8 @@ pub enum AgentError {
 pub(crate) struct Registration {
     pub parent: String,
     pub streams: mpsc::Sender<RecvStream>,
+    /// Connections the parent opens for the transfer (each gets a share of the window).
+    pub connections: u8,
     /// Which receive registered (a transfer may be received again after a re-link).
     pub generation: u64,
 }
@@ -237,7 +239,7 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
                 Err(_) => break,
             },
             uni = conn.accept_uni() => match uni {
-                Ok(recv) => { tasks.spawn(serve_data(ctx.clone(), peer.clone(), recv)); }
+                Ok(recv) => { tasks.spawn(serve_data(ctx.clone(), conn.clone(), peer.clone(), recv)); }
                 Err(_) => break,
             },
         }
@@ -306,7 +308,7 @@ async fn serve_control(
     }
 }
 
-async fn serve_data(ctx: Arc<Ctx>, peer: Peer, mut recv: RecvStream) {
+async fn serve_data(ctx: Arc<Ctx>, conn: quinn::Connection, peer: Peer, mut recv: RecvStream) {
     let transfer_id = match read_message(&mut recv, 64).await {
         Ok(Message::Attach { transfer_id }) => transfer_id,
         Ok(m) => {
@@ -321,13 +323,18 @@ async fn serve_data(ctx: Arc<Ctx>, peer: Peer, mut recv: RecvStream) {
     let tx = {
         let reg = ctx.registry.lock().unwrap_or_else(|p| p.into_inner());
         match reg.get(&transfer_id) {
-            Some(r) if Peer::Node(r.parent.clone()) == peer => Some(r.streams.clone()),
+            Some(r) if Peer::Node(r.parent.clone()) == peer => {
+                Some((r.streams.clone(), r.connections))
+            }
             _ => None,
         }
     };
     match tx {
-        Some(tx) => {
+        Some((tx, connections)) => {
             tracing::debug!(%peer, transfer_id, "data stream attached");
+            // What this node holds unread, over all the connections from its parent.
+            let window = crate::net::window_for(usize::from(connections));
+            conn.set_receive_window(quinn::VarInt::from_u32(window));
             let _ = tx.send(recv).await;
         }
         None => {

@@ -18,6 +18,16 @@ pub fn buffer_capacity(chunk_size: u32) -> usize {
     chunk_size as usize + 4096
 }
 
+/// What the chunks a node works on at once (read or received, and encoded or decoded: two
+/// buffers each) may add up to, whatever its core count.
+pub const CHUNK_BUDGET: usize = 64 << 20;
+
+/// How many chunks of `chunk_size` a node works on at once within [`CHUNK_BUDGET`]: 8 of the
+/// default 4 MiB; never fewer than 2.
+pub fn budget(chunk_size: u32) -> usize {
+    (CHUNK_BUDGET / (2 * (chunk_size as usize).max(1))).max(2)
+}
+
 thread_local! {
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
@@ -110,6 +120,17 @@ pub fn decode(c: &Chunk, file_size: u64, pool: &Arc<Pool>) -> Result<Bytes, Chun
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chunk_budget_bounds_chunks_at_work() {
+        assert_eq!(budget(mover_protocol::DEFAULT_CHUNK_SIZE), 8);
+        assert_eq!(budget(1 << 20), 32);
+        for size in [64 << 10, 1 << 20, 4 << 20, 16 << 20] {
+            assert!(budget(size) * 2 * size as usize <= CHUNK_BUDGET, "{size}");
+        }
+        // However large a chunk, two may be at work (one read while one is sent).
+        assert_eq!(budget(64 << 20), 2);
+    }
 
     fn pooled(pool: &Arc<Pool>, data: &[u8]) -> PoolBuf {
         let mut b = pool.take(data.len());

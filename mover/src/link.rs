@@ -73,12 +73,14 @@ impl Downlink {
             })?;
         // One dial after another: each is a single round trip on a LAN.
         let mut conns = Vec::with_capacity(usize::from(open.connections));
+        let window = crate::net::window_for(usize::from(open.connections));
         for _ in 0..open.connections {
-            conns.push(
-                crate::net::connect(endpoint, addr, &node.name)
-                    .await
-                    .map_err(LinkError::from)?,
-            );
+            let conn = crate::net::connect(endpoint, addr, &node.name)
+                .await
+                .map_err(LinkError::from)?;
+            // What this hop keeps unacknowledged, over all its connections to the child.
+            conn.set_send_window(u64::from(window));
+            conns.push(conn);
         }
         let (mut control, mut events) = conns[0].open_bi().await.map_err(LinkError::from)?;
         write_message(&mut control, &Message::Open(open.clone())).await?;

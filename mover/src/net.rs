@@ -23,6 +23,22 @@ const SOCKET_BUFFER: usize = 8 << 20;
 /// Flow-control window per connection, both directions (see [`transport_config`]).
 pub const WINDOW: u32 = 16 << 20;
 
+/// What the windows of one hop's connections may add up to, in each direction: with many
+/// connections each gets a share (see [`window_for`]), so that memory does not grow with them.
+pub const WINDOW_BUDGET: u32 = 48 << 20;
+
+/// The smallest window a connection is given, however many there are.
+const MIN_WINDOW: u32 = 2 << 20;
+
+/// The flow-control window of each of a hop's `connections`: [`WINDOW`], or an equal share
+/// of [`WINDOW_BUDGET`] when that is smaller (never below 2 MiB). Applied to each connection
+/// once the hop's connection count is known: the send window where a hop dials its child,
+/// the receive window where the child takes the data streams.
+pub fn window_for(connections: usize) -> u32 {
+    let share = WINDOW_BUDGET / u32::try_from(connections.max(1)).unwrap_or(u32::MAX);
+    share.clamp(MIN_WINDOW, WINDOW)
+}
+
 /// How long a silent peer is given before its connection is dropped (documented in the
 /// README).
 pub const IDLE_TIMEOUT_MS: u32 = 15_000;
@@ -92,7 +108,7 @@ pub fn transport_config() -> TransportConfig {
     // Windows bound memory: each connection may hold this much unread (receiver) or unacked
     // (sender) data, and a hop has one connection per core. 16 MiB covers 1 Gbit/s at 100 ms
     // or 10 Gbit/s at 10 ms per connection; quinn's 1.25 MB default caps a stream near
-    // 100 Mbit/s at 100 ms.
+    // 100 Mbit/s at 100 ms. Hops with many connections lower each one's (`window_for`).
     config.stream_receive_window(VarInt::from_u32(WINDOW));
     config.receive_window(VarInt::from_u32(WINDOW));
     config.send_window(u64::from(WINDOW));
@@ -375,6 +391,24 @@ mod tests {
             .expect("read in time")
             .expect("read pong");
         assert_eq!(got, b"pong");
+    }
+
+    #[test]
+    fn many_connections_share_the_window_budget() {
+        // One to three connections keep the full window; more share the budget.
+        for n in [0, 1, 2, 3] {
+            assert_eq!(window_for(n), WINDOW, "{n}");
+        }
+        assert_eq!(window_for(8), 6 << 20);
+        for n in [4, 5, 8, 16, 24] {
+            let total = u64::from(window_for(n)) * n as u64;
+            assert!(total <= u64::from(WINDOW_BUDGET), "{n}: {total}");
+        }
+        // Never below the floor, even with the most connections a hop may have.
+        assert_eq!(
+            window_for(usize::from(mover_protocol::MAX_CONNECTIONS)),
+            MIN_WINDOW
+        );
     }
 
     #[tokio::test]

@@ -327,7 +327,8 @@ impl Receive<'_> {
             .map(|tool| crate::backup::prepare_command(ctx, tool, dataset, &dest))
             .transpose();
         let (state_dir, m2, label) = (ctx.cfg.state_dir.clone(), manifest.clone(), dataset.clone());
-        let (chunk_size, threads) = (self.open.chunk_size, ctx.cfg.workers());
+        // Seeding reads a chunk per thread: as many threads as the chunk budget holds.
+        let (chunk_size, threads) = (self.open.chunk_size, self.writing());
         let prepared = match before_commit {
             Err(e) => Err(e),
             Ok(before_commit) => tokio::task::spawn_blocking(move || {
@@ -472,6 +473,7 @@ impl Receive<'_> {
                 crate::agent::Registration {
                     parent: self.sender.clone(),
                     streams: attach_tx,
+                    connections: open.connections,
                     generation: self.generation,
                 },
             );
@@ -481,12 +483,15 @@ impl Receive<'_> {
             self.fail_own(e).await;
         }
 
-        let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
+        // Chunks decoded and written at once: one per worker thread, as many as the chunk
+        // budget holds (a frame and its decompressed copy each).
+        let writing = self.writing();
+        let workers = Arc::new(Semaphore::new(writing));
         // Buffers in use at once: a frame being read, forwarded or decoded per stream, and a
-        // frame and its decompressed copy per worker.
+        // frame and its decompressed copy per chunk being written.
         let pool = Pool::new(
             crate::chunk::buffer_capacity(open.chunk_size),
-            2 * ctx.cfg.workers() + 3 * usize::from(open.connections),
+            2 * writing + 3 * usize::from(open.connections),
         );
         let failure: Arc<Mutex<Option<TransferError>>> = Arc::new(Mutex::new(None));
         let progress = spawn_progress(ctx.node.clone(), tracker.clone(), up.clone());
@@ -556,6 +561,15 @@ impl Receive<'_> {
             l.close(link::close::DONE, "done");
         }
         result
+    }
+
+    /// Chunks decoded and written at once: one per worker thread, no more than the chunk
+    /// memory budget holds.
+    fn writing(&self) -> usize {
+        self.ctx
+            .cfg
+            .workers()
+            .min(crate::chunk::budget(self.open.chunk_size))
     }
 
     /// Makes the staging area the dataset and reports it.
@@ -664,7 +678,7 @@ impl Receive<'_> {
             }
         }
         tracing::debug!("main pass done");
-        if let Err(e) = settle(workers, self.ctx.cfg.workers()).await {
+        if let Err(e) = settle(workers, self.writing()).await {
             return (Err(e), None);
         }
         let mut own: Option<TransferError> =
@@ -674,7 +688,8 @@ impl Receive<'_> {
             // Read everything back before asking for what is missing: damage on disk is
             // repaired like damage in transit.
             let w2 = w.clone();
-            let threads = self.ctx.cfg.workers();
+            // A chunk buffer per thread: as many as the chunk budget holds.
+            let threads = self.writing();
             match tokio::task::spawn_blocking(move || w2.check_staging(threads)).await {
                 Ok(0) => {}
                 Ok(lost) => {

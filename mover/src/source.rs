@@ -586,7 +586,8 @@ async fn stream_chunks(
     // One queue of encoded frames for every data stream: whichever stream's writer is free
     // takes the next frame, so a stream slowed by its connection's congestion control does
     // not hold the others back.
-    let (tx, rx) = mpsc::channel::<[Bytes; 2]>(2 * n);
+    // Two frames per stream, no more than 8 in all (memory: see `crate::chunk::budget`).
+    let (tx, rx) = mpsc::channel::<[Bytes; 2]>((2 * n).clamp(1, 8));
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     // Writers waiting for a frame: the link is then ahead of the CPU (see the automatic
     // compression below). A writer counts only once it has sent its first frame: until
@@ -641,7 +642,7 @@ async fn stream_chunks(
     }
     // Chunks under way at once (read, waiting to encode, or encoding): more than the encoding
     // threads, so that the disk always has reads queued while the CPU encodes.
-    let depth = read_ahead(ctx.cfg.workers());
+    let depth = read_ahead(ctx.cfg.workers()).min(crate::chunk::budget(start.chunk_size));
     let in_flight = Arc::new(Semaphore::new(depth));
     let workers = Arc::new(Semaphore::new(ctx.cfg.workers()));
     // Buffers in use at once: a read and a compressed copy per chunk under way, and a frame
