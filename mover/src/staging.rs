@@ -1170,6 +1170,17 @@ mod tests {
         assert_eq!(fs::read_dir(state.join("staging")).unwrap().count(), 0);
     }
 
+    /// Writes file `i` (entry `e`) of a deferred tree from `src` in one piece, whole where the
+    /// tree leaves it to `write_whole`.
+    fn write_file(s: &Staging, src: &Path, i: usize, e: &Entry) {
+        let data = fs::read(source_path(src, e)).unwrap();
+        if s.writes_whole(i as u32) {
+            s.write_whole(i as u32, &data).unwrap();
+        } else {
+            s.write_at(i as u32, 0, &data).unwrap();
+        }
+    }
+
     #[test]
     fn a_deferred_tree_takes_writes_in_any_order_while_its_files_are_made() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1199,14 +1210,11 @@ mod tests {
             .collect();
         files.reverse();
         for (i, e) in files {
-            let data = fs::read(source_path(&src, e)).unwrap();
             if s.writes_whole(i as u32) {
                 // Made by its writer, not in the background: nothing there before.
                 assert!(!s.entry_path(e).exists(), "{}", display_path(&e.path));
-                s.write_whole(i as u32, &data).unwrap();
-            } else {
-                s.write_at(i as u32, 0, &data).unwrap();
             }
+            write_file(&s, &src, i, e);
         }
         s.finalize().unwrap();
         s.commit().unwrap();
@@ -1241,12 +1249,7 @@ mod tests {
         // Everything else arrives; deep.txt never does, so the tree is not finalized.
         for (i, e) in m.entries.iter().enumerate() {
             if matches!(e.kind, EntryKind::File { .. }) && i as u32 != deep {
-                let data = fs::read(source_path(&src, e)).unwrap();
-                if s.writes_whole(i as u32) {
-                    s.write_whole(i as u32, &data).unwrap();
-                } else {
-                    s.write_at(i as u32, 0, &data).unwrap();
-                }
+                write_file(&s, &src, i, e);
             }
         }
         let err = s.finalize().unwrap_err();
