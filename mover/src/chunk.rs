@@ -75,7 +75,7 @@ fn compress(data: &[u8], level: i32, pool: &Arc<Pool>, limit: usize) -> Option<P
         // enough, instead of compressing it all for nothing.
         let mut out = pool.take(limit.min(pool.capacity()));
         let n = c.compress_to_buffer(data, &mut out[..]).ok()?;
-        out.vec_mut().truncate(n);
+        out.truncate(n);
         (n < limit).then_some(out)
     })
 }
@@ -100,7 +100,7 @@ pub fn decode(c: &Chunk, file_size: u64, pool: &Arc<Pool>) -> Result<Bytes, Chun
             let n = d
                 .decompress_to_buffer(&c.payload, &mut out[..])
                 .map_err(|e| err(e.to_string()))?;
-            out.vec_mut().truncate(n);
+            out.truncate(n);
             Ok::<_, ChunkCodecError>(out.freeze())
         })?,
     };

@@ -3,18 +3,27 @@
 //!
 //! A [`PoolBuf`] goes back to its pool when dropped, including after it was frozen into
 //! [`Bytes`] and handed to QUIC: the bytes are returned when the last reference goes.
+//!
+//! Every buffer starts on a [`ALIGN`] boundary, so that a chunk read or decompressed into one
+//! can go to and from the disk with `O_DIRECT` as it is.
 
+use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+
+/// Where every pooled buffer starts, and the unit of `O_DIRECT` I/O: a page, which is also a
+/// multiple of every common device's logical block size.
+pub const ALIGN: usize = 4096;
 
 /// Buffers of one capacity, at most `keep` of them kept while idle.
 #[derive(Debug)]
 pub struct Pool {
     capacity: usize,
     keep: usize,
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<Block>>,
 }
 
 impl Pool {
@@ -34,29 +43,27 @@ impl Pool {
     /// A zeroed buffer of `len` bytes (`len` at most the pool's capacity; larger requests get
     /// a buffer of their own that is not kept).
     pub fn take(self: &Arc<Self>, len: usize) -> PoolBuf {
-        let mut buf = self.take_empty();
-        buf.buf.resize(len, 0);
-        buf
-    }
-
-    /// An empty buffer with the pool's capacity, to be filled by a writer.
-    pub fn take_empty(self: &Arc<Self>) -> PoolBuf {
-        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut buf = reused.unwrap_or_else(|| Vec::with_capacity(self.capacity));
-        buf.clear();
+        let reused = if len <= self.capacity {
+            self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        } else {
+            None
+        };
+        let mut block = reused.unwrap_or_else(|| Block::new(len.max(self.capacity)));
+        block.zero(0, len);
         PoolBuf {
-            buf,
+            block: Some(block),
+            len,
             pool: self.clone(),
         }
     }
 
-    fn put(&self, buf: Vec<u8>) {
-        if buf.capacity() != self.capacity {
+    fn put(&self, block: Block) {
+        if block.capacity() != self.capacity {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         if free.len() < self.keep {
-            free.push(buf);
+            free.push(block);
         }
     }
 
@@ -66,17 +73,101 @@ impl Pool {
     }
 }
 
-/// A buffer on loan from a [`Pool`].
+/// One [`ALIGN`]-aligned allocation. Only its first `init` bytes have ever been written (by
+/// [`Block::zero`], then by users), and only those are ever handed out: the rest is memory
+/// the kernel has not had to provide yet, which matters when a 4 MiB buffer holds a small
+/// file.
+struct Block {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    init: usize,
+}
+
+// SAFETY: a Block owns its allocation outright, like a Box<[u8]>.
+unsafe impl Send for Block {}
+// SAFETY: shared access only reads through `&self`.
+unsafe impl Sync for Block {}
+
+impl Block {
+    fn new(capacity: usize) -> Self {
+        let layout = match Layout::from_size_align(capacity.max(1), ALIGN) {
+            Ok(l) => l,
+            Err(_) => std::alloc::handle_alloc_error(Layout::new::<u8>()),
+        };
+        // SAFETY: the layout's size is not zero.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        match NonNull::new(ptr) {
+            Some(ptr) => Self {
+                ptr,
+                layout,
+                init: 0,
+            },
+            None => std::alloc::handle_alloc_error(layout),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// Zeroes bytes `from..to` (`to` at most the capacity), which makes them initialised.
+    fn zero(&mut self, from: usize, to: usize) {
+        let to = to.min(self.capacity());
+        if from >= to {
+            return;
+        }
+        // SAFETY: `from..to` lies within the allocation; `write_bytes` needs no initialised
+        // contents.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(from), 0, to - from) };
+        self.init = self.init.max(to);
+    }
+
+    /// The first `len` bytes (at most the initialised ones).
+    fn slice(&self, len: usize) -> &[u8] {
+        // SAFETY: the first `init` bytes are initialised and owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len.min(self.init)) }
+    }
+
+    fn slice_mut(&mut self, len: usize) -> &mut [u8] {
+        // SAFETY: as in `slice`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len.min(self.init)) }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Block({} bytes)", self.capacity())
+    }
+}
+
+/// A buffer on loan from a [`Pool`]: its first `len` bytes, starting on an [`ALIGN`] boundary.
 #[derive(Debug)]
 pub struct PoolBuf {
-    buf: Vec<u8>,
+    /// Always `Some` until dropped.
+    block: Option<Block>,
+    len: usize,
     pool: Arc<Pool>,
 }
 
 impl PoolBuf {
-    /// The underlying vector, to append to (within capacity, to stay poolable).
-    pub fn vec_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.buf
+    /// Shortens the buffer to `len` bytes (no effect if it is not longer).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Sets the length to `len` bytes (at most the capacity), zeroing any bytes it adds.
+    pub fn resize(&mut self, len: usize) {
+        let Some(b) = &mut self.block else { return };
+        let len = len.min(b.capacity());
+        b.zero(self.len, len);
+        self.len = len;
     }
 
     /// Shares the buffer as `Bytes` without copying; it returns to the pool when the last
@@ -89,26 +180,39 @@ impl PoolBuf {
 impl Deref for PoolBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf
+        match &self.block {
+            Some(b) => b.slice(self.len),
+            None => &[],
+        }
     }
 }
 
 impl DerefMut for PoolBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.buf
+        match &mut self.block {
+            Some(b) => b.slice_mut(self.len),
+            None => &mut [],
+        }
     }
 }
 
 impl AsRef<[u8]> for PoolBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        self
     }
 }
 
 impl Drop for PoolBuf {
     fn drop(&mut self) {
-        self.pool.put(std::mem::take(&mut self.buf));
+        if let Some(b) = self.block.take() {
+            self.pool.put(b);
+        }
     }
+}
+
+/// Whether `data` starts on an [`ALIGN`] boundary.
+pub fn is_aligned(data: &[u8]) -> bool {
+    (data.as_ptr() as usize) % ALIGN == 0
 }
 
 /// Stops glibc from raising its mmap threshold as large blocks are freed: without this, after
@@ -141,6 +245,28 @@ mod tests {
         let b = pool.take(1024);
         assert_eq!(pool.idle(), 0);
         assert!(b.iter().all(|&x| x == 0), "reused buffers are zeroed");
+    }
+
+    #[test]
+    fn buffers_start_on_a_block_boundary_and_grow_zeroed() {
+        let pool = Pool::new(64 << 10, 4);
+        let mut a = pool.take(100);
+        assert!(is_aligned(&a));
+        a.fill(7);
+        a.truncate(10);
+        a.resize(20);
+        assert_eq!(&a[..10], &[7; 10]);
+        assert_eq!(&a[10..], &[0; 10], "bytes a resize adds are zero");
+        a.resize(1 << 30);
+        assert_eq!(a.len(), 64 << 10, "no further than the capacity");
+        drop(a);
+        // A reused buffer is aligned too, and a request beyond the capacity gets a buffer of
+        // its own that is not kept.
+        assert!(is_aligned(&pool.take(10)));
+        let big = pool.take(100 << 10);
+        assert!(is_aligned(&big) && big.len() == 100 << 10);
+        drop(big);
+        assert_eq!(pool.idle(), 1);
     }
 
     #[test]
