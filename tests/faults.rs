@@ -191,7 +191,9 @@ fn corrupted_chunks_in_transit_and_in_staging_are_fetched_again() {
     assert_eq!(num(&target(&summary, "east2")["repaired"]), 2, "{summary}");
     assert!(num(&summary["source"]["resent_chunks"]) >= 3, "{summary}");
     assert!(c.log("east1").contains("failed verification"));
-    assert!(c.log("east2").contains("did not match their hash"));
+    assert!(c
+        .log("east2")
+        .contains("read back from staging did not match its hash"));
 }
 
 #[test]

@@ -54,6 +54,15 @@ fn send_mixed_tree(topology: &str) -> Cluster {
 #[test]
 fn mixed_tree_to_three_targets_in_a_chain() {
     let mut c = send_mixed_tree("chain");
+    // By default chunks go to staging with O_DIRECT, or the log says why not.
+    for t in ["east1", "east2", "east3"] {
+        let log = c.log(t);
+        assert!(
+            log.contains("chunks go to staging with O_DIRECT")
+                || log.contains("this filesystem refuses O_DIRECT"),
+            "{t}:\n{log}"
+        );
+    }
     // A finished transfer leaves nothing running: every agent stops at once when told (an
     // agent waits up to 10 s for transfers in flight, and a relay's receive used to linger).
     for node in NODES {
@@ -67,9 +76,9 @@ fn mixed_tree_to_three_targets_in_a_chain() {
     }
 }
 
-/// A chain whose agents all use the disk back end `io`; each agent's log names it.
-fn chain_with_io(io: &str, says: &str) {
-    let c = Cluster::start_with_agent_args(&NODES, &["--io", io]);
+/// A chain whose agents all run with `args`; each agent's log says `says`.
+fn chain_with_agent_args(args: &[&str], says: &str) {
+    let c = Cluster::start_with_agent_args(&NODES, args);
     mixed_tree(&c.data("west1"), 24 << 20);
     let (code, summary, stderr) =
         c.send("west1:data", "east1,east2,east3", &["--chunk-size", "1M"]);
@@ -82,6 +91,19 @@ fn chain_with_io(io: &str, says: &str) {
         let log = c.log(node);
         assert!(log.contains(says), "{node} does not say {says:?}:\n{log}");
     }
+}
+
+/// A chain whose agents all use the disk back end `io`; each agent's log names it.
+fn chain_with_io(io: &str, says: &str) {
+    chain_with_agent_args(&["--io", io], says);
+}
+
+#[test]
+fn a_chain_that_writes_staging_through_the_page_cache() {
+    chain_with_agent_args(
+        &["--staging-writes", "cached"],
+        "staging writes: through the page cache",
+    );
 }
 
 #[test]

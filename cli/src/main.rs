@@ -78,6 +78,10 @@ enum Command {
         /// start if io_uring cannot be set up), threads (pread/pwrite pool), or auto.
         #[arg(long, value_name = "BACKEND", value_parser = ["auto", "uring", "threads"])]
         io: Option<String>,
+        /// How received chunks go into staging, overriding the config's `staging_writes`:
+        /// direct (O_DIRECT where the filesystem takes it) or cached (the page cache).
+        #[arg(long, value_name = "HOW", value_parser = ["direct", "cached"])]
+        staging_writes: Option<String>,
     },
     /// Copy a dataset from one node to one or more targets, verified, committed atomically.
     #[command(
@@ -375,10 +379,17 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(exit::OK)
         }
-        Command::Agent { config, io } => {
+        Command::Agent {
+            config,
+            io,
+            staging_writes,
+        } => {
             let mut cfg = AgentConfig::load(&config)?;
             if let Some(io) = io {
                 cfg.io = Some(io.parse().map_err(anyhow::Error::msg)?);
+            }
+            if let Some(w) = staging_writes {
+                cfg.staging_writes = w.parse().map_err(anyhow::Error::msg)?;
             }
             runtime()?.block_on(mover::agent::run(cfg, shutdown_signal()))?;
             Ok(exit::OK)

@@ -166,6 +166,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             "source_cache = \"drop\": source reads try RWF_DONTCACHE, else posix_fadvise(DONTNEED)"
         );
     }
+    match cfg.staging_writes {
+        crate::staging::StagingWrites::Direct => {
+            tracing::info!("staging writes: O_DIRECT where the filesystem takes it")
+        }
+        crate::staging::StagingWrites::Cached => {
+            tracing::info!("staging writes: through the page cache, as configured")
+        }
+    }
     let transport = Arc::new(crate::net::transport_config());
     let server = crate::tls::server_config(&identity, transport.clone())?;
     let client = crate::tls::client_config(&identity, transport)?;

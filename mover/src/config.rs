@@ -12,6 +12,7 @@ use crate::certs::{validate_node_name, CONTROLLER_NAME};
 use crate::disk::{IoChoice, SourceCache};
 use crate::orchestrate::hooks::{profile_from_table, RawCommands};
 use crate::orchestrate::{HookAction, HookProfile};
+use crate::staging::StagingWrites;
 use crate::tls::TlsPaths;
 
 /// How long a hook command may run when `[hooks] timeout` does not say.
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     pub io: Option<IoChoice>,
     /// What reading a source dataset does to the page cache (`source_cache`).
     pub source_cache: SourceCache,
+    /// How received chunks go into staging (`staging_writes`).
+    pub staging_writes: StagingWrites,
 }
 
 /// The hook commands an agent runs when the controller asks for an action: the `[hooks]`
@@ -122,6 +125,8 @@ struct AgentFile {
     io: Option<IoChoice>,
     #[serde(default)]
     source_cache: SourceCache,
+    #[serde(default)]
+    staging_writes: StagingWrites,
 }
 
 /// The agent's `[hooks]` table as written.
@@ -274,6 +279,7 @@ impl AgentConfig {
             hooks,
             io: file.io,
             source_cache: file.source_cache,
+            staging_writes: file.staging_writes,
         };
         let base = path.parent().unwrap_or(Path::new("."));
         resolve(base, &mut cfg.state_dir);
@@ -455,7 +461,10 @@ key = "east1.key"
         let d = tempfile::tempdir().unwrap();
         let c = AgentConfig::load(&write(d.path(), AGENT)).unwrap();
         assert_eq!((c.io, c.source_cache), (None, SourceCache::Keep));
-        let text = format!("io = \"threads\"\nsource_cache = \"drop\"\n{AGENT}");
+        assert_eq!(c.staging_writes, StagingWrites::Direct);
+        let text = format!(
+            "io = \"threads\"\nsource_cache = \"drop\"\nstaging_writes = \"cached\"\n{AGENT}"
+        );
         let c = AgentConfig::load(&write(d.path(), &text)).unwrap();
         assert_eq!(c.io, Some(IoChoice::Threads));
         assert_eq!(
@@ -464,6 +473,7 @@ key = "east1.key"
             "the file wins over MOVER_IO"
         );
         assert_eq!(c.source_cache, SourceCache::Drop);
+        assert_eq!(c.staging_writes, StagingWrites::Cached);
         let text = format!("io = \"aio\"\n{AGENT}");
         let e = AgentConfig::load(&write(d.path(), &text))
             .unwrap_err()

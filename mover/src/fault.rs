@@ -3,8 +3,8 @@
 //!
 //! - `MOVER_TEST_FLIP_CHUNKS=N`: the agent flips one bit in the payload of the first N chunks
 //!   it receives for its own copy, after forwarding them untouched, before verifying them.
-//! - `MOVER_TEST_FLIP_STAGING=N`: after the data of a transfer has arrived, the agent flips one
-//!   bit in N chunks of its staging area, before the final check reads them back.
+//! - `MOVER_TEST_FLIP_STAGING=N`: the agent flips one bit in the staging copy of the first N
+//!   chunks it writes, after the write and before it reads the chunk back to check it.
 //! - `MOVER_TEST_HOLD_END_MS=N`: a relay waits N ms after its parent's `End` before passing it
 //!   on, so that a test can stop it in that window.
 
@@ -53,9 +53,9 @@ impl Faults {
         (self.hold_end_ms > 0).then(|| std::time::Duration::from_millis(self.hold_end_ms))
     }
 
-    /// How many chunks of the staging area to damage now.
-    pub fn flip_staging(&self) -> u64 {
-        self.flip_staging.swap(0, Ordering::Relaxed)
+    /// Whether to damage the chunk just written to staging.
+    pub fn flip_staging(&self) -> bool {
+        Self::take(&self.flip_staging)
     }
 }
 

@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 use crate::agent::Ctx;
 use crate::backup::Prepared;
 use crate::basis::{self, Record, Recorded};
-use crate::disk::SourceCache;
+
 use crate::error::{LinkError, TransferError};
 use crate::frame::{read_frame_pooled, read_message};
 use crate::link::{self, Downlink, Up};
@@ -329,11 +329,15 @@ impl Receive<'_> {
         let (state_dir, m2, label) = (ctx.cfg.state_dir.clone(), manifest.clone(), dataset.clone());
         // Seeding reads a chunk per thread: as many threads as the chunk budget holds.
         let (chunk_size, threads) = (self.open.chunk_size, self.writing());
+        let writes = ctx.cfg.staging_writes;
         let prepared = match before_commit {
             Err(e) => Err(e),
             Ok(before_commit) => tokio::task::spawn_blocking(move || {
                 prepare(&state_dir, &dest, &label, m2, chunk_size, threads).map(
                     |(mut stage, seeded)| {
+                        if let Some(s) = &stage.staging {
+                            s.set_writes(writes);
+                        }
                         stage.prepare = before_commit;
                         (stage, seeded)
                     },
@@ -1058,35 +1062,51 @@ impl Writer {
             Ok(raw) => raw,
             Err(e) => {
                 tracing::warn!(path = %display_path(&entry.path), error = %e, "chunk failed verification; it will be fetched again");
+                self.refetch(&chunk);
+                return Ok(());
+            }
+        };
+        // The frame is not needed any more: its buffer goes back to the pool before the
+        // read-back takes one.
+        chunk.payload = Bytes::new();
+        let written = if self.staging.writes_whole(chunk.file) {
+            let whole = self.staging.write_whole(chunk.file, &raw);
+            drop(raw);
+            whole
+        } else {
+            self.staging
+                .write_with(&*self.ctx.disk, &self.pool, chunk.file, chunk.offset, raw)
+        };
+        match written.and_then(|()| self.written_matches(&chunk, size)) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(path = %display_path(&entry.path), offset = chunk.offset,
+                    "a chunk read back from staging did not match its hash; it will be fetched again");
+                self.refetch(&chunk);
+                return Ok(());
+            }
+            Err(e) => {
                 self.tracker
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .failed(chunk.file, chunk.offset);
-                self.counts.repaired.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+                return Err(e.into());
             }
-        };
-        let written = if self.staging.writes_whole(chunk.file) {
-            self.staging.write_whole(chunk.file, &raw)
-        } else {
-            self.staging
-                .write_with(&*self.ctx.disk, chunk.file, chunk.offset, raw)
-        };
-        let written = written.map_err(TransferError::from).and_then(|()| {
-            self.record
-                .append(
-                    &entry.path,
-                    &Recorded {
-                        file_size: size,
-                        offset: chunk.offset,
-                        len: chunk.raw_len,
-                        hash: chunk.hash,
-                    },
-                )
-                .map_err(|e| TransferError::Internal(format!("append to record: {e}")))
-        });
+        }
+        let recorded = self
+            .record
+            .append(
+                &entry.path,
+                &Recorded {
+                    file_size: size,
+                    offset: chunk.offset,
+                    len: chunk.raw_len,
+                    hash: chunk.hash,
+                },
+            )
+            .map_err(|e| TransferError::Internal(format!("append to record: {e}")));
         let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-        match written {
+        match recorded {
             Ok(()) => {
                 t.verified(chunk.file, chunk.offset, chunk.hash);
                 Ok(())
@@ -1096,6 +1116,15 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// Makes a chunk that failed a check missing again, to be asked for, and counts it.
+    fn refetch(&self, chunk: &Chunk) {
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed(chunk.file, chunk.offset);
+        self.counts.repaired.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A chunk resent on the control stream.
@@ -1114,17 +1143,32 @@ impl Writer {
             .map_err(|e| TransferError::Internal(e.to_string()))?
     }
 
-    /// Reads every present chunk back from staging and checks its hash; a chunk that does not
-    /// match is missing again. Returns how many did not.
+    /// Reads back a chunk just written to staging and checks it against its hash: what the
+    /// device holds where writes go around the page cache. A mismatch is `Ok(false)`.
+    fn written_matches(
+        &self,
+        chunk: &Chunk,
+        size: u64,
+    ) -> Result<bool, crate::staging::StagingError> {
+        if self.ctx.faults.flip_staging() {
+            self.damage(chunk.file, chunk.offset);
+        }
+        let len = chunk.raw_len as usize;
+        let buf =
+            self.staging
+                .read_back(&*self.ctx.disk, &self.pool, chunk.file, chunk.offset, len)?;
+        Ok(buf.len() == len && chunk_hash(&buf, chunk.offset, size) == chunk.hash)
+    }
+
+    /// Reads every chunk held from before the transfer back from staging and checks its
+    /// hash (each chunk written in the transfer was read back as it was written); a chunk
+    /// that does not match is missing again. Returns how many did not.
     fn check_staging(&self, threads: usize) -> u64 {
-        let present = self
+        let held = self
             .tracker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .present();
-        for &(file, offset, _) in present.iter().take(self.ctx.faults.flip_staging() as usize) {
-            self.damage(file, offset);
-        }
+            .held_chunks();
         let next = AtomicU64::new(0);
         let lost = Mutex::new(Vec::new());
         let cs = self.staging.manifest().entries.len();
@@ -1132,7 +1176,7 @@ impl Writer {
             for _ in 0..threads.max(1) {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(&(file, offset, hash)) = present.get(i) else {
+                    let Some(&(file, offset, hash)) = held.get(i) else {
                         return;
                     };
                     if (file as usize) >= cs || !self.matches(file, offset, hash) {
@@ -1154,24 +1198,14 @@ impl Writer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .chunk_len(file, offset);
-        let (Some(len), Some(path)) = (len, self.staging.entry_path_of(file)) else {
+        let Some(len) = len else {
             return false;
         };
         let size = self.staging.manifest().entries[file as usize].size();
-        let Ok(f) = std::fs::File::open(&path) else {
-            return false;
-        };
         let read = self
-            .ctx
-            .disk
-            .read(
-                Arc::new(f),
-                offset,
-                self.pool.take(len as usize),
-                SourceCache::Keep,
-            )
-            .wait();
-        read.is_ok_and(|(buf, got)| got == buf.len() && chunk_hash(&buf, offset, size) == hash)
+            .staging
+            .read_back(&*self.ctx.disk, &self.pool, file, offset, len as usize);
+        read.is_ok_and(|buf| buf.len() == len as usize && chunk_hash(&buf, offset, size) == hash)
     }
 
     /// Test fault: flips a bit of one chunk in staging.

@@ -18,11 +18,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use filetime::FileTime;
 use mover_protocol::manifest::{display_path, Entry, EntryKind, Manifest};
+
+use crate::disk::{Disk, SourceCache};
+use crate::pool::{Pool, PoolBuf, ALIGN};
 
 /// Longest accepted staging label.
 const MAX_LABEL_LEN: usize = 100;
@@ -144,7 +148,43 @@ pub struct Staging {
     whole_max: u64,
     /// Which of those `write_whole` has made, by manifest index.
     whole_done: Vec<AtomicBool>,
+    /// Whether chunk writes and read-backs bypass the page cache: one of `DIRECT_*`.
+    direct: AtomicU8,
 }
+
+/// How chunk data goes into staging (`staging_writes` in the agent config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StagingWrites {
+    /// `O_DIRECT` where the filesystem takes it, through the page cache where it does not:
+    /// the copy into memory, the page cache filling with data nobody reads soon, and the
+    /// writeback later are all skipped, and the read-back that checks each chunk reads what
+    /// the device holds.
+    #[default]
+    Direct,
+    /// Through the page cache, always.
+    Cached,
+}
+
+impl std::str::FromStr for StagingWrites {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "direct" => Ok(Self::Direct),
+            "cached" => Ok(Self::Cached),
+            _ => Err(format!(
+                "{s:?} is not a way to write staging (use direct or cached)"
+            )),
+        }
+    }
+}
+
+/// `Staging::direct`: not tried yet on this filesystem.
+const DIRECT_UNTRIED: u8 = 0;
+/// `Staging::direct`: worked here.
+const DIRECT_WORKS: u8 = 1;
+/// `Staging::direct`: turned off, or refused by the filesystem.
+const DIRECT_OFF: u8 = 2;
 
 /// The thread that creates a deferred staging tree's files, in manifest order, while data
 /// already flows: writers wait only for the file they write. Dropping it stops the thread.
@@ -159,6 +199,27 @@ struct Creating {
     state: std::sync::Mutex<CreateState>,
     changed: std::sync::Condvar,
     cancel: AtomicBool,
+    /// Held by whoever creates a file: the creator thread and [`Staging::write_whole`]. The
+    /// kernel makes creations in one directory wait for each other anyway (on a lock its
+    /// waiters spin on while it is held), and a create can take long on a filesystem that
+    /// just deleted many files; here the waiters sleep and leave the CPU to the transfer.
+    make: std::sync::Mutex<()>,
+}
+
+impl Creating {
+    /// Creates the file at `path` (mode 0600; `fresh`: it must not exist yet, else it is
+    /// emptied if it does) with the other creators waiting.
+    fn make(&self, path: &Path, fresh: bool) -> io::Result<File> {
+        let _one_at_a_time = self.make.lock().unwrap_or_else(|p| p.into_inner());
+        OpenOptions::new()
+            .write(true)
+            .create_new(fresh)
+            .create(!fresh)
+            .truncate(!fresh)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -211,7 +272,7 @@ impl Creator {
                             continue;
                         }
                         let path = dir.join(OsStr::from_bytes(&e.path));
-                        if let Err(err) = create_file_raw(&path, size) {
+                        if let Err(err) = s.make(&path, true).and_then(|f| reserve(&f, size)) {
                             s.lock().failed = Some((path, err));
                             break;
                         }
@@ -319,6 +380,7 @@ impl Staging {
             creator: None,
             whole_max,
             whole_done,
+            direct: AtomicU8::new(DIRECT_OFF),
         };
         let made = staging.populate(deferred.is_none()).and_then(|()| {
             if deferred.is_some() {
@@ -456,18 +518,172 @@ impl Staging {
             .map_err(|e| StagingError::io("write", &path, e))
     }
 
-    /// Writes `data` at `offset` into file `file` through the disk back end `disk`.
+    /// Sets how [`Staging::write_with`] and [`Staging::read_back`] reach the disk; cached
+    /// until this is called.
+    pub fn set_writes(&self, writes: StagingWrites) {
+        let state = match writes {
+            StagingWrites::Direct => DIRECT_UNTRIED,
+            StagingWrites::Cached => DIRECT_OFF,
+        };
+        self.direct.store(state, Ordering::Relaxed);
+    }
+
+    /// Whether chunk writes go around the page cache (`O_DIRECT`) now.
+    pub fn writes_direct(&self) -> bool {
+        self.direct.load(Ordering::Relaxed) != DIRECT_OFF
+    }
+
+    /// Records that `O_DIRECT` worked, or that the filesystem refused it (`error`), and logs
+    /// the first time either happens.
+    fn note_direct(&self, error: Option<&io::Error>, path: &Path) {
+        let new = if error.is_some() {
+            DIRECT_OFF
+        } else {
+            DIRECT_WORKS
+        };
+        if self.direct.swap(new, Ordering::Relaxed) == new {
+            return;
+        }
+        match error {
+            None => {
+                tracing::info!(staging = %self.dir.display(), "chunks go to staging with O_DIRECT")
+            }
+            Some(e) => tracing::info!(
+                path = %path.display(),
+                error = %e,
+                "this filesystem refuses O_DIRECT; chunks go to staging through the page cache"
+            ),
+        }
+    }
+
+    /// Writes one chunk's `data` at `offset` into file `file` through the disk back end
+    /// `disk`. Where writes are direct, the whole 4 KiB blocks of the chunk go with
+    /// `O_DIRECT` (from `data` itself if it starts on a block boundary, else from a copy in a
+    /// buffer of `pool`) and the rest of a file's last block through the page cache; a
+    /// filesystem that refuses `O_DIRECT` gets the whole chunk through the page cache, now
+    /// and for the rest of the transfer.
     pub fn write_with(
         &self,
-        disk: &dyn crate::disk::Disk,
+        disk: &dyn Disk,
+        pool: &Arc<Pool>,
         file: u32,
         offset: u64,
-        data: bytes::Bytes,
+        data: Bytes,
     ) -> Result<(), StagingError> {
-        let (f, path) = self.open_for_write(file, offset, data.len())?;
+        let entry = self.file_entry(file, offset, data.len())?;
+        self.created(Some(file as usize))?;
+        let path = self.entry_path(entry);
+        let head = self.direct_head(offset, data.len());
+        if head > 0 {
+            match self.write_direct(disk, pool, &path, offset, &data, head) {
+                Ok(()) => {
+                    self.note_direct(None, &path);
+                    if head == data.len() {
+                        return Ok(());
+                    }
+                    let f = open_in_tree(&path, libc::O_WRONLY)
+                        .map_err(|e| StagingError::io("open", &path, e))?;
+                    return f
+                        .write_all_at(&data[head..], offset + head as u64)
+                        .map_err(|e| StagingError::io("write", &path, e));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.note_direct(Some(&e), &path);
+                }
+                Err(e) => return Err(StagingError::io("write", &path, e)),
+            }
+        }
+        let f =
+            open_in_tree(&path, libc::O_WRONLY).map_err(|e| StagingError::io("open", &path, e))?;
         disk.write(Arc::new(f), offset, data)
             .wait()
             .map_err(|e| StagingError::io("write", &path, e))
+    }
+
+    /// How many leading bytes of `len` at `offset` go with `O_DIRECT`: 0 unless writes are
+    /// direct, else the whole blocks.
+    fn direct_head(&self, offset: u64, len: usize) -> usize {
+        if !self.writes_direct() || offset % ALIGN as u64 != 0 {
+            return 0;
+        }
+        len - len % ALIGN
+    }
+
+    fn write_direct(
+        &self,
+        disk: &dyn Disk,
+        pool: &Arc<Pool>,
+        path: &Path,
+        offset: u64,
+        data: &Bytes,
+        head: usize,
+    ) -> io::Result<()> {
+        let f = open_in_tree(path, libc::O_WRONLY | libc::O_DIRECT)?;
+        let blocks = if crate::pool::is_aligned(data) {
+            data.slice(..head)
+        } else {
+            let mut copy = pool.take(head);
+            copy.copy_from_slice(&data[..head]);
+            copy.freeze()
+        };
+        disk.write(Arc::new(f), offset, blocks).wait()
+    }
+
+    /// Reads `len` bytes at `offset` of file `file` back from staging into a buffer of
+    /// `pool`, to check them against their hash. Where writes are direct this reads what the
+    /// device holds (`O_DIRECT`), not the page cache. The buffer is shorter than `len` only
+    /// where the file is.
+    pub fn read_back(
+        &self,
+        disk: &dyn Disk,
+        pool: &Arc<Pool>,
+        file: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<PoolBuf, StagingError> {
+        let entry = self.file_entry(file, offset, len)?;
+        let path = self.entry_path(entry);
+        let head = if self.writes_whole(file) {
+            0
+        } else {
+            self.direct_head(offset, len)
+        };
+        let mut done = 0;
+        let mut buf = pool.take(head);
+        if head > 0 {
+            match open_in_tree(&path, libc::O_RDONLY | libc::O_DIRECT) {
+                Ok(f) => {
+                    let (b, got) = disk
+                        .read(Arc::new(f), offset, buf, SourceCache::Keep)
+                        .wait()
+                        .map_err(|e| StagingError::io("read", &path, e))?;
+                    buf = b;
+                    if got < head {
+                        buf.truncate(got);
+                        return Ok(buf);
+                    }
+                    done = head;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.note_direct(Some(&e), &path);
+                }
+                Err(e) => return Err(StagingError::io("open", &path, e)),
+            }
+        }
+        buf.resize(len);
+        let f =
+            open_in_tree(&path, libc::O_RDONLY).map_err(|e| StagingError::io("open", &path, e))?;
+        let (mut buf, got) = if done == 0 {
+            disk.read(Arc::new(f), offset, buf, SourceCache::Keep)
+                .wait()
+                .map_err(|e| StagingError::io("read", &path, e))?
+        } else {
+            let got = read_at_most(&f, &mut buf[done..], offset + done as u64)
+                .map_err(|e| StagingError::io("read", &path, e))?;
+            (buf, done + got)
+        };
+        buf.truncate(got);
+        Ok(buf)
     }
 
     /// Whether file `file` is left to [`Staging::write_whole`] (see
@@ -494,14 +710,11 @@ impl Staging {
             });
         }
         let path = self.entry_path(entry);
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| StagingError::io("create file", &path, e))?;
+        let made = match &self.creator {
+            Some(c) => c.shared.make(&path, false),
+            None => Err(io::Error::from(io::ErrorKind::Unsupported)),
+        };
+        let f = made.map_err(|e| StagingError::io("create file", &path, e))?;
         f.write_all_at(data, 0)
             .map_err(|e| StagingError::io("write", &path, e))?;
         set_mode_and_mtime_of(&f, entry, &path)?;
@@ -550,11 +763,8 @@ impl Staging {
         let path = self.entry_path(entry);
         // Opened per call: chunks are MiBs, so the open is cheap next to the write, and
         // thousands of files never hold thousands of descriptors.
-        let f = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| StagingError::io("open", &path, e))?;
+        let f =
+            open_in_tree(&path, libc::O_WRONLY).map_err(|e| StagingError::io("open", &path, e))?;
         Ok((f, path))
     }
 
@@ -830,6 +1040,31 @@ fn dest_parent(dest: &Path) -> Result<PathBuf, StagingError> {
 }
 
 /// Creates `path` (never through a symlink, never over an existing entry) at its final size.
+/// Opens a file of the staging tree with `flags` (an access mode and extras), never
+/// following a symlink.
+fn open_in_tree(path: &Path, flags: libc::c_int) -> io::Result<File> {
+    let access = flags & libc::O_ACCMODE;
+    OpenOptions::new()
+        .read(access != libc::O_WRONLY)
+        .write(access != libc::O_RDONLY)
+        .custom_flags((flags & !libc::O_ACCMODE) | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Reads into `buf` from `offset` until it is full or the file ends; returns how much came.
+fn read_at_most(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 fn create_file(path: &Path, size: u64) -> Result<(), StagingError> {
     create_file_raw(path, size).map_err(|e| StagingError::io("create file", path, e))
 }
@@ -1168,6 +1403,84 @@ mod tests {
         let diffs = compare_trees(&src, &dest).unwrap();
         assert!(diffs.is_empty(), "{diffs:#?}");
         assert_eq!(fs::read_dir(state.join("staging")).unwrap().count(), 0);
+    }
+
+    /// Every disk back end that works here (io_uring only where it can be set up).
+    fn disks() -> Vec<Arc<dyn Disk>> {
+        let mut v: Vec<Arc<dyn Disk>> =
+            vec![Arc::new(crate::disk::threads::Threads::start(2).unwrap())];
+        if let Ok(u) = crate::disk::uring::Uring::start(8) {
+            v.push(Arc::new(u));
+        }
+        v
+    }
+
+    /// Whether files in `dir` can be opened with `O_DIRECT`.
+    fn direct_works_in(dir: &Path) -> bool {
+        let probe = dir.join("direct-probe");
+        fs::write(&probe, b"x").unwrap();
+        let works = open_in_tree(&probe, libc::O_RDONLY | libc::O_DIRECT).is_ok();
+        fs::remove_file(&probe).unwrap();
+        works
+    }
+
+    #[test]
+    fn chunks_go_around_the_page_cache_or_through_it_and_read_back_as_written() {
+        const CS: usize = 64 << 10;
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir(&src).unwrap();
+        // Two whole chunks and a last one that ends mid-block.
+        let data: Vec<u8> = (0..2 * CS + 5000).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(src.join("f"), &data).unwrap();
+        let m = Arc::new(scan(&src).unwrap().manifest);
+        let f = m.entries.iter().position(|e| e.path == b"f").unwrap() as u32;
+        let state = tmp.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let direct_here = direct_works_in(tmp.path());
+        if !direct_here {
+            eprintln!("NOTE: this filesystem refuses O_DIRECT; only the fallback is tested");
+        }
+        let pool = Pool::new(CS, 4);
+        for (d, disk) in disks().iter().enumerate() {
+            for writes in [StagingWrites::Direct, StagingWrites::Cached] {
+                let dest = tmp.path().join(format!("dest-{d}-{writes:?}"));
+                let s = Staging::create(&state, &dest, "t", m.clone()).unwrap();
+                s.set_writes(writes);
+                // Chunk 0 from a pooled (aligned) buffer, chunk 1 from bytes that start one
+                // past a block boundary (copied before an O_DIRECT write), chunk 2 partial.
+                let mut first = pool.take(CS);
+                first.copy_from_slice(&data[..CS]);
+                s.write_with(&**disk, &pool, f, 0, first.freeze()).unwrap();
+                let mut shifted = vec![0u8];
+                shifted.extend_from_slice(&data[CS..2 * CS]);
+                let second = Bytes::from(shifted).slice(1..);
+                assert!(!crate::pool::is_aligned(&second));
+                s.write_with(&**disk, &pool, f, CS as u64, second).unwrap();
+                let last = Bytes::copy_from_slice(&data[2 * CS..]);
+                s.write_with(&**disk, &pool, f, 2 * CS as u64, last)
+                    .unwrap();
+                assert_eq!(
+                    s.writes_direct(),
+                    direct_here && writes == StagingWrites::Direct,
+                    "{writes:?} on {}",
+                    disk.name()
+                );
+                for off in [0, CS, 2 * CS] {
+                    let len = (data.len() - off).min(CS);
+                    let back = s.read_back(&**disk, &pool, f, off as u64, len).unwrap();
+                    assert_eq!(&back[..], &data[off..off + len], "{writes:?} at {off}");
+                }
+                // A read past the end of the file is refused.
+                let err = s
+                    .read_back(&**disk, &pool, f, 2 * CS as u64, CS)
+                    .unwrap_err();
+                assert!(matches!(err, StagingError::OutOfRange { .. }), "{err}");
+                s.finalize().unwrap();
+                s.commit().unwrap();
+                assert_eq!(fs::read(dest.join("f")).unwrap(), data, "{writes:?}");
+            }
+        }
     }
 
     /// Writes file `i` (entry `e`) of a deferred tree from `src` in one piece, whole where the

@@ -292,14 +292,15 @@ impl Tracker {
         }
     }
 
-    /// Every chunk present (done or held) with its hash: what a final check reads back.
-    pub fn present(&self) -> Vec<(u32, u64, [u8; 32])> {
+    /// Every chunk held from before the transfer, with its hash: what the final check reads
+    /// back (a receiver reads each chunk it writes back as it writes it).
+    pub fn held_chunks(&self) -> Vec<(u32, u64, [u8; 32])> {
         let cs = u64::from(self.chunk_size);
         let mut out = Vec::new();
         for (i, t) in self.files.iter().enumerate() {
             let Some(t) = t else { continue };
             for (&idx, slot) in &t.slots {
-                if let Slot::Done(h) | Slot::Held(h) = slot {
+                if let Slot::Held(h) = slot {
                     out.push((i as u32, idx * cs, *h));
                 }
             }
@@ -446,12 +447,15 @@ mod tests {
             t.admit(&with_hash(chunk(1, 4096, 904), [2; 32])),
             Err(ChunkError::Conflict { .. })
         ));
+        // Only the chunk held from before is left to the final read-back.
+        assert_eq!(t.held_chunks(), vec![(1, 0, h0)]);
         // A chunk found damaged on disk is missing again.
         assert!(t.lost(1, 0));
         assert_eq!(t.held_bytes(), 0);
         assert!(!t.lost(1, 0));
         assert_eq!(t.missing(10), vec![(1, 0)]);
-        assert_eq!(t.present(), vec![(1, 4096, h1)]);
+        assert_eq!(t.held_chunks(), vec![]);
+        assert_eq!(t.hash_of(1, 4096), Some(h1));
         assert_eq!(t.digest(), None);
     }
 

@@ -81,6 +81,7 @@ pub async fn start_east1_with(edit: impl FnOnce(&Path, &mut AgentConfig)) -> Age
         hooks: None,
         io: None,
         source_cache: Default::default(),
+        staging_writes: Default::default(),
     };
     edit(dir.path(), &mut cfg);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
