@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use mover_protocol::bench::{Bench, BenchReply, Probe, SourceStats, TargetStats};
 use mover_protocol::manifest::EntryKind;
 use mover_protocol::{Chunk, Message, FRAME_HEADER_LEN};
@@ -499,7 +498,7 @@ async fn target(
     .map_err(|e| format!("find where dataset {dataset}'s staging area goes: {e}"))?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     check_space(&dir, bytes)?;
-    let (write, sync) = write_scratch(ctx, path, bytes, chunk).await?;
+    let (write, sync, direct) = write_scratch(ctx, path, bytes, chunk).await?;
 
     let copy = scratch_dataset(&ctx.cfg.state_dir);
     let decoded = if copy.is_dir() {
@@ -519,7 +518,11 @@ async fn target(
         decode_one_micros: decoded.one_micros,
         decode_all_micros: decoded.all_micros,
         threads: crate::cores() as u16,
-        io: ctx.disk.name().to_owned(),
+        io: if direct {
+            format!("{}, O_DIRECT", ctx.disk.name())
+        } else {
+            ctx.disk.name().to_owned()
+        },
         scratch_dir: dir.display().to_string(),
     })
 }
@@ -556,15 +559,17 @@ impl Drop for ScratchFile {
 }
 
 /// Writes `bytes` of incompressible data to a new file at `path` through the disk back end,
-/// in chunk-size writes with as many in flight as a transfer has, fdatasyncs it and removes
-/// it. Returns the time of the whole, and of the fdatasync alone.
+/// the way a transfer writes staging (with `O_DIRECT` where `staging_writes` asks for it and
+/// the filesystem takes it), in chunk-size writes with as many in flight as a transfer has,
+/// fdatasyncs it and removes it. Returns the time of the whole, of the fdatasync alone, and
+/// whether the writes were direct.
 async fn write_scratch(
     ctx: &Ctx,
     path: PathBuf,
     bytes: u64,
     chunk: u32,
-) -> Result<(Duration, Duration), String> {
-    let file = OpenOptions::new()
+) -> Result<(Duration, Duration, bool), String> {
+    let created = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -572,10 +577,26 @@ async fn write_scratch(
         .open(&path)
         .map_err(|e| format!("create scratch file {}: {e}", path.display()))?;
     let guard = ScratchFile(path);
-    let file = Arc::new(file);
-    let mut data = vec![0u8; chunk as usize];
+    let direct = (ctx.cfg.staging_writes == crate::staging::StagingWrites::Direct)
+        .then(|| {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_DIRECT)
+                .open(&guard.0)
+                .ok()
+        })
+        .flatten();
+    let is_direct = direct.is_some();
+    let file = Arc::new(direct.unwrap_or(created));
+    // Direct writes need whole blocks from an aligned buffer.
+    let bytes = if is_direct {
+        bytes.next_multiple_of(crate::pool::ALIGN as u64)
+    } else {
+        bytes
+    };
+    let mut data = Pool::new(chunk as usize, 1).take(chunk as usize);
     fastrand::fill(&mut data);
-    let data = Bytes::from(data);
+    let data = data.freeze();
     let depth = ctx
         .cfg
         .workers()
@@ -605,7 +626,7 @@ async fn write_scratch(
         .map_err(failed)?;
     let done = Instant::now();
     drop(guard);
-    Ok((done - started, done - synced))
+    Ok((done - started, done - synced, is_direct))
 }
 
 /// Decompresses and verifies chunks of the end-to-end copy at `root` with the transfer's own
