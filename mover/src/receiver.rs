@@ -1069,15 +1069,29 @@ impl Writer {
         // The frame is not needed any more: its buffer goes back to the pool before the
         // read-back takes one.
         chunk.payload = Bytes::new();
-        let written = if self.staging.writes_whole(chunk.file) {
+        let len = chunk.raw_len as usize;
+        let checked = if self.staging.writes_whole(chunk.file) {
             let whole = self.staging.write_whole(chunk.file, &raw);
             drop(raw);
-            whole
+            whole.and_then(|f| {
+                self.damage_if_asked(&chunk);
+                f.read_back(&self.pool, len)
+            })
         } else {
+            let (disk, pool) = (&*self.ctx.disk, &self.pool);
             self.staging
-                .write_with(&*self.ctx.disk, &self.pool, chunk.file, chunk.offset, raw)
+                .write_with(disk, pool, chunk.file, chunk.offset, raw)
+                .and_then(|()| {
+                    self.damage_if_asked(&chunk);
+                    self.staging
+                        .read_back(disk, pool, chunk.file, chunk.offset, len)
+                })
         };
-        match written.and_then(|()| self.written_matches(&chunk, size)) {
+        // Each chunk is read back from staging right after its write (from the device, where
+        // writes go around the page cache) and checked against its hash again.
+        let matched = checked
+            .map(|buf| buf.len() == len && chunk_hash(&buf, chunk.offset, size) == chunk.hash);
+        match matched {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(path = %display_path(&entry.path), offset = chunk.offset,
@@ -1143,21 +1157,11 @@ impl Writer {
             .map_err(|e| TransferError::Internal(e.to_string()))?
     }
 
-    /// Reads back a chunk just written to staging and checks it against its hash: what the
-    /// device holds where writes go around the page cache. A mismatch is `Ok(false)`.
-    fn written_matches(
-        &self,
-        chunk: &Chunk,
-        size: u64,
-    ) -> Result<bool, crate::staging::StagingError> {
+    /// Test fault: damages the chunk just written, before it is read back.
+    fn damage_if_asked(&self, chunk: &Chunk) {
         if self.ctx.faults.flip_staging() {
             self.damage(chunk.file, chunk.offset);
         }
-        let len = chunk.raw_len as usize;
-        let buf =
-            self.staging
-                .read_back(&*self.ctx.disk, &self.pool, chunk.file, chunk.offset, len)?;
-        Ok(buf.len() == len && chunk_hash(&buf, chunk.offset, size) == chunk.hash)
     }
 
     /// Reads every chunk held from before the transfer back from staging and checks its

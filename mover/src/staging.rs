@@ -152,6 +152,25 @@ pub struct Staging {
     direct: AtomicU8,
 }
 
+/// A file [`Staging::write_whole`] just made, still open.
+#[derive(Debug)]
+pub struct WholeFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl WholeFile {
+    /// Reads the file's first `len` bytes back into a buffer of `pool`, through the same
+    /// descriptor on the calling thread; shorter where the file is.
+    pub fn read_back(&self, pool: &Arc<Pool>, len: usize) -> Result<PoolBuf, StagingError> {
+        let mut buf = pool.take(len);
+        let got = read_at_most(&self.file, &mut buf, 0)
+            .map_err(|e| StagingError::io("read", &self.path, e))?;
+        buf.truncate(got);
+        Ok(buf)
+    }
+}
+
 /// How chunk data goes into staging (`staging_writes` in the agent config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -212,6 +231,7 @@ impl Creating {
     fn make(&self, path: &Path, fresh: bool) -> io::Result<File> {
         let _one_at_a_time = self.make.lock().unwrap_or_else(|p| p.into_inner());
         OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(fresh)
             .create(!fresh)
@@ -698,8 +718,8 @@ impl Staging {
     /// mode and mtime, through one descriptor. A plain `pwrite` on the calling thread: for a
     /// file this small, handing the write to the disk back end costs more than the copy into
     /// the page cache. A second call for the same file rewrites it, as long as the mode the
-    /// first gave it lets this user write.
-    pub fn write_whole(&self, file: u32, data: &[u8]) -> Result<(), StagingError> {
+    /// first gave it lets this user write. Returns the file, still open, to read it back.
+    pub fn write_whole(&self, file: u32, data: &[u8]) -> Result<WholeFile, StagingError> {
         let entry = self.file_entry(file, 0, data.len())?;
         if !self.writes_whole(file) || data.len() as u64 != entry.size() {
             return Err(StagingError::NotWhole {
@@ -719,7 +739,7 @@ impl Staging {
             .map_err(|e| StagingError::io("write", &path, e))?;
         set_mode_and_mtime_of(&f, entry, &path)?;
         self.whole_done[file as usize].store(true, Ordering::Release);
-        Ok(())
+        Ok(WholeFile { file: f, path })
     }
 
     /// Checks that file `file` is a regular file and that `len` bytes at `offset` fit it.
