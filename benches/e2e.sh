@@ -125,8 +125,10 @@ if ! need nc || ! need zstd || ! need rsync || ! need sshd || ! need scp; then
     echo "this benchmark needs nc (netcat-openbsd), zstd, rsync, sshd and scp" >&2; exit 1
   fi
 fi
-(cd "$top" && cargo build --release -q -p mover-cli)
-mover="$top/target/release/mover"
+# MOVER_BIN=PATH runs that mover binary instead of building this checkout's (to compare two
+# builds on the same machine).
+[ -n "${MOVER_BIN:-}" ] || (cd "$top" && cargo build --release -q -p mover-cli)
+mover="${MOVER_BIN:-$top/target/release/mover}"
 
 if [ -z "$dir" ]; then dir=$(mktemp -d /tmp/mover-bench-XXXXXX); fi
 mkdir -p "$dir"
