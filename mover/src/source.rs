@@ -708,7 +708,13 @@ async fn stream_chunks(
             tokio::spawn(async move {
                 let internal = |e: &dyn std::fmt::Display| TransferError::Internal(e.to_string());
                 let result = async {
-                    let (f, buf) = job.read().await?;
+                    // A small chunk is read on the encoding thread itself: for a few KiB the
+                    // handoffs to the disk thread and back cost more than the read.
+                    let read = if job.len > SMALL_READ {
+                        Some(job.read().await?)
+                    } else {
+                        None
+                    };
                     let _cpu = workers.acquire_owned().await.map_err(|e| internal(&e))?;
                     // Automatic compression: every writer busy sending (or a frame queued)
                     // means the link is what holds the data back, so the CPU has time to
@@ -722,9 +728,12 @@ async fn stream_chunks(
                         job.level = 0;
                         raw.fetch_add(job.len as u64, Ordering::Relaxed);
                     }
-                    tokio::task::spawn_blocking(move || job.encode(&f, buf))
-                        .await
-                        .map_err(|e| internal(&e))?
+                    tokio::task::spawn_blocking(move || match read {
+                        Some((f, buf)) => job.encode(&f, buf),
+                        None => job.read_here().and_then(|(f, buf)| job.encode(&f, buf)),
+                    })
+                    .await
+                    .map_err(|e| internal(&e))?
                 }
                 .await;
                 match result {
@@ -782,6 +791,9 @@ async fn stream_chunks(
     ))
 }
 
+/// Chunks of at most this many bytes (small files) are read on the thread that encodes them.
+const SMALL_READ: usize = 64 << 10;
+
 /// One chunk to read and encode on a worker thread.
 struct ReadJob {
     path: PathBuf,
@@ -815,6 +827,15 @@ impl ReadJob {
             .wait();
         let buf = self.check_read(read)?;
         self.encode(&f, buf)
+    }
+
+    /// Reads the chunk on this (blocking) thread, without the disk back end.
+    fn read_here(&self) -> Result<(std::fs::File, PoolBuf), TransferError> {
+        let f = std::fs::File::open(&self.path).map_err(|e| self.io_error(e))?;
+        let mut buf = self.pool.take(self.len);
+        let read = crate::disk::threads::read_full(&f, self.offset, &mut buf, self.cache);
+        let buf = self.check_read(read.map(|got| (buf, got)))?;
+        Ok((f, buf))
     }
 
     /// Reads the chunk from an async task, so that reads queue on the disk back end while

@@ -92,7 +92,12 @@ impl Disk for Threads {
 }
 
 /// Reads until `buf` is full or the file ends, the way [`Disk::read`] says.
-fn read_full(file: &File, offset: u64, buf: &mut [u8], cache: SourceCache) -> io::Result<usize> {
+pub(crate) fn read_full(
+    file: &File,
+    offset: u64,
+    buf: &mut [u8],
+    cache: SourceCache,
+) -> io::Result<usize> {
     let mut done = 0;
     let mut flags = super::read_flags(cache);
     while done < buf.len() {
