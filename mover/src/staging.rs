@@ -554,25 +554,33 @@ impl Staging {
     }
 
     /// Records that `O_DIRECT` worked, or that the filesystem refused it (`error`), and logs
-    /// the first time either happens.
+    /// the first time either happens. A refusal is final: a later success on another thread
+    /// does not turn direct writes back on.
     fn note_direct(&self, error: Option<&io::Error>, path: &Path) {
-        let new = if error.is_some() {
-            DIRECT_OFF
-        } else {
-            DIRECT_WORKS
-        };
-        if self.direct.swap(new, Ordering::Relaxed) == new {
-            return;
-        }
         match error {
             None => {
-                tracing::info!(staging = %self.dir.display(), "chunks go to staging with O_DIRECT")
+                let first = self
+                    .direct
+                    .compare_exchange(
+                        DIRECT_UNTRIED,
+                        DIRECT_WORKS,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok();
+                if first {
+                    tracing::info!(staging = %self.dir.display(), "chunks go to staging with O_DIRECT");
+                }
             }
-            Some(e) => tracing::info!(
-                path = %path.display(),
-                error = %e,
-                "this filesystem refuses O_DIRECT; chunks go to staging through the page cache"
-            ),
+            Some(e) => {
+                if self.direct.swap(DIRECT_OFF, Ordering::Relaxed) != DIRECT_OFF {
+                    tracing::info!(
+                        path = %path.display(),
+                        error = %e,
+                        "this filesystem refuses O_DIRECT; chunks go to staging through the page cache"
+                    );
+                }
+            }
         }
     }
 
