@@ -1089,8 +1089,7 @@ impl Writer {
         };
         // Each chunk is read back from staging right after its write (from the device, where
         // writes go around the page cache) and checked against its hash again.
-        let matched = checked
-            .map(|buf| buf.len() == len && chunk_hash(&buf, chunk.offset, size) == chunk.hash);
+        let matched = checked.map(|buf| holds(&buf, len, chunk.offset, size, &chunk.hash));
         match matched {
             Ok(true) => {}
             Ok(false) => {
@@ -1209,7 +1208,7 @@ impl Writer {
         let read = self
             .staging
             .read_back(&*self.ctx.disk, &self.pool, file, offset, len as usize);
-        read.is_ok_and(|buf| buf.len() == len as usize && chunk_hash(&buf, offset, size) == hash)
+        read.is_ok_and(|buf| holds(&buf, len as usize, offset, size, &hash))
     }
 
     /// Test fault: flips a bit of one chunk in staging.
@@ -1232,6 +1231,12 @@ impl Writer {
             tracing::warn!(path = %path.display(), offset, "TEST FAULT: flipped a bit in staging");
         }
     }
+}
+
+/// Whether `buf`, read back from staging, is the whole chunk of `len` bytes at `offset` of a
+/// file of `size` bytes whose hash is `hash`.
+fn holds(buf: &[u8], len: usize, offset: u64, size: u64, hash: &[u8; 32]) -> bool {
+    buf.len() == len && chunk_hash(buf, offset, size) == *hash
 }
 
 /// Reads one data stream: forwards each frame to the children, then decodes and writes our

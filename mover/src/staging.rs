@@ -164,7 +164,7 @@ impl WholeFile {
     /// descriptor on the calling thread; shorter where the file is.
     pub fn read_back(&self, pool: &Arc<Pool>, len: usize) -> Result<PoolBuf, StagingError> {
         let mut buf = pool.take(len);
-        let got = read_at_most(&self.file, &mut buf, 0)
+        let got = crate::disk::threads::read_full(&self.file, 0, &mut buf, SourceCache::Keep)
             .map_err(|e| StagingError::io("read", &self.path, e))?;
         buf.truncate(got);
         Ok(buf)
@@ -706,8 +706,13 @@ impl Staging {
                 .wait()
                 .map_err(|e| StagingError::io("read", &path, e))?
         } else {
-            let got = read_at_most(&f, &mut buf[done..], offset + done as u64)
-                .map_err(|e| StagingError::io("read", &path, e))?;
+            let got = crate::disk::threads::read_full(
+                &f,
+                offset + done as u64,
+                &mut buf[done..],
+                SourceCache::Keep,
+            )
+            .map_err(|e| StagingError::io("read", &path, e))?;
             (buf, done + got)
         };
         buf.truncate(got);
@@ -1077,20 +1082,6 @@ fn open_in_tree(path: &Path, flags: libc::c_int) -> io::Result<File> {
         .write(access != libc::O_RDONLY)
         .custom_flags((flags & !libc::O_ACCMODE) | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-}
-
-/// Reads into `buf` from `offset` until it is full or the file ends; returns how much came.
-fn read_at_most(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 fn create_file(path: &Path, size: u64) -> Result<(), StagingError> {
