@@ -96,7 +96,7 @@ pub fn decode(c: &Chunk, file_size: u64, pool: &Arc<Pool>) -> Result<Bytes, Chun
             let d = slot.as_mut().ok_or_else(|| err("no decompressor".into()))?;
             // The output is at most the declared raw length, already bounded by the chunk
             // size: a payload that inflates further is refused, not buffered.
-            let mut out = pool.take(c.raw_len as usize);
+            let mut out = pool.take_for_overwrite(c.raw_len as usize);
             let n = d
                 .decompress_to_buffer(&c.payload, &mut out[..])
                 .map_err(|e| err(e.to_string()))?;

@@ -66,7 +66,7 @@ pub async fn read_frame_pooled(
     let Some((head, header)) = read_header(recv, max_len).await? else {
         return Ok(None);
     };
-    let mut buf = pool.take(FRAME_HEADER_LEN + header.len as usize);
+    let mut buf = pool.take_for_overwrite(FRAME_HEADER_LEN + header.len as usize);
     buf[..FRAME_HEADER_LEN].copy_from_slice(&head);
     recv.read_exact(&mut buf[FRAME_HEADER_LEN..]).await?;
     Ok(Some(RawFrame {

@@ -820,7 +820,7 @@ impl ReadJob {
     /// Reads and encodes the chunk on this (blocking) thread.
     fn run(self) -> Result<mover_protocol::Chunk, TransferError> {
         let f = Arc::new(std::fs::File::open(&self.path).map_err(|e| self.io_error(e))?);
-        let buf = self.pool.take(self.len);
+        let buf = self.pool.take_for_overwrite(self.len);
         let read = self
             .disk
             .read(f.clone(), self.offset, buf, self.cache)
@@ -832,7 +832,7 @@ impl ReadJob {
     /// Reads the chunk on this (blocking) thread, without the disk back end.
     fn read_here(&self) -> Result<(std::fs::File, PoolBuf), TransferError> {
         let f = std::fs::File::open(&self.path).map_err(|e| self.io_error(e))?;
-        let mut buf = self.pool.take(self.len);
+        let mut buf = self.pool.take_for_overwrite(self.len);
         let read = crate::disk::threads::read_full(&f, self.offset, &mut buf, self.cache);
         let buf = self.check_read(read.map(|got| (buf, got)))?;
         Ok((f, buf))
@@ -842,7 +842,7 @@ impl ReadJob {
     /// the encoding threads are busy. Returns the open file for [`ReadJob::encode`].
     async fn read(&self) -> Result<(Arc<std::fs::File>, PoolBuf), TransferError> {
         let f = Arc::new(std::fs::File::open(&self.path).map_err(|e| self.io_error(e))?);
-        let buf = self.pool.take(self.len);
+        let buf = self.pool.take_for_overwrite(self.len);
         let read = self
             .disk
             .read(f.clone(), self.offset, buf, self.cache)

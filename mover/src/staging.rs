@@ -163,7 +163,7 @@ impl WholeFile {
     /// Reads the file's first `len` bytes back into a buffer of `pool`, through the same
     /// descriptor on the calling thread; shorter where the file is.
     pub fn read_back(&self, pool: &Arc<Pool>, len: usize) -> Result<PoolBuf, StagingError> {
-        let mut buf = pool.take(len);
+        let mut buf = pool.take_for_overwrite(len);
         let got = crate::disk::threads::read_full(&self.file, 0, &mut buf, SourceCache::Keep)
             .map_err(|e| StagingError::io("read", &self.path, e))?;
         buf.truncate(got);
@@ -650,7 +650,7 @@ impl Staging {
         let blocks = if crate::pool::is_aligned(data) {
             data.slice(..head)
         } else {
-            let mut copy = pool.take(head);
+            let mut copy = pool.take_for_overwrite(head);
             copy.copy_from_slice(&data[..head]);
             copy.freeze()
         };
@@ -677,7 +677,7 @@ impl Staging {
             self.direct_head(offset, len)
         };
         let mut done = 0;
-        let mut buf = pool.take(head);
+        let mut buf = pool.take_for_overwrite(head);
         if head > 0 {
             match open_in_tree(&path, libc::O_RDONLY | libc::O_DIRECT) {
                 Ok(f) => {
