@@ -1,13 +1,13 @@
 //! Reading and writing protocol frames on QUIC streams.
 
 use bytes::{Bytes, BytesMut};
-use mover_protocol::{DecodeError, FrameHeader, Message, FRAME_HEADER_LEN};
+use mover_protocol::{Chunk, DecodeError, FrameHeader, Message, FRAME_HEADER_LEN};
 use quinn::{RecvStream, SendStream};
 
 use std::sync::Arc;
 
 use crate::error::LinkError;
-use crate::pool::Pool;
+use crate::pool::{Pool, ALIGN};
 
 /// One frame as it arrived: the raw bytes (to forward untouched) and its header.
 pub struct RawFrame {
@@ -66,12 +66,19 @@ pub async fn read_frame_pooled(
     let Some((head, header)) = read_header(recv, max_len).await? else {
         return Ok(None);
     };
-    let mut buf = pool.take_for_overwrite(FRAME_HEADER_LEN + header.len as usize);
-    buf[..FRAME_HEADER_LEN].copy_from_slice(&head);
-    recv.read_exact(&mut buf[FRAME_HEADER_LEN..]).await?;
+    let len = FRAME_HEADER_LEN + header.len as usize;
+    // A chunk's payload lands on an ALIGN boundary (where the buffer has room for that), so
+    // that raw data goes to disk with O_DIRECT from this very buffer, not from a copy.
+    let pad = Chunk::payload_at(header.kind)
+        .map(|at| (ALIGN - at % ALIGN) % ALIGN)
+        .filter(|pad| pad + len <= pool.capacity())
+        .unwrap_or(0);
+    let mut buf = pool.take_for_overwrite(pad + len);
+    buf[pad..pad + FRAME_HEADER_LEN].copy_from_slice(&head);
+    recv.read_exact(&mut buf[pad + FRAME_HEADER_LEN..]).await?;
     Ok(Some(RawFrame {
         header,
-        bytes: buf.freeze(),
+        bytes: buf.freeze().slice(pad..),
     }))
 }
 

@@ -393,6 +393,79 @@ mod tests {
         assert_eq!(got, b"pong");
     }
 
+    #[tokio::test]
+    async fn pooled_frames_put_chunk_payloads_on_a_block_boundary() {
+        use crate::frame::read_frame_pooled;
+        use crate::pool::{is_aligned, Pool, ALIGN};
+        use mover_protocol::{Chunk, Encoding, Message};
+
+        let dir = cluster(&["east1"]);
+        let server = listener(&paths(dir.path(), "east1"));
+        let addr = server.local_addr().expect("server addr");
+        let client = dialer(&paths(dir.path(), "controller"));
+        let accepted = accept_one(&server);
+        let conn = timeout(WAIT, connect(&client, addr, "east1"))
+            .await
+            .expect("connect in time")
+            .expect("handshake succeeds");
+        let (server_conn, _) = timeout(WAIT, accepted)
+            .await
+            .expect("accept in time")
+            .expect("accept task")
+            .expect("an incoming connection")
+            .expect("server handshake succeeds");
+
+        let chunk = |len: usize, fill: u8| Chunk {
+            file: 3,
+            offset: 1 << 20,
+            raw_len: len as u32,
+            encoding: Encoding::Raw,
+            hash: [fill; 32],
+            payload: vec![fill; len].into(),
+        };
+        // A full chunk, a short one, one too large to pad within the pool's buffers, and an
+        // empty one.
+        let sent = [
+            Message::Chunk(chunk(64 << 10, 1)),
+            Message::Chunk(chunk(1000, 2)),
+            Message::Chunk(chunk((64 << 10) + 100, 3)),
+            Message::Chunk(chunk(0, 4)),
+        ];
+        let mut send = conn.open_uni().await.expect("open stream");
+        for m in &sent {
+            send.write_all(&m.to_frame()).await.expect("write frame");
+        }
+        send.finish().expect("finish");
+        let mut recv = timeout(WAIT, server_conn.accept_uni())
+            .await
+            .expect("accept stream in time")
+            .expect("accept stream");
+        let pool = Pool::new((64 << 10) + ALIGN, 4);
+        for (i, m) in sent.iter().enumerate() {
+            let frame = timeout(WAIT, read_frame_pooled(&mut recv, 1 << 20, &pool))
+                .await
+                .expect("read in time")
+                .expect("read frame")
+                .expect("a frame");
+            assert_eq!(frame.bytes, m.to_frame(), "frame {i} arrives as sent");
+            let Message::Chunk(got) = frame.decode().expect("decode") else {
+                panic!("frame {i} is a chunk");
+            };
+            let Message::Chunk(want) = m else {
+                unreachable!()
+            };
+            assert_eq!(got.payload, want.payload);
+            let fits = want.payload.len() <= 64 << 10;
+            assert_eq!(
+                is_aligned(&got.payload),
+                fits,
+                "payload {i} aligned: {fits}"
+            );
+        }
+        let end = read_frame_pooled(&mut recv, 1 << 20, &pool).await;
+        assert!(matches!(end, Ok(None)), "then the stream ends");
+    }
+
     #[test]
     fn many_connections_share_the_window_budget() {
         // One to three connections keep the full window; more share the budget.

@@ -873,6 +873,13 @@ impl Chunk {
     /// Bytes in a chunk body before the payload.
     pub const HEADER_LEN: usize = 4 + 8 + 4 + 1 + 32 + 4;
 
+    /// Where a chunk frame's payload starts, counted from the frame's first byte, if a frame
+    /// of this `kind` is a chunk: so that a receiver can place the payload where it wants
+    /// it (on a block boundary, for direct I/O) as it reads the frame.
+    pub fn payload_at(kind: u8) -> Option<usize> {
+        (kind == kind::CHUNK).then_some(FRAME_HEADER_LEN + Self::HEADER_LEN)
+    }
+
     fn encode_header(&self, buf: &mut impl BufMut) {
         buf.put_u32(self.file);
         buf.put_u64(self.offset);
