@@ -1047,8 +1047,10 @@ struct Writer {
 }
 
 impl Writer {
-    /// Decodes and writes an admitted chunk (on a blocking thread). A chunk that fails
-    /// verification is missing again, to be asked for; only a write that fails is an error.
+    /// Decompresses and writes an admitted chunk (on a blocking thread), then reads it back
+    /// and checks it against its hash: one check covers the bytes as received and as the disk
+    /// holds them, and staging is only ever committed whole once every chunk passed. A chunk
+    /// that fails is missing again, to be asked for; only a write that fails is an error.
     fn write(&self, mut chunk: Chunk) -> Result<(), TransferError> {
         if self.ctx.faults.flip_chunk() {
             let mut damaged = chunk.payload.to_vec();
@@ -1057,7 +1059,7 @@ impl Writer {
         }
         let entry = &self.staging.manifest().entries[chunk.file as usize];
         let size = entry.size();
-        let decoded = crate::chunk::decode(&chunk, size, &self.pool);
+        let decoded = crate::chunk::decompress(&chunk, &self.pool);
         let raw = match decoded {
             Ok(raw) => raw,
             Err(e) => {
@@ -1088,13 +1090,13 @@ impl Writer {
                 })
         };
         // Each chunk is read back from staging right after its write (from the device, where
-        // writes go around the page cache) and checked against its hash again.
+        // writes go around the page cache) and checked against its hash: its only check here.
         let matched = checked.map(|buf| holds(&buf, len, chunk.offset, size, &chunk.hash));
         match matched {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(path = %display_path(&entry.path), offset = chunk.offset,
-                    "a chunk read back from staging did not match its hash; it will be fetched again");
+                    "chunk failed verification: read back from staging, it did not match its hash (damaged in transit, or the disk returned other bytes than were written); it will be fetched again");
                 self.refetch(&chunk);
                 return Ok(());
             }
