@@ -2,7 +2,7 @@
 # End-to-end benchmark: mover against the tools operators use today, side by side, in one run.
 #
 #   benches/e2e.sh [--size 2G] [--small-files 4000] [--small-only 50000] [--link RATE]
-#                  [--only LIST] [--dir DIR] [--keep]
+#                  [--only LIST] [--dir DIR] [--keep] [--settle SECONDS]
 #
 # Starts five release-build agents (west1, east1, east2, east3, east4) and times the scenarios
 # of LIST (comma-separated scenario names and groups; default: all) on generated DB-like data:
@@ -27,14 +27,25 @@
 # Group all (the default): 1to1, fanout, small and cp-local (cp -a on this machine, then
 # sync: the local disk's own limit).
 #
+# --dir DIR works there (default: a new directory under /tmp) and --keep leaves it behind; a
+# later run with the same --dir reuses the source trees it finds complete.
 # --link RATE (root only): every host runs in its own network namespace (mvb-*) on a bridge,
 # its uplink limited to RATE by tc tbf (1gbit, 200mbit, ...; what tc accepts) and an address
 # in 198.18.0.0/24 (set aside for benchmarks); the controller and the sending side of every
 # peer run in west1's. Without --link everything runs on loopback and CPU is the limit.
 #
-# Every scenario starts with empty targets (the previous scenario's copies deleted just before;
-# the first one's too: the same number of empty files is made and deleted before it) and a
-# warm page cache on the source, and ends when every target has the tree and a sync returned. The table gives per scenario:
+# Every scenario starts with empty targets and a warm page cache on the source, and ends when
+# every target has the tree and a sync returned. Empty targets: on ext4 without a journal (this
+# project's CI machines) the kernel will not reuse an inode for 60 s after its delete, 360 s
+# while its inode-table block is dirty (as it is once a file near it is made), and skips it one
+# block lookup at a time whenever a file is created: a copy made right after a 50,000-file
+# delete here took 2x-10x as long, more each round. So on such a file system the script moves
+# the previous scenario's copies aside and deletes them in bulk when they pass a quarter of the
+# free space, then waits --settle SECONDS (default 365 there, else 0). A run that starts within
+# 6 minutes of a large delete (another run's end) starts slowed. With --settle 0 every copy is deleted right away, and the first
+# scenario is primed (as many empty files made and deleted before it) so that each one starts
+# after a fresh delete.
+# The table gives per scenario:
 #   SECONDS    wall time
 #   MB/S       tree bytes / SECONDS (with N targets: the time to deliver all N)
 #   CPU S/GB   CPU seconds (user + system) of every process the scenario ran or talked to, on
@@ -58,6 +69,7 @@ dir=""
 only=all
 keep=0
 link=""
+settle_s=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
@@ -67,6 +79,7 @@ while [ $# -gt 0 ]; do
     --only) only=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --link) link=$2; shift 2 ;;
+    --settle) settle_s=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -115,6 +128,10 @@ if [ -n "$link" ]; then
     printf "%.0f", n * m[u] }') || { echo "--link $link: not a rate like 1gbit or 200mbit" >&2; exit 2; }
 fi
 
+if [ -n "$settle_s" ] && ! [[ $settle_s =~ ^[0-9]+$ ]]; then
+  echo "--settle $settle_s: not a whole number of seconds" >&2; exit 2
+fi
+
 top=$(cd "$(dirname "$0")/.." && pwd)
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nc || ! need zstd || ! need rsync || ! need sshd || ! need scp; then
@@ -132,6 +149,13 @@ mover="${MOVER_BIN:-$top/target/release/mover}"
 
 if [ -z "$dir" ]; then dir=$(mktemp -d /tmp/mover-bench-XXXXXX); fi
 mkdir -p "$dir"
+if [ -z "$settle_s" ]; then # ext4 keeps a journal's state under /proc/fs/jbd2/<device>-<n>
+  settle_s=0
+  read -r src fstype < <(findmnt -n -o SOURCE,FSTYPE --target "$dir" 2>/dev/null) || true
+  if [ "${fstype:-}" = ext4 ] && ! compgen -G "/proc/fs/jbd2/${src##*/}-*" >/dev/null; then
+    settle_s=365
+  fi
+fi
 pids=()     # agents (first, in the order of nodes) and daemons: killed at exit, CPU counted
 agents=()
 daemons=()
@@ -155,7 +179,7 @@ cleanup() {
   if [ -n "$link" ]; then
     for n in "${nodes[@]}" sw; do ip netns del "mvb-$n" 2>/dev/null || true; done
   fi
-  if [ "$keep" = 0 ]; then rm -rf "$dir"; else echo "kept $dir"; fi
+  if [ "$keep" = 0 ]; then rm -rf "$dir"; else echo "kept $dir (earlier copies in $dir/trash)"; fi
 }
 trap cleanup EXIT
 
@@ -178,6 +202,7 @@ if [ -n "$link" ]; then
     ip netns exec "mvb-$n" tc qdisc add dev eth0 root tbf rate "$link" burst 256kb latency 100ms
   done
 fi
+rm -rf "$dir/certs" # a kept --dir's: made afresh each run
 "$mover" certs init --out "$dir/certs" --nodes "$(IFS=,; echo "${nodes[*]}")" >/dev/null
 {
   printf '[tls]\nca = "certs/ca.pem"\ncert = "certs/controller.pem"\nkey = "certs/controller.key"\n'
@@ -186,7 +211,7 @@ fi
     n=${nodes[$i]}
     port=$((port + 1))
     printf '[nodes.%s]\naddress = "%s:%s"\n' "$n" "$(addr "$i")" "$port"
-    mkdir -p "$dir/$n"
+    rm -rf "${dir:?}/$n/state"; mkdir -p "$dir/$n"
     printf 'node = "%s"\nlisten = "%s:%s"\nstate_dir = "%s/state"\n[tls]\nca = "certs/ca.pem"\ncert = "certs/%s.pem"\nkey = "certs/%s.key"\n[datasets.data]\npath = "%s/data"\n[datasets.small]\npath = "%s/small"\n' \
       "$n" "$(addr "$i")" "$port" "$n" "$n" "$n" "$n" "$n" > "$dir/$n.toml"
   done
@@ -203,19 +228,33 @@ describe() { # tree
   # Warm the source's page cache for every contender alike.
   tar -C "$t" -cf - . > /dev/null
 }
+# made TREE PARAMS: is the tree in a kept --dir complete and made with these parameters? (A
+# marker written after generation says so; anything else there is deleted and made again.)
+made() {
+  if [ "$(cat "$dir/west1/.$1.made" 2>/dev/null)" = "$2" ]; then
+    echo "reusing $dir/west1/$1 (made with $2)"; return 0
+  fi
+  rm -rf "$dir/west1/$1" "$dir/west1/.$1.made"; return 1
+}
 if want_main; then
-  echo "generating a $size sample data directory ($small small files) in $dir/west1/data ..."
-  "$mover" sample --out "$dir/west1/data" --size "$size" --small-files "$small" >/dev/null
+  if ! made data "--size $size --small-files $small"; then
+    echo "generating a $size sample data directory ($small small files) in $dir/west1/data ..."
+    "$mover" sample --out "$dir/west1/data" --size "$size" --small-files "$small" >/dev/null
+    echo "--size $size --small-files $small" > "$dir/west1/.data.made"
+  fi
   describe data
 fi
 if want '*-small'; then
-  echo "generating $small_only small files in $dir/west1/small ..."
-  # The generator's small files (0-16 KiB of table pages), cut to 256 B - 4 KiB: the .frm,
-  # .opt, .MYD and trigger files of a DB's many small tables. Its large files are empty here.
-  "$mover" sample --out "$dir/west1/small" --size $((small_only * 8192)) --small-files "$small_only" >/dev/null
-  find "$dir/west1/small" -type f -size +0 -print0 | sort -z |
-    perl -0ne 'BEGIN { srand(42) } chomp; my $n = 256 + int(rand(3841)); my $s = -s $_;
-      truncate($_, $n < $s ? $n : $s) or die "truncate $_: $!\n"'
+  if ! made small "--small-only $small_only"; then
+    echo "generating $small_only small files in $dir/west1/small ..."
+    # The generator's small files (0-16 KiB of table pages), cut to 256 B - 4 KiB: the .frm,
+    # .opt, .MYD and trigger files of a DB's many small tables. Its large files are empty here.
+    "$mover" sample --out "$dir/west1/small" --size $((small_only * 8192)) --small-files "$small_only" >/dev/null
+    find "$dir/west1/small" -type f -size +0 -print0 | sort -z |
+      perl -0ne 'BEGIN { srand(42) } chomp; my $n = 256 + int(rand(3841)); my $s = -s $_;
+        truncate($_, $n < $s ? $n : $s) or die "truncate $_: $!\n"'
+    echo "--small-only $small_only" > "$dir/west1/.small.made"
+  fi
   describe small
 fi
 
@@ -282,7 +321,7 @@ cpu_ticks() { # sets cpu: CPU ticks so far of this script's reaped children, age
     cpu=$((cpu + f[11] + f[12] + f[13] + f[14]))  # utime + stime + cutime + cstime
   done
 }
-settle() { # waits (at most 5 s) until the daemons have reaped their per-connection children
+daemons_idle() { # waits (at most 5 s) until the daemons have reaped their per-connection children
   local p c i
   for p in "${daemons[@]:-}"; do
     [ -n "$p" ] || continue
@@ -321,9 +360,26 @@ listening() { # node-index port: waits (at most 5 s) until a TCP listener is up 
   echo "no listener on port $2 of ${nodes[$1]}" >&2; return 1
 }
 
+trash="$dir/trash" trash_n=0 trash_kb=0 # copies moved aside (a kept --dir's from earlier runs too)
+if [ -d "$trash" ]; then trash_kb=$(du -sk "$trash"); trash_kb=${trash_kb%%[[:space:]]*}; fi
+trash_max_kb=$(($(df --output=avail -k "$dir" | tail -1) / 4))
 clear_targets() {
-  local n
-  for n in "${nodes[@]:1}"; do rm -rf "$dir/$n/data" "$dir/$n/small" "$dir/$n/recv"; done
+  local n d kb
+  for n in "${nodes[@]:1}"; do
+    for d in "$dir/$n/data" "$dir/$n/small" "$dir/$n/recv"; do
+      [ -e "$d" ] || continue
+      if [ "$settle_s" = 0 ]; then rm -rf "$d"; continue; fi
+      kb=$(du -sk "$d"); kb=${kb%%[[:space:]]*}
+      mkdir -p "$trash"; trash_n=$((trash_n + 1)); mv "$d" "$trash/$$-$trash_n"
+      trash_kb=$((trash_kb + kb))
+    done
+  done
+  if [ "$trash_kb" -gt "$trash_max_kb" ]; then
+    echo "  (deleting $((trash_kb / 1024)) MiB of earlier copies, then ${settle_s} s for ext4 to let their inodes go)"
+    rm -rf "$trash"; trash_kb=0
+    sync
+    sleep "$settle_s"
+  fi
   sync
 }
 results=()   # "name seconds cpu-ticks tree"
@@ -338,7 +394,7 @@ finish() { # name tree [note]: the scenario is over once a sync returns
   local t1 secs
   sync
   t1=$EPOCHREALTIME
-  settle
+  daemons_idle
   cpu_ticks
   secs=$(awk "BEGIN{print $t1 - $t0}")
   results+=("$1 $secs $((cpu - cpu0)) $2")
@@ -411,10 +467,9 @@ targets() { # N: east1,...,eastN
 }
 
 start_servers
-# Every scenario but the first starts right after the previous one's copies were deleted, and
-# for about a minute after a delete ext4 spends CPU skipping the freed inodes whenever it
-# creates a file. So that the first scenario starts the same way, make and delete as many
-# (empty) files on the targets first.
+# Without a settle time every scenario but the first starts right after the previous one's
+# copies were deleted (see above); so that the first one starts the same way, make and delete
+# as many (empty) files on the targets first.
 prime_targets() {
   local n
   if want_main; then
@@ -423,9 +478,10 @@ prime_targets() {
   if want '*-small'; then cp -r --attributes-only "$dir/west1/small" "$dir/east1/small"; fi
   clear_targets
 }
-prime_targets
+if [ "$settle_s" = 0 ]; then prime_targets; fi
 if [ -n "$link" ]; then where="network namespaces, $link uplinks"; else where=loopback; fi
-echo "running ($where, $(nproc) cores):"
+if [ "$settle_s" = 0 ]; then how="each delete right away"; else how="copies deleted in bulk"; fi
+echo "running ($where, $(nproc) cores, $how):"
 for s in "${wanted[@]}"; do
   case "$s" in
     mover-1to1) run_mover "$s" chain east1 data ;;
