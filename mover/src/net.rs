@@ -344,6 +344,27 @@ mod tests {
         })
     }
 
+    /// A controller connected to east1 of a new cluster: the cluster's directory (keep it for
+    /// the connection's life), the controller's side and east1's.
+    async fn controller_to_east1() -> (tempfile::TempDir, quinn::Connection, quinn::Connection) {
+        let dir = cluster(&["east1"]);
+        let server = listener(&paths(dir.path(), "east1"));
+        let addr = server.local_addr().expect("server addr");
+        let client = dialer(&paths(dir.path(), "controller"));
+        let accepted = accept_one(&server);
+        let conn = timeout(WAIT, connect(&client, addr, "east1"))
+            .await
+            .expect("connect in time")
+            .expect("handshake succeeds");
+        let (server_conn, _) = timeout(WAIT, accepted)
+            .await
+            .expect("accept in time")
+            .expect("accept task")
+            .expect("an incoming connection")
+            .expect("server handshake succeeds");
+        (dir, conn, server_conn)
+    }
+
     #[tokio::test]
     async fn controller_and_node_see_each_other() {
         let dir = cluster(&["east1", "east2"]);
@@ -399,21 +420,7 @@ mod tests {
         use crate::pool::{is_aligned, Pool, ALIGN};
         use mover_protocol::{Chunk, Encoding, Message};
 
-        let dir = cluster(&["east1"]);
-        let server = listener(&paths(dir.path(), "east1"));
-        let addr = server.local_addr().expect("server addr");
-        let client = dialer(&paths(dir.path(), "controller"));
-        let accepted = accept_one(&server);
-        let conn = timeout(WAIT, connect(&client, addr, "east1"))
-            .await
-            .expect("connect in time")
-            .expect("handshake succeeds");
-        let (server_conn, _) = timeout(WAIT, accepted)
-            .await
-            .expect("accept in time")
-            .expect("accept task")
-            .expect("an incoming connection")
-            .expect("server handshake succeeds");
+        let (_dir, conn, server_conn) = controller_to_east1().await;
 
         let chunk = |len: usize, fill: u8| Chunk {
             file: 3,
@@ -486,16 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn mtu_discovery_finds_large_loopback_packets() {
-        let dir = cluster(&["east1"]);
-        let server = listener(&paths(dir.path(), "east1"));
-        let addr = server.local_addr().expect("server addr");
-        let client = dialer(&paths(dir.path(), "controller"));
-        let accepted = accept_one(&server);
-        let conn = timeout(WAIT, connect(&client, addr, "east1"))
-            .await
-            .expect("connect in time")
-            .expect("handshake succeeds");
-        let _server_conn = timeout(WAIT, accepted).await.expect("accept in time");
+        let (_dir, conn, _server_conn) = controller_to_east1().await;
 
         // Both endpoints must accept large datagrams for discovery to climb past Ethernet size.
         let climbed = timeout(WAIT, async {
