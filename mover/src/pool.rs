@@ -6,6 +6,12 @@
 //!
 //! Every buffer starts on a [`ALIGN`] boundary, so that a chunk read or decompressed into one
 //! can go to and from the disk with `O_DIRECT` as it is.
+//!
+//! Requests of at most [`SMALL`] bytes (small files) get buffers of their own size class
+//! (4 KiB, 8 KiB, ... [`SMALL`]), kept apart from the chunk-sized ones: thousands of them may
+//! be alive at once (QUIC holds each frame until it is acknowledged), and a chunk-sized
+//! allocation for each would cost a `mmap` and a `munmap` per small file once the pool ran
+//! dry, or the memory of a chunk per file if they came from the heap.
 
 use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
@@ -18,12 +24,24 @@ use bytes::Bytes;
 /// multiple of every common device's logical block size.
 pub const ALIGN: usize = 4096;
 
-/// Buffers of one capacity, at most `keep` of them kept while idle.
+/// The largest small buffer: a small file's chunk (at most 64 KiB) with its frame header and
+/// the padding that puts its payload on a block boundary.
+pub const SMALL: usize = 128 << 10;
+
+/// Small size classes: [`ALIGN`] << 0 ..= [`SMALL`].
+const CLASSES: usize = (SMALL / ALIGN).trailing_zeros() as usize + 1;
+
+/// Idle small buffers a pool keeps per size class (at most 16 MiB in all).
+const SMALL_KEEP: usize = 64;
+
+/// Buffers of `capacity` bytes, at most `keep` of them kept while idle, and small ones (when
+/// `capacity` is larger than [`SMALL`]) for requests that fit one.
 #[derive(Debug)]
 pub struct Pool {
     capacity: usize,
     keep: usize,
     free: Mutex<Vec<Block>>,
+    small: [Mutex<Vec<Block>>; CLASSES],
 }
 
 impl Pool {
@@ -33,11 +51,19 @@ impl Pool {
             capacity,
             keep,
             free: Mutex::new(Vec::new()),
+            small: std::array::from_fn(|_| Mutex::new(Vec::new())),
         })
     }
 
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// The small size class of requests of `len` bytes, if they get a small buffer.
+    fn class(&self, len: usize) -> Option<usize> {
+        (len <= SMALL && SMALL < self.capacity)
+            .then(|| len.max(ALIGN).next_power_of_two().trailing_zeros() as usize)
+            .map(|bits| bits - ALIGN.trailing_zeros() as usize)
     }
 
     /// A zeroed buffer of `len` bytes (`len` at most the pool's capacity; larger requests get
@@ -60,6 +86,13 @@ impl Pool {
     }
 
     fn block(&self, len: usize) -> Block {
+        if let Some(class) = self.class(len) {
+            let reused = self.small[class]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            return reused.unwrap_or_else(|| Block::new(ALIGN << class));
+        }
         let reused = if len <= self.capacity {
             self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()
         } else {
@@ -77,18 +110,29 @@ impl Pool {
     }
 
     fn put(&self, block: Block) {
-        if block.capacity() != self.capacity {
-            return;
-        }
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < self.keep {
+        let cap = block.capacity();
+        let (free, keep) = if cap == self.capacity {
+            (&self.free, self.keep)
+        } else {
+            match self.class(cap) {
+                Some(class) if ALIGN << class == cap => (&self.small[class], SMALL_KEEP),
+                _ => return,
+            }
+        };
+        let mut free = free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < keep {
             free.push(block);
         }
     }
 
-    /// Idle buffers held now.
+    /// Idle buffers held now, small ones included.
     pub fn idle(&self) -> usize {
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).len()
+        let small: usize = self
+            .small
+            .iter()
+            .map(|f| f.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum();
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).len() + small
     }
 }
 
@@ -308,6 +352,43 @@ mod tests {
         b.fill(3);
         drop(b);
         assert!(pool.take(200).iter().all(|&x| x == 0), "take still clears");
+    }
+
+    #[test]
+    fn small_requests_get_small_buffers_of_their_own_size_class() {
+        let pool = Pool::new(4 << 20, 2);
+        let mut small = pool.take_for_overwrite(3000);
+        assert!(is_aligned(&small));
+        small.resize(1 << 30);
+        assert_eq!(small.len(), ALIGN, "3000 bytes get a 4 KiB buffer");
+        let mut mid = pool.take(ALIGN + 1);
+        mid.resize(1 << 30);
+        assert_eq!(mid.len(), 2 * ALIGN, "4097 bytes get an 8 KiB buffer");
+        let mut top = pool.take(SMALL);
+        top.resize(1 << 30);
+        assert_eq!(top.len(), SMALL);
+        let big = pool.take(SMALL + 1);
+        drop((small, mid, top, big));
+        assert_eq!(pool.idle(), 4);
+        // Each comes back to its own class: these reuse three of them and allocate one.
+        let a = pool.take(10);
+        let b = pool.take(SMALL);
+        let mut c = pool.take(1 << 20);
+        let d = pool.take(SMALL / 2);
+        assert_eq!(pool.idle(), 1, "the 8 KiB buffer is left");
+        c.resize(4 << 20);
+        assert_eq!(c.len(), 4 << 20);
+        drop((a, b, c, d));
+        assert_eq!(pool.idle(), 5);
+        // Many small buffers at once, then back: no more than SMALL_KEEP stay per class.
+        let many: Vec<_> = (0..SMALL_KEEP + 10).map(|_| pool.take(100)).collect();
+        drop(many);
+        assert_eq!(pool.idle(), SMALL_KEEP + 4);
+        // A pool whose buffers are small anyway has no classes.
+        let plain = Pool::new(SMALL, 2);
+        let mut one = plain.take(10);
+        one.resize(1 << 30);
+        assert_eq!(one.len(), SMALL);
     }
 
     #[test]

@@ -677,7 +677,10 @@ impl Staging {
             self.direct_head(offset, len)
         };
         let mut done = 0;
-        let mut buf = pool.take_for_overwrite(head);
+        // Taken for all `len` bytes (the pool picks the buffer's size from the request), then
+        // cut to the direct part.
+        let mut buf = pool.take_for_overwrite(len);
+        buf.truncate(head);
         if head > 0 {
             match open_in_tree(&path, libc::O_RDONLY | libc::O_DIRECT) {
                 Ok(f) => {
