@@ -33,12 +33,13 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Hashes and (when `level > 0` and it helps) compresses one chunk read into `data`.
+/// Hashes and (when `level > 0` and it helps) compresses one chunk read into `data`; a raw
+/// chunk's payload is `data` itself.
 pub fn encode(
     file: u32,
     offset: u64,
     file_size: u64,
-    data: PoolBuf,
+    data: Bytes,
     level: u8,
     pool: &Arc<Pool>,
 ) -> Chunk {
@@ -51,7 +52,7 @@ pub fn encode(
         .flatten();
     let (encoding, payload) = match compressed {
         Some(c) => (Encoding::Zstd, c.freeze()),
-        None => (Encoding::Raw, data.freeze()),
+        None => (Encoding::Raw, data),
     };
     Chunk {
         file,
@@ -140,10 +141,10 @@ mod tests {
         assert_eq!(budget(64 << 20), 2);
     }
 
-    fn pooled(pool: &Arc<Pool>, data: &[u8]) -> PoolBuf {
+    fn pooled(pool: &Arc<Pool>, data: &[u8]) -> Bytes {
         let mut b = pool.take(data.len());
         b.copy_from_slice(data);
-        b
+        b.freeze()
     }
 
     #[test]
@@ -183,7 +184,7 @@ mod tests {
     #[test]
     fn refuses_a_zstd_bomb_beyond_the_declared_length() {
         let pool = Pool::new(buffer_capacity(1 << 20), 8);
-        let mut c = encode(0, 0, 1 << 20, pool.take(1 << 20), 1, &pool);
+        let mut c = encode(0, 0, 1 << 20, pool.take(1 << 20).freeze(), 1, &pool);
         assert_eq!(c.encoding, Encoding::Zstd);
         c.raw_len = 1000;
         assert!(decode(&c, 1 << 20, &pool).is_err());

@@ -495,7 +495,7 @@ async fn repair(
             let mut n = 0u64;
             while let Some(c) = rx.recv().await {
                 let parts = [c.frame_prefix(), c.payload.clone()];
-                let len = (parts[0].len() + parts[1].len()) as u64;
+                let len = parts.iter().map(|p| p.len() as u64).sum();
                 if let Some(p) = &totals.pacer {
                     p.take(len).await;
                 }
@@ -587,7 +587,8 @@ async fn stream_chunks(
     // takes the next frame, so a stream slowed by its connection's congestion control does
     // not hold the others back.
     // Two frames per stream, no more than 8 in all (memory: see `crate::chunk::budget`).
-    let (tx, rx) = mpsc::channel::<[Bytes; 2]>((2 * n).clamp(1, 8));
+    // An entry is one chunk's frame (prefix and payload) or a batch of small ones.
+    let (tx, rx) = mpsc::channel::<Vec<Bytes>>((2 * n).clamp(1, 8));
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     // Writers waiting for a frame: the link is then ahead of the CPU (see the automatic
     // compression below). A writer counts only once it has sent its first frame: until
@@ -626,7 +627,7 @@ async fn stream_chunks(
                 {
                     return;
                 }
-                let len = (parts[0].len() + parts[1].len()) as u64;
+                let len = parts.iter().map(|p| p.len() as u64).sum();
                 if let Some(p) = &pacer {
                     p.take(len).await;
                 }
@@ -665,6 +666,24 @@ async fn stream_chunks(
              host's CPU twice)"
         );
     }
+    let encoder = Encoder {
+        in_flight: in_flight.clone(),
+        workers,
+        tx: tx.clone(),
+        waiting,
+        tracker: tracker.clone(),
+        err_tx,
+        haves: haves.clone(),
+        skipped,
+        went_raw: start.compress_auto.then(|| went_raw.clone()),
+        one_host,
+    };
+    // Consecutive small chunks (small files, and the tails of large ones) go to a worker
+    // thread together, which reads and encodes them all and queues their frames at once:
+    // one hand-off for many files instead of several per file.
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0;
+    let batch_limit = BATCH_BYTES.min(start.chunk_size as usize);
     for (id, e) in manifest.entries.iter().enumerate() {
         let EntryKind::File { size } = e.kind else {
             continue;
@@ -679,21 +698,7 @@ async fn stream_chunks(
                 return Err(TransferError::NoTargetsLeft);
             }
             let len = (size - offset).min(u64::from(start.chunk_size)) as usize;
-            let permit = in_flight
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| TransferError::Internal(e.to_string()))?;
-            let (tx, waiting) = (tx.clone(), waiting.clone());
-            let (tracker, err_tx, haves, skipped, workers) = (
-                tracker.clone(),
-                err_tx.clone(),
-                haves.clone(),
-                skipped.clone(),
-                workers.clone(),
-            );
-            let auto = start.compress_auto.then(|| went_raw.clone());
-            let mut job = ReadJob {
+            let job = ReadJob {
                 path: path.clone(),
                 file: id as u32,
                 offset,
@@ -705,63 +710,30 @@ async fn stream_chunks(
                 disk: ctx.disk.clone(),
                 cache: ctx.cfg.source_cache,
             };
-            tokio::spawn(async move {
-                let internal = |e: &dyn std::fmt::Display| TransferError::Internal(e.to_string());
-                let result = async {
-                    // A small chunk is read on the encoding thread itself: for a few KiB the
-                    // handoffs to the disk thread and back cost more than the read.
-                    let read = if job.len > SMALL_READ {
-                        Some(job.read().await?)
-                    } else {
-                        None
-                    };
-                    let _cpu = workers.acquire_owned().await.map_err(|e| internal(&e))?;
-                    // Automatic compression: every writer busy sending (or a frame queued)
-                    // means the link is what holds the data back, so the CPU has time to
-                    // shrink this chunk; a writer waiting with nothing queued means the link
-                    // waits for the CPU, so the chunk goes as it is.
-                    if let Some(raw) = auto.filter(|_| {
-                        one_host
-                            || (waiting.load(Ordering::Relaxed) > 0
-                                && tx.capacity() == tx.max_capacity())
-                    }) {
-                        job.level = 0;
-                        raw.fetch_add(job.len as u64, Ordering::Relaxed);
-                    }
-                    tokio::task::spawn_blocking(move || match read {
-                        Some((f, buf)) => job.encode(&f, buf),
-                        None => job.read_here().and_then(|(f, buf)| job.encode(&f, buf)),
-                    })
-                    .await
-                    .map_err(|e| internal(&e))?
-                }
-                .await;
-                match result {
-                    Ok(c) => {
-                        {
-                            let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-                            if t.admit(&c).is_ok() {
-                                t.verified(c.file, c.offset, c.hash);
-                            }
-                        }
-                        if haves.skip(c.file, c.offset, &c.hash) {
-                            skipped.fetch_add(u64::from(c.raw_len), Ordering::Relaxed);
-                        } else {
-                            let prefix = c.frame_prefix();
-                            let _ = tx.send([prefix, c.payload]).await;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = err_tx.try_send(e);
-                    }
-                }
-                drop(permit);
-            });
             chunks += 1;
             bytes += len as u64;
             offset += len as u64;
+            if len > SMALL_READ {
+                encoder.spawn(vec![job]).await?;
+                continue;
+            }
+            // A batch is read into one buffer of the pool, so it stays within one.
+            if batch_bytes + len > batch_limit {
+                encoder.spawn(std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
+            batch.push(job);
+            batch_bytes += len;
+            if batch.len() >= BATCH_CHUNKS {
+                encoder.spawn(std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
         }
     }
+    if !batch.is_empty() {
+        encoder.spawn(batch).await?;
+    }
+    drop(encoder);
     // Wait for every job: they hold permits until their frame is queued.
     let _all = in_flight
         .acquire_many(depth as u32)
@@ -791,8 +763,113 @@ async fn stream_chunks(
     ))
 }
 
-/// Chunks of at most this many bytes (small files) are read on the thread that encodes them.
+/// Chunks of at most this many bytes (small files) are read on the thread that encodes them,
+/// in batches of up to [`BATCH_CHUNKS`] chunks or [`BATCH_BYTES`] bytes.
 const SMALL_READ: usize = 64 << 10;
+const BATCH_CHUNKS: usize = 64;
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Hands chunks to the encoding threads and queues their frames for the data streams.
+struct Encoder {
+    /// A permit per job under way (read, waiting to encode, or encoding).
+    in_flight: Arc<Semaphore>,
+    /// A permit per encoding thread.
+    workers: Arc<Semaphore>,
+    tx: mpsc::Sender<Vec<Bytes>>,
+    /// Data-stream writers waiting for a frame.
+    waiting: Arc<AtomicUsize>,
+    tracker: Arc<Mutex<Tracker>>,
+    err_tx: mpsc::Sender<TransferError>,
+    haves: Arc<Haves>,
+    skipped: Arc<AtomicU64>,
+    /// With automatic compression: the bytes that went raw.
+    went_raw: Option<Arc<AtomicU64>>,
+    one_host: bool,
+}
+
+impl Encoder {
+    /// Starts reading and encoding `jobs` (one large chunk, or a batch of small ones) once a
+    /// job may start; their frames are queued together. A failure goes to the error channel.
+    async fn spawn(&self, mut jobs: Vec<ReadJob>) -> Result<(), TransferError> {
+        let internal = |e: &dyn std::fmt::Display| TransferError::Internal(e.to_string());
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| internal(&e))?;
+        let (tx, waiting, workers) = (self.tx.clone(), self.waiting.clone(), self.workers.clone());
+        let (tracker, err_tx, haves, skipped) = (
+            self.tracker.clone(),
+            self.err_tx.clone(),
+            self.haves.clone(),
+            self.skipped.clone(),
+        );
+        let (auto, one_host) = (self.went_raw.clone(), self.one_host);
+        tokio::spawn(async move {
+            let result = async {
+                // A large chunk is read through the disk back end before it waits for an
+                // encoding thread; small ones are read on that thread itself: for a few KiB
+                // the hand-offs to the disk thread and back cost more than the read.
+                let read = match jobs.as_slice() {
+                    [job] if job.len > SMALL_READ => Some(job.read().await?),
+                    _ => None,
+                };
+                let _cpu = workers.acquire_owned().await.map_err(|e| internal(&e))?;
+                // Automatic compression: every writer busy sending (or a frame queued)
+                // means the link is what holds the data back, so the CPU has time to
+                // shrink these chunks; a writer waiting with nothing queued means the link
+                // waits for the CPU, so they go as they are.
+                if let Some(raw) = auto.filter(|_| {
+                    one_host
+                        || (waiting.load(Ordering::Relaxed) > 0
+                            && tx.capacity() == tx.max_capacity())
+                }) {
+                    for job in &mut jobs {
+                        job.level = 0;
+                        raw.fetch_add(job.len as u64, Ordering::Relaxed);
+                    }
+                }
+                tokio::task::spawn_blocking(move || match (read, jobs.pop()) {
+                    (Some((f, buf)), Some(job)) => Ok(vec![job.encode(&f, buf.freeze())?]),
+                    (_, last) => encode_batch(jobs.into_iter().chain(last).collect()),
+                })
+                .await
+                .map_err(|e| internal(&e))?
+            }
+            .await;
+            match result {
+                Ok(chunks) => {
+                    {
+                        let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+                        for c in &chunks {
+                            if t.admit(c).is_ok() {
+                                t.verified(c.file, c.offset, c.hash);
+                            }
+                        }
+                    }
+                    let mut frames = Vec::with_capacity(2 * chunks.len());
+                    for c in chunks {
+                        if haves.skip(c.file, c.offset, &c.hash) {
+                            skipped.fetch_add(u64::from(c.raw_len), Ordering::Relaxed);
+                        } else {
+                            frames.push(c.frame_prefix());
+                            frames.push(c.payload);
+                        }
+                    }
+                    if !frames.is_empty() {
+                        let _ = tx.send(frames).await;
+                    }
+                }
+                Err(e) => {
+                    let _ = err_tx.try_send(e);
+                }
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+}
 
 /// One chunk to read and encode on a worker thread.
 struct ReadJob {
@@ -826,16 +903,7 @@ impl ReadJob {
             .read(f.clone(), self.offset, buf, self.cache)
             .wait();
         let buf = self.check_read(read)?;
-        self.encode(&f, buf)
-    }
-
-    /// Reads the chunk on this (blocking) thread, without the disk back end.
-    fn read_here(&self) -> Result<(std::fs::File, PoolBuf), TransferError> {
-        let f = std::fs::File::open(&self.path).map_err(|e| self.io_error(e))?;
-        let mut buf = self.pool.take_for_overwrite(self.len);
-        let read = crate::disk::threads::read_full(&f, self.offset, &mut buf, self.cache);
-        let buf = self.check_read(read.map(|got| (buf, got)))?;
-        Ok((f, buf))
+        self.encode(&f, buf.freeze())
     }
 
     /// Reads the chunk from an async task, so that reads queue on the disk back end while
@@ -856,6 +924,12 @@ impl ReadJob {
         read: std::io::Result<(PoolBuf, usize)>,
     ) -> Result<PoolBuf, TransferError> {
         let (buf, got) = read.map_err(|e| self.io_error(e))?;
+        self.check_len(got)?;
+        Ok(buf)
+    }
+
+    /// Fails if a read got `got` bytes, fewer than the chunk has.
+    fn check_len(&self, got: usize) -> Result<(), TransferError> {
         if got < self.len {
             return Err(TransferError::SourceChanged {
                 path: display_path(self.path.as_os_str().as_encoded_bytes()),
@@ -866,17 +940,35 @@ impl ReadJob {
                 ),
             });
         }
-        Ok(buf)
+        Ok(())
     }
 
     /// Checks that the file did not change under the read, then hashes and compresses.
     fn encode(
         self,
         f: &std::fs::File,
-        buf: PoolBuf,
+        data: Bytes,
     ) -> Result<mover_protocol::Chunk, TransferError> {
-        // A write during or before this read moves the file's mtime (or size): what was read
-        // may be a mix of two versions, so the transfer must not go on with it.
+        self.check_unchanged(f)?;
+        Ok(self.encode_read(data))
+    }
+
+    /// Hashes and compresses the chunk, read and checked.
+    fn encode_read(self, data: Bytes) -> mover_protocol::Chunk {
+        chunk::encode(
+            self.file,
+            self.offset,
+            self.size,
+            data,
+            self.level,
+            &self.pool,
+        )
+    }
+
+    /// Fails if the file changed since the scan. A write during or before a read moves the
+    /// file's mtime (or size): what was read may be a mix of two versions, so the transfer
+    /// must not go on with it.
+    fn check_unchanged(&self, f: &std::fs::File) -> Result<(), TransferError> {
         let meta = f.metadata().map_err(|e| self.io_error(e))?;
         let now = (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0));
         if meta.len() != self.size || now != self.mtime {
@@ -889,15 +981,39 @@ impl ReadJob {
                 },
             });
         }
-        Ok(chunk::encode(
-            self.file,
-            self.offset,
-            self.size,
-            buf,
-            self.level,
-            &self.pool,
-        ))
+        Ok(())
     }
+}
+
+/// Reads a batch of small chunks on this (blocking) thread into one buffer, one after the
+/// other, and encodes each from its part of it: their frames then share one allocation until
+/// the last is acknowledged, instead of a buffer each (thousands of small files may be in
+/// flight at once).
+fn encode_batch(jobs: Vec<ReadJob>) -> Result<Vec<mover_protocol::Chunk>, TransferError> {
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
+    };
+    let total = jobs.iter().map(|j| j.len).sum();
+    let mut buf = first.pool.take_for_overwrite(total);
+    let mut at = 0;
+    for job in &jobs {
+        let f = std::fs::File::open(&job.path).map_err(|e| job.io_error(e))?;
+        let part = &mut buf[at..at + job.len];
+        let got = crate::disk::threads::read_full(&f, job.offset, part, job.cache);
+        job.check_len(got.map_err(|e| job.io_error(e))?)?;
+        job.check_unchanged(&f)?;
+        at += job.len;
+    }
+    let all = buf.freeze();
+    let mut at = 0;
+    Ok(jobs
+        .into_iter()
+        .map(|job| {
+            let data = all.slice(at..at + job.len);
+            at += job.len;
+            job.encode_read(data)
+        })
+        .collect())
 }
 
 /// Whether every node of `plan` listens on a loopback address, so that all of them share
@@ -1030,6 +1146,73 @@ mod tests {
         r.need("a".into(), true, vec![]);
         let next = tokio::time::timeout(Duration::from_millis(100), r.wait(1)).await;
         assert!(next.is_err(), "b has not answered round 1");
+    }
+
+    fn job(path: PathBuf, file: u32, len: usize, pool: &Arc<Pool>) -> ReadJob {
+        let meta = std::fs::metadata(&path).unwrap();
+        ReadJob {
+            path,
+            file,
+            offset: 0,
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec() as u32),
+            len,
+            level: 0,
+            pool: pool.clone(),
+            disk: Arc::new(crate::disk::threads::Threads::start(1).unwrap()),
+            cache: crate::disk::SourceCache::Keep,
+        }
+    }
+
+    #[test]
+    fn a_batch_of_small_files_is_read_into_one_buffer_and_each_chunk_stands_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::new(chunk::buffer_capacity(1 << 20), 4);
+        let datas: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100 + 3000 * i as usize]).collect();
+        let jobs: Vec<_> = datas
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let path = dir.path().join(format!("f{i}"));
+                std::fs::write(&path, d).unwrap();
+                job(path, i as u32 + 1, d.len(), &pool)
+            })
+            .collect();
+        let chunks = encode_batch(jobs).unwrap();
+        assert_eq!(chunks.len(), 5);
+        for (i, (c, d)) in chunks.iter().zip(&datas).enumerate() {
+            assert_eq!(c.file, i as u32 + 1);
+            assert_eq!(
+                &c.payload[..],
+                &d[..],
+                "chunk {i} carries its own file's bytes"
+            );
+            assert_eq!(c.raw_len as usize, d.len());
+            let decoded = chunk::decode(c, d.len() as u64, &pool).unwrap();
+            assert_eq!(&decoded[..], &d[..]);
+        }
+        // All five share one buffer: it goes back to the pool once the last frame is gone.
+        let idle = pool.idle();
+        let last = chunks.into_iter().last().unwrap();
+        assert_eq!(pool.idle(), idle);
+        drop(last);
+        assert_eq!(pool.idle(), idle + 1);
+    }
+
+    #[test]
+    fn a_batch_fails_when_a_file_changed_since_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::new(chunk::buffer_capacity(1 << 20), 4);
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"first").unwrap();
+        std::fs::write(&b, b"second").unwrap();
+        let jobs = vec![job(a, 1, 5, &pool), job(b.clone(), 2, 6, &pool)];
+        std::fs::write(&b, b"sec").unwrap();
+        let err = encode_batch(jobs).unwrap_err();
+        assert!(
+            matches!(&err, TransferError::SourceChanged { path, .. } if path.ends_with("/b")),
+            "{err}"
+        );
     }
 
     #[test]
