@@ -14,8 +14,10 @@
 //! A receive that fails for a reason a rerun can fix (a lost link, a stopped source) keeps its
 //! staging area and its record, so the next transfer into the dataset resumes from them.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -1047,11 +1049,60 @@ struct Writer {
 }
 
 impl Writer {
-    /// Decompresses and writes an admitted chunk (on a blocking thread), then reads it back
+    /// Decompresses and writes admitted chunks (on a blocking thread), then reads each back
     /// and checks it against its hash: one check covers the bytes as received and as the disk
     /// holds them, and staging is only ever committed whole once every chunk passed. A chunk
-    /// that fails is missing again, to be asked for; only a write that fails is an error.
-    fn write(&self, mut chunk: Chunk) -> Result<(), TransferError> {
+    /// that fails is missing again, to be asked for; only a write that fails is an error
+    /// (the chunks after it are then missing again too). The chunks that passed go into the
+    /// record with one write.
+    fn write(&self, chunks: Vec<Chunk>) -> Result<(), TransferError> {
+        let mut landed = Vec::with_capacity(chunks.len());
+        let mut failure = None;
+        for chunk in chunks {
+            if failure.is_some() {
+                self.tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .failed(chunk.file, chunk.offset);
+                continue;
+            }
+            match self.land(chunk) {
+                Ok(Some(l)) => landed.push(l),
+                Ok(None) => {}
+                Err(e) => failure = Some(e),
+            }
+        }
+        let records: Vec<(&[u8], Recorded)> = landed
+            .iter()
+            .map(|(file, r)| {
+                let path = &self.staging.manifest().entries[*file as usize].path;
+                (path.as_slice(), *r)
+            })
+            .collect();
+        let recorded = if records.is_empty() {
+            Ok(())
+        } else {
+            self.record
+                .append_all(&records)
+                .map_err(|e| TransferError::Internal(format!("append to record: {e}")))
+        };
+        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        for (file, r) in &landed {
+            if recorded.is_ok() {
+                t.verified(*file, r.offset, r.hash);
+            } else {
+                t.failed(*file, r.offset);
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => recorded,
+        }
+    }
+
+    /// Writes one chunk and checks it as [`Writer::write`] says. Returns the chunk's file and
+    /// record when it passed, `None` when it is to be fetched again.
+    fn land(&self, mut chunk: Chunk) -> Result<Option<(u32, Recorded)>, TransferError> {
         if self.ctx.faults.flip_chunk() {
             let mut damaged = chunk.payload.to_vec();
             crate::fault::flip(&mut damaged);
@@ -1065,7 +1116,7 @@ impl Writer {
             Err(e) => {
                 tracing::warn!(path = %display_path(&entry.path), error = %e, "chunk failed verification; it will be fetched again");
                 self.refetch(&chunk);
-                return Ok(());
+                return Ok(None);
             }
         };
         // The frame is not needed any more: its buffer goes back to the pool before the
@@ -1093,42 +1144,27 @@ impl Writer {
         // writes go around the page cache) and checked against its hash: its only check here.
         let matched = checked.map(|buf| holds(&buf, len, chunk.offset, size, &chunk.hash));
         match matched {
-            Ok(true) => {}
+            Ok(true) => Ok(Some((
+                chunk.file,
+                Recorded {
+                    file_size: size,
+                    offset: chunk.offset,
+                    len: chunk.raw_len,
+                    hash: chunk.hash,
+                },
+            ))),
             Ok(false) => {
                 tracing::warn!(path = %display_path(&entry.path), offset = chunk.offset,
                     "chunk failed verification: read back from staging, it did not match its hash (damaged in transit, or the disk returned other bytes than were written); it will be fetched again");
                 self.refetch(&chunk);
-                return Ok(());
+                Ok(None)
             }
             Err(e) => {
                 self.tracker
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .failed(chunk.file, chunk.offset);
-                return Err(e.into());
-            }
-        }
-        let recorded = self
-            .record
-            .append(
-                &entry.path,
-                &Recorded {
-                    file_size: size,
-                    offset: chunk.offset,
-                    len: chunk.raw_len,
-                    hash: chunk.hash,
-                },
-            )
-            .map_err(|e| TransferError::Internal(format!("append to record: {e}")));
-        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-        match recorded {
-            Ok(()) => {
-                t.verified(chunk.file, chunk.offset, chunk.hash);
-                Ok(())
-            }
-            Err(e) => {
-                t.failed(chunk.file, chunk.offset);
-                Err(e)
+                Err(e.into())
             }
         }
     }
@@ -1153,7 +1189,7 @@ impl Writer {
             return Ok(());
         }
         let w = self.clone();
-        tokio::task::spawn_blocking(move || w.write(chunk))
+        tokio::task::spawn_blocking(move || w.write(vec![chunk]))
             .await
             .map_err(|e| TransferError::Internal(e.to_string()))?
     }
@@ -1241,6 +1277,18 @@ fn holds(buf: &[u8], len: usize, offset: u64, size: u64, hash: &[u8; 32]) -> boo
     buf.len() == len && chunk_hash(buf, offset, size) == *hash
 }
 
+/// Chunks taken in from a data stream and not yet handed to a worker thread.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<Chunk>,
+    /// Their raw bytes.
+    bytes: usize,
+}
+
+/// A batch goes to a worker thread once it holds this many chunks or bytes.
+const BATCH_CHUNKS: usize = 64;
+const BATCH_BYTES: usize = 1 << 20;
+
 /// Reads one data stream: forwards each frame to the children, then decodes and writes our
 /// own copy on a worker thread.
 struct DataJob {
@@ -1276,7 +1324,48 @@ impl DataJob {
         children: &mut Vec<Option<(String, SendStream)>>,
         join: &mut mpsc::UnboundedReceiver<(String, SendStream)>,
     ) -> Result<(), LinkError> {
-        while let Some(frame) = read_frame_pooled(recv, self.max_len, &self.pool).await? {
+        let mut batch = Batch::default();
+        let result = self.pump_into(&mut batch, recv, children, join).await;
+        // Chunks taken in are written whatever ended the stream.
+        let written = self.write_batch(&mut batch).await;
+        result.and(written)
+    }
+
+    /// Forwards and takes in frames until the stream ends. Chunks that arrive together (small
+    /// files: many frames in one burst of packets) go to a worker thread together, so that
+    /// each small file does not cost a hand-off of its own: a frame already received joins
+    /// the batch, and the batch is handed off whenever the next frame is not here yet or
+    /// the batch is full.
+    async fn pump_into(
+        &self,
+        batch: &mut Batch,
+        recv: &mut RecvStream,
+        children: &mut Vec<Option<(String, SendStream)>>,
+        join: &mut mpsc::UnboundedReceiver<(String, SendStream)>,
+    ) -> Result<(), LinkError> {
+        loop {
+            let next = read_frame_pooled(recv, self.max_len, &self.pool);
+            tokio::pin!(next);
+            let ready = if batch.chunks.is_empty() {
+                None
+            } else {
+                // One poll: the future stays pinned here and is awaited to its end below, so
+                // a frame half read is never dropped.
+                match std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
+                    Poll::Ready(frame) => Some(frame),
+                    Poll::Pending => None,
+                }
+            };
+            let frame = match ready {
+                Some(frame) => frame?,
+                None => {
+                    self.write_batch(batch).await?;
+                    next.await?
+                }
+            };
+            let Some(frame) = frame else {
+                return Ok(());
+            };
             while let Ok(s) = join.try_recv() {
                 children.push(Some(s));
             }
@@ -1318,26 +1407,42 @@ impl DataJob {
                     continue;
                 }
             }
-            let permit = self
-                .workers
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| LinkError::Closed)?;
-            let (writer, failure) = (writer.clone(), self.failure.clone());
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = writer.write(chunk) {
-                    failure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e);
-                }
-                // Let go of the staging area before the permit: whoever takes every permit
-                // may then own it.
-                drop(writer);
-                drop(permit);
-            });
+            batch.bytes += chunk.raw_len as usize;
+            batch.chunks.push(chunk);
+            if batch.chunks.len() >= BATCH_CHUNKS || batch.bytes >= BATCH_BYTES {
+                self.write_batch(batch).await?;
+            }
         }
+    }
+
+    /// Hands the batch's chunks to a worker thread once one is free.
+    async fn write_batch(&self, batch: &mut Batch) -> Result<(), LinkError> {
+        let chunks = std::mem::take(&mut batch.chunks);
+        batch.bytes = 0;
+        let Some(writer) = self.writer.clone().filter(|_| !chunks.is_empty()) else {
+            return Ok(());
+        };
+        let Ok(permit) = self.workers.clone().acquire_owned().await else {
+            // Never closed while data flows; the chunks are missing again if it ever is.
+            let mut t = writer.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &chunks {
+                t.failed(c.file, c.offset);
+            }
+            return Err(LinkError::Closed);
+        };
+        let failure = self.failure.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = writer.write(chunks) {
+                failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+            }
+            // Let go of the staging area before the permit: whoever takes every permit
+            // may then own it.
+            drop(writer);
+            drop(permit);
+        });
         Ok(())
     }
 
