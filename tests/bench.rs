@@ -275,7 +275,7 @@ async fn dial(c: &Cluster, me: &str, node: &str) -> (quinn::Endpoint, quinn::Con
     let ep = mover::net::client_endpoint("127.0.0.1:0".parse().unwrap(), client).unwrap();
     let cluster = mover::config::ClusterConfig::load(&c.cluster_file()).unwrap();
     let addr = cluster.address(node).unwrap().parse().unwrap();
-    let conn = mover::net::connect(&ep, addr, node).await.unwrap();
+    let conn = mover::net::connect(&ep, None, addr, node).await.unwrap();
     (ep, conn, id)
 }
 

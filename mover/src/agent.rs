@@ -74,6 +74,8 @@ pub(crate) struct Ctx {
     /// The cluster CA, which the controller's grants must chain to.
     pub roots: Arc<RootCertStore>,
     pub endpoint: quinn::Endpoint,
+    /// How to dial agents on this host (see [`crate::net::loopback_transport_config`]).
+    pub loopback_client: Option<quinn::ClientConfig>,
     pub registry: Mutex<HashMap<u64, Registration>>,
     /// Receives in progress, by dataset name: one at a time per dataset.
     pub active: Mutex<HashMap<String, Active>>,
@@ -177,6 +179,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let transport = Arc::new(crate::net::transport_config());
     let server = crate::tls::server_config(&identity, transport.clone())?;
     let client = crate::tls::client_config(&identity, transport)?;
+    let loopback_client = match crate::net::loopback_transport_config() {
+        Some(t) => Some(crate::tls::client_config(&identity, Arc::new(t))?),
+        None => None,
+    };
     let mut endpoint = crate::net::server_endpoint(cfg.listen, server)?;
     endpoint.set_default_client_config(client);
     tracing::info!(node = %cfg.node, listen = %cfg.listen, "agent listening");
@@ -186,6 +192,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg,
         roots: identity.roots(),
         endpoint: endpoint.clone(),
+        loopback_client,
         registry: Mutex::new(HashMap::new()),
         active: Mutex::new(HashMap::new()),
         replaced: Mutex::new(std::collections::VecDeque::new()),

@@ -231,7 +231,7 @@ pub(crate) async fn dial(
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = crate::net::client_endpoint(bind, client).map_err(Box::new)?;
-    let conn = crate::net::connect(&endpoint, addr, node)
+    let conn = crate::net::connect(&endpoint, None, addr, node)
         .await
         .map_err(Box::new)?;
     Ok((endpoint, conn))

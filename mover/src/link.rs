@@ -16,6 +16,7 @@ use mover_protocol::{manifest_frame_budget, Message, Open, Outcome, Plan};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 
+use crate::agent::Ctx;
 use crate::error::{LinkError, TransferError};
 use crate::frame::{read_message, write_message, write_parts};
 
@@ -53,11 +54,24 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 /// Where upstream messages go: the parent's control stream or the controller's.
 pub(crate) type Up = mpsc::Sender<Message>;
 
+impl Drop for Downlink {
+    fn drop(&mut self) {
+        // What each connection to the child saw, for whoever looks into a slow or lossy hop.
+        for c in &self.conns {
+            let s = c.stats();
+            tracing::debug!(child = %self.node, mtu = s.path.current_mtu,
+                rtt_us = s.path.rtt.as_micros() as u64, lost_packets = s.path.lost_packets,
+                congestion_events = s.path.congestion_events, datagrams = s.udp_tx.datagrams,
+                send_calls = s.udp_tx.ios, bytes = s.udp_tx.bytes, "connection to a child");
+        }
+    }
+}
+
 impl Downlink {
     /// Dials child `idx` of `open.plan`, hands it the transfer and the manifest, and waits
     /// until it is ready for data.
     pub async fn open(
-        endpoint: &quinn::Endpoint,
+        ctx: &Ctx,
         open: &Open,
         idx: usize,
         manifest: &Manifest,
@@ -75,9 +89,14 @@ impl Downlink {
         let mut conns = Vec::with_capacity(usize::from(open.connections));
         let window = crate::net::window_for(usize::from(open.connections));
         for _ in 0..open.connections {
-            let conn = crate::net::connect(endpoint, addr, &node.name)
-                .await
-                .map_err(LinkError::from)?;
+            let conn = crate::net::connect(
+                &ctx.endpoint,
+                ctx.loopback_client.as_ref(),
+                addr,
+                &node.name,
+            )
+            .await
+            .map_err(LinkError::from)?;
             // What this hop keeps unacknowledged, over all its connections to the child.
             conn.set_send_window(u64::from(window));
             conns.push(conn);
@@ -649,7 +668,7 @@ impl Relinker {
     /// accepts an `Open` from any node above it) and joins the link to the running transfer.
     /// Returns its events stream.
     async fn connect(self: &Arc<Self>, node: usize) -> Result<Option<RecvStream>, TransferError> {
-        let mut l = Downlink::open(&self.ctx.endpoint, &self.open, node, &self.manifest).await?;
+        let mut l = Downlink::open(&self.ctx, &self.open, node, &self.manifest).await?;
         tracing::info!(node = %l.node, "linked into the running transfer");
         for m in std::mem::take(&mut l.early) {
             let _ = self.up.send(m).await;

@@ -11,10 +11,16 @@ use std::time::Duration;
 use quinn::{EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Largest UDP payload we send or accept. Loopback carries 64 KiB packets; on real networks
-/// MTU discovery settles at what the path carries (1452 on plain Ethernet, ~8952 with jumbo
-/// frames).
+/// Largest UDP payload we accept, and send to a peer on this host (see
+/// [`loopback_transport_config`]).
 const MAX_UDP_PAYLOAD: u16 = 65_000;
+
+/// Largest UDP payload MTU discovery tries on other paths: what the path carries (1452 on
+/// plain Ethernet) up to this. quinn hands the kernel up to 10 packets at once as one
+/// segmented send (GSO), and one send cannot exceed 64 KiB: with larger packets every such
+/// send failed, the losses looked like an MTU black hole, and quinn fell back to 1,200-byte
+/// packets for a minute. Jumbo-frame paths (8952) run at this size instead.
+const MAX_GSO_PAYLOAD: u16 = 6_500;
 
 /// UDP socket buffers we ask the kernel for; the defaults (~200 KiB) drop packets at
 /// multi-gigabit rates.
@@ -120,13 +126,48 @@ pub fn transport_config() -> TransportConfig {
     // Default 30 s. A peer that vanishes (killed, unplugged) is noticed after this long; a
     // clean shutdown is noticed at once. Short, so a dead hop does not hold up the chain.
     config.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE_TIMEOUT_MS))));
-    // Default upper bound 1452 would keep loopback and jumbo-frame LANs at small packets.
+    // Default upper bound 1452 would keep jumbo-frame LANs at small packets.
     let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu.upper_bound(MAX_GSO_PAYLOAD);
     config.mtu_discovery_config(Some(mtu));
     // Default 333 ms is for the internet; on a LAN it makes early loss recovery very slow.
     config.initial_rtt(Duration::from_millis(10));
     config
+}
+
+/// Transport settings for dialing a peer on this very host, if loopback's MTU is known: its
+/// largest datagrams (up to [`MAX_UDP_PAYLOAD`]) from the first packet on, one per send
+/// (segmented sends of them would pass the 64 KiB limit of one send). A tenth of the packets
+/// of [`transport_config`]'s for the same bytes, and the CPU each packet costs at both ends.
+pub fn loopback_transport_config() -> Option<TransportConfig> {
+    let mtu: u32 = std::fs::read_to_string("/sys/class/net/lo/mtu")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // Room for an IPv6 and a UDP header (more than IPv4 needs).
+    let payload = u16::try_from(mtu.saturating_sub(48))
+        .unwrap_or(u16::MAX)
+        .min(MAX_UDP_PAYLOAD);
+    if payload <= MAX_GSO_PAYLOAD {
+        return None;
+    }
+    let mut config = transport_config();
+    let mut discovery = MtuDiscoveryConfig::default();
+    discovery.upper_bound(payload);
+    // Loss here is a receiver that fell behind, not a path that shrank: should quinn take it
+    // for an MTU black hole, it goes back up soon.
+    discovery.black_hole_cooldown(Duration::from_secs(1));
+    // quinn's first congestion window (14,720 bytes) would not hold one such datagram, and
+    // nothing would ever be sent.
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(16 * u64::from(payload));
+    config
+        .initial_mtu(payload)
+        .mtu_discovery_config(Some(discovery))
+        .enable_segmentation_offload(false)
+        .congestion_controller_factory(Arc::new(cubic));
+    Some(config)
 }
 
 /// An endpoint that accepts connections on `addr`. Must be called inside a tokio runtime.
@@ -171,19 +212,23 @@ pub fn client_endpoint(
 }
 
 /// Connects to the agent `node` at `addr`; the handshake fails unless the server's certificate
-/// names `node`.
+/// names `node`. A loopback `addr` is dialed with `loopback` where given (see
+/// [`loopback_transport_config`]).
 pub async fn connect(
     endpoint: &quinn::Endpoint,
+    loopback: Option<&quinn::ClientConfig>,
     addr: SocketAddr,
     node: &str,
 ) -> Result<quinn::Connection, NetError> {
-    let connecting = endpoint
-        .connect(addr, node)
-        .map_err(|source| NetError::Connect {
-            node: node.to_owned(),
-            addr,
-            source,
-        })?;
+    let connecting = match loopback.filter(|_| addr.ip().is_loopback()) {
+        Some(config) => endpoint.connect_with(config.clone(), addr, node),
+        None => endpoint.connect(addr, node),
+    }
+    .map_err(|source| NetError::Connect {
+        node: node.to_owned(),
+        addr,
+        source,
+    })?;
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(source)) => Err(NetError::Handshake {
@@ -352,7 +397,7 @@ mod tests {
         let addr = server.local_addr().expect("server addr");
         let client = dialer(&paths(dir.path(), "controller"));
         let accepted = accept_one(&server);
-        let conn = timeout(WAIT, connect(&client, addr, "east1"))
+        let conn = timeout(WAIT, connect(&client, None, addr, "east1"))
             .await
             .expect("connect in time")
             .expect("handshake succeeds");
@@ -373,7 +418,7 @@ mod tests {
         let client = dialer(&paths(dir.path(), "controller"));
         let accepted = accept_one(&server);
 
-        let conn = timeout(WAIT, connect(&client, addr, "east1"))
+        let conn = timeout(WAIT, connect(&client, None, addr, "east1"))
             .await
             .expect("connect in time")
             .expect("handshake succeeds");
@@ -507,6 +552,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn loopback_peers_send_their_largest_packets_from_the_start() {
+        let Some(lo) = loopback_transport_config() else {
+            eprintln!("SKIPPED: loopback's MTU is unknown here (no /sys/class/net/lo/mtu)");
+            return;
+        };
+        let dir = cluster(&["east1", "east2"]);
+        let server = listener(&paths(dir.path(), "east1"));
+        let addr = server.local_addr().expect("server addr");
+        let node = paths(dir.path(), "east2");
+        let client = dialer(&node);
+        let id = Identity::load(&node).expect("identity");
+        let lo_client = tls::client_config(&id, Arc::new(lo)).expect("loopback client config");
+        let accepted = accept_one(&server);
+        let conn = timeout(WAIT, connect(&client, Some(&lo_client), addr, "east1"))
+            .await
+            .expect("connect in time")
+            .expect("handshake succeeds");
+        let (server_conn, _) = timeout(WAIT, accepted)
+            .await
+            .expect("accept in time")
+            .expect("accept task")
+            .expect("an incoming connection")
+            .expect("server handshake succeeds");
+        assert!(
+            conn.stats().path.current_mtu > 9000,
+            "mtu {}",
+            conn.stats().path.current_mtu
+        );
+        // 8 MiB arrive whole, in far fewer datagrams than 1,200-byte packets would take.
+        let data = vec![7u8; 8 << 20];
+        let mut send = conn.open_uni().await.expect("open stream");
+        let sent = tokio::spawn(async move {
+            send.write_all(&data).await.expect("write");
+            send.finish().expect("finish");
+            send.stopped().await.ok();
+        });
+        let mut recv = timeout(WAIT, server_conn.accept_uni())
+            .await
+            .expect("stream in time")
+            .expect("a stream");
+        let got = timeout(WAIT, recv.read_to_end(16 << 20))
+            .await
+            .expect("read in time")
+            .expect("read");
+        assert_eq!(got.len(), 8 << 20);
+        assert!(got.iter().all(|&b| b == 7));
+        sent.await.expect("sender");
+        let datagrams = conn.stats().udp_tx.datagrams;
+        assert!(datagrams < (8 << 20) / 9000, "{datagrams} datagrams");
+    }
+
+    #[tokio::test]
     async fn server_refuses_client_of_another_ca() {
         let ours = cluster(&["east1"]);
         let theirs = cluster(&[]);
@@ -525,7 +622,7 @@ mod tests {
 
         // With TLS 1.3 the client may finish its side before the server checks its cert, so the
         // refusal shows either as a failed connect or as the connection closing.
-        match timeout(WAIT, connect(&client, addr, "east1"))
+        match timeout(WAIT, connect(&client, None, addr, "east1"))
             .await
             .expect("connect in time")
         {
@@ -561,7 +658,7 @@ mod tests {
         let client = dialer(&paths(theirs.path(), "controller"));
         let accepted = accept_one(&server);
 
-        let err = timeout(WAIT, connect(&client, addr, "east1"))
+        let err = timeout(WAIT, connect(&client, None, addr, "east1"))
             .await
             .expect("connect in time")
             .expect_err("client must refuse");
@@ -582,7 +679,7 @@ mod tests {
         let client = dialer(&paths(dir.path(), "controller"));
         let _accepted = accept_one(&server);
 
-        let err = timeout(WAIT, connect(&client, addr, "east2"))
+        let err = timeout(WAIT, connect(&client, None, addr, "east2"))
             .await
             .expect("connect in time")
             .expect_err("wrong node must fail");

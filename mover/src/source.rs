@@ -537,7 +537,7 @@ pub(crate) async fn open_children(
     let mut links = Vec::new();
     let mut todo: std::collections::VecDeque<usize> = plan.children(me).into();
     while let Some(child) = todo.pop_front() {
-        match Downlink::open(&ctx.endpoint, open, child, manifest).await {
+        match Downlink::open(ctx, open, child, manifest).await {
             Ok(l) => links.push(l),
             Err(e) => {
                 let name = &plan.nodes()[child].name;

@@ -53,7 +53,7 @@ async fn an_agent_dialled_by_another_nodes_name_fails_the_handshake() {
     // east1's certificate answers at this address; a peer that means to reach east2 must not
     // accept it.
     let ep = client(&agent, "west1");
-    let err = mover::net::connect(&ep, agent.addr, "east2")
+    let err = mover::net::connect(&ep, None, agent.addr, "east2")
         .await
         .expect_err("east1's certificate passed for east2");
     let text = err.to_string();
@@ -137,7 +137,7 @@ async fn a_node_certificate_cannot_start_a_transfer() {
 
     // The same Start from the controller does reach the listener: the check above could fail.
     let ctl = client(&agent, "controller");
-    let conn = mover::net::connect(&ctl, agent.addr, "east1")
+    let conn = mover::net::connect(&ctl, None, agent.addr, "east1")
         .await
         .unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();

@@ -51,7 +51,7 @@ pub(super) async fn link(ctx: &Arc<Ctx>, test: LinkTest) -> Result<LinkStats, St
     let mut conns = Vec::with_capacity(usize::from(test.connections));
     for _ in 0..test.connections {
         conns.push(
-            crate::net::connect(&ctx.endpoint, addr, &test.to)
+            crate::net::connect(&ctx.endpoint, ctx.loopback_client.as_ref(), addr, &test.to)
                 .await
                 .map_err(|e| e.to_string())?,
         );
