@@ -131,7 +131,9 @@ pub fn client(agent: &Agent, node: &str) -> quinn::Endpoint {
 /// Connects to east1 as `node`, a legitimate member of the cluster that may behave badly.
 pub async fn connect_as(agent: &Agent, node: &str) -> (quinn::Endpoint, quinn::Connection) {
     let ep = client(agent, node);
-    let conn = mover::net::connect(&ep, None, agent.addr, "east1").await.unwrap();
+    let conn = mover::net::connect(&ep, None, agent.addr, "east1")
+        .await
+        .unwrap();
     (ep, conn)
 }
 
