@@ -329,9 +329,16 @@ pub fn client_config(
     Ok(config)
 }
 
-/// The ring provider, chosen explicitly so no process-wide default is needed.
+/// The ring provider, chosen explicitly so no process-wide default is needed, with
+/// AES-128-GCM put first: every byte a transfer moves is encrypted at one end and decrypted
+/// at the other, and AES-128 takes 10 rounds per block where AES-256 (ring's first choice)
+/// takes 14. AES-128-GCM is the suite TLS 1.3 requires every implementation to have.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 fn config_error(e: impl fmt::Display) -> TlsError {
@@ -445,6 +452,14 @@ mod tests {
         let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
         certs::init(dir.path(), &nodes).expect("init certs");
         dir
+    }
+
+    #[test]
+    fn aes_128_gcm_is_offered_first_and_the_others_still_accepted() {
+        let suites: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        assert!(suites.contains(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384));
+        assert!(suites.contains(&rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256));
     }
 
     fn paths(dir: &Path, stem: &str) -> TlsPaths {
