@@ -393,11 +393,22 @@ mod tests {
     /// the connection's life), the controller's side and east1's.
     async fn controller_to_east1() -> (tempfile::TempDir, quinn::Connection, quinn::Connection) {
         let dir = cluster(&["east1"]);
-        let server = listener(&paths(dir.path(), "east1"));
-        let addr = server.local_addr().expect("server addr");
         let client = dialer(&paths(dir.path(), "controller"));
+        let (conn, server_conn) = to_east1(dir.path(), &client, None).await;
+        (dir, conn, server_conn)
+    }
+
+    /// `client` connected (with `loopback` as [`connect`] says) to a new listener for east1 of
+    /// the cluster in `dir`: both ends.
+    async fn to_east1(
+        dir: &Path,
+        client: &quinn::Endpoint,
+        loopback: Option<&quinn::ClientConfig>,
+    ) -> (quinn::Connection, quinn::Connection) {
+        let server = listener(&paths(dir, "east1"));
+        let addr = server.local_addr().expect("server addr");
         let accepted = accept_one(&server);
-        let conn = timeout(WAIT, connect(&client, None, addr, "east1"))
+        let conn = timeout(WAIT, connect(client, loopback, addr, "east1"))
             .await
             .expect("connect in time")
             .expect("handshake succeeds");
@@ -407,7 +418,7 @@ mod tests {
             .expect("accept task")
             .expect("an incoming connection")
             .expect("server handshake succeeds");
-        (dir, conn, server_conn)
+        (conn, server_conn)
     }
 
     #[tokio::test]
@@ -558,23 +569,11 @@ mod tests {
             return;
         };
         let dir = cluster(&["east1", "east2"]);
-        let server = listener(&paths(dir.path(), "east1"));
-        let addr = server.local_addr().expect("server addr");
         let node = paths(dir.path(), "east2");
         let client = dialer(&node);
         let id = Identity::load(&node).expect("identity");
         let lo_client = tls::client_config(&id, Arc::new(lo)).expect("loopback client config");
-        let accepted = accept_one(&server);
-        let conn = timeout(WAIT, connect(&client, Some(&lo_client), addr, "east1"))
-            .await
-            .expect("connect in time")
-            .expect("handshake succeeds");
-        let (server_conn, _) = timeout(WAIT, accepted)
-            .await
-            .expect("accept in time")
-            .expect("accept task")
-            .expect("an incoming connection")
-            .expect("server handshake succeeds");
+        let (conn, server_conn) = to_east1(dir.path(), &client, Some(&lo_client)).await;
         assert!(
             conn.stats().path.current_mtu > 9000,
             "mtu {}",
