@@ -355,6 +355,43 @@ fn a_dead_first_hop_is_linked_around() {
 }
 
 #[test]
+fn a_commit_report_lost_on_the_way_up_is_asked_for_again() {
+    let mut c = Cluster::start(&["west1", "east1", "east2"]);
+    // east1 loses east2's commit report, as if the link broke just before it arrived.
+    c.stop_agent("east1", SIGTERM);
+    c.start_agent_with_env("east1", &[("MOVER_TEST_DROP_COMMIT_REPORTS", "1")]);
+    mixed_tree(&c.data("west1"), 4 << 20);
+    let send = c.spawn_send("west1:data", "east1,east2", &[]);
+    let (code, summary) = Cluster::finish_send(send);
+    assert_eq!(code, Some(0), "{summary}");
+    for t in ["east1", "east2"] {
+        assert_eq!(target(&summary, t)["result"], "committed", "{t}: {summary}");
+        assert_same_tree(&c.data("west1"), &c.data(t));
+    }
+    assert_eq!(
+        target(&summary, "east2")["digest"],
+        target(&summary, "east1")["digest"],
+        "{summary}"
+    );
+    // east1 dialed east2 again, and east2 answered with its report rather than run the
+    // transfer a second time.
+    let log = c.log("east1");
+    assert!(
+        log.contains("TEST FAULT: dropping a commit report"),
+        "{log}"
+    );
+    assert!(
+        log.contains("linked to again, it had committed already"),
+        "{log}"
+    );
+    let log = c.log("east2");
+    assert!(
+        log.contains("transfer committed here already; reporting it again"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_relay_stopped_while_passing_end_on_is_linked_past_and_its_child_still_commits() {
     let mut c = Cluster::start(&["west1", "east1", "east2", "east3"]);
     // east2 holds the source's End back for a while before passing it on to east3.
@@ -388,11 +425,14 @@ fn a_relay_stopped_while_passing_end_on_is_linked_past_and_its_child_still_commi
         assert_same_tree(&c.data("west1"), &c.data(t));
     }
     assert_eq!(target(&summary, "east2")["result"], "failed", "{summary}");
+    // Either east1 linked past east2 first and passed End on, or east2, stopping, passed End
+    // on itself and east3 committed, its report lost with east2: east1 then learns of the
+    // commit when it links to east3.
+    let log = c.log("east1");
     assert!(
-        c.log("east1")
-            .contains("passing End to a node linked in after it"),
-        "{}",
-        c.log("east1")
+        log.contains("passing End to a node linked in after it")
+            || log.contains("linked to again, it had committed already"),
+        "{log}"
     );
     // east2 had End in hand when it was stopped: if it committed on its way down, its copy
     // is whole.

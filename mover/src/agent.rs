@@ -1,12 +1,12 @@
 //! The agent: one long-running process per database host that sends, receives and relays
 //! transfers for the datasets its own configuration names.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mover_protocol::{manifest_frame_budget, Message, Open};
+use mover_protocol::{manifest_frame_budget, Message, Open, Outcome};
 use quinn::RecvStream;
 use rustls::pki_types::UnixTime;
 use rustls::RootCertStore;
@@ -83,8 +83,10 @@ pub(crate) struct Ctx {
     /// senders may not bring them back.
     pub replaced: Mutex<std::collections::VecDeque<u64>>,
     generations: std::sync::atomic::AtomicU64,
-    /// Transfers this agent committed since it started: a replayed grant cannot run one again.
-    committed: Mutex<HashSet<u64>>,
+    /// Transfers this agent committed since it started, with what it reported: a replayed
+    /// grant cannot run one again, and a node linking in again past a dead relay learns that
+    /// this one finished.
+    committed: Mutex<HashMap<u64, Outcome>>,
     pub faults: crate::fault::Faults,
     /// The hook steps run for the controller, recorded under the state directory.
     pub ledger: crate::hookrun::Ledger,
@@ -101,10 +103,9 @@ impl Ctx {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Checks that the cluster's controller granted the transfer `open` belongs to, and that
-    /// this agent has not committed it already; the reason to refuse it otherwise. A valid
-    /// certificate lets a node send `Open`, but only the controller may start a transfer, and
-    /// a node that kept the grant of one may not run it again.
+    /// Checks that the cluster's controller granted the transfer `open` belongs to; the reason
+    /// to refuse it otherwise. A valid certificate lets a node send `Open`, but only the
+    /// controller may start a transfer.
     pub fn check_grant(&self, open: &Open) -> Result<(), String> {
         crate::tls::verify_grant(
             &self.roots,
@@ -117,29 +118,26 @@ impl Ctx {
                 "{} refused: the transfer is not signed by the cluster's controller: {e}",
                 self.node
             )
-        })?;
-        // A rerun gets a new transfer id from the controller, and a re-link reuses the id only
-        // for targets that have not committed: refusing committed ids stops replays alone.
-        if self
-            .committed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&open.transfer_id)
-        {
-            return Err(format!(
-                "{} refused: transfer {:016x} was already committed here",
-                self.node, open.transfer_id
-            ));
-        }
-        Ok(())
+        })
     }
 
-    /// Records that this agent committed `transfer_id`.
-    pub fn note_committed(&self, transfer_id: u64) {
+    /// What this agent reported when it committed `transfer_id`, if it did. A rerun gets a new
+    /// transfer id from the controller, and a re-link reuses the id: a node that kept the grant
+    /// of a committed transfer gets this report back instead of running it again.
+    pub fn committed(&self, transfer_id: u64) -> Option<Outcome> {
         self.committed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(transfer_id);
+            .get(&transfer_id)
+            .cloned()
+    }
+
+    /// Records that this agent committed `transfer_id`, and what it reported.
+    pub fn note_committed(&self, transfer_id: u64, outcome: &Outcome) {
+        self.committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(transfer_id, outcome.clone());
     }
 }
 
@@ -197,7 +195,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         active: Mutex::new(HashMap::new()),
         replaced: Mutex::new(std::collections::VecDeque::new()),
         generations: std::sync::atomic::AtomicU64::new(1),
-        committed: Mutex::new(HashSet::new()),
+        committed: Mutex::new(HashMap::new()),
         faults: crate::fault::Faults::from_env(),
         ledger,
         disk,

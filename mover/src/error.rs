@@ -116,6 +116,10 @@ pub enum TransferError {
     UnknownDataset { node: String, dataset: String },
     #[error("refused: {0}")]
     Refused(String),
+    /// The node had committed this transfer before it was linked in again (its report went to
+    /// a relay that died); what it reported then.
+    #[error("it had committed this transfer already")]
+    AlreadyCommitted(mover_protocol::Outcome),
     #[error("transfer incomplete: {missing} chunks never arrived")]
     Incomplete { missing: u64 },
     #[error("tree digest mismatch: what this node holds differs from what the source sent")]

@@ -7,6 +7,8 @@
 //!   chunks it writes, after the write and before it reads the chunk back to check it.
 //! - `MOVER_TEST_HOLD_END_MS=N`: a relay waits N ms after its parent's `End` before passing it
 //!   on, so that a test can stop it in that window.
+//! - `MOVER_TEST_DROP_COMMIT_REPORTS=N`: a relay drops the first N reports of a commit that
+//!   its children send up, as if the link had been lost just before they arrived.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,6 +18,7 @@ pub(crate) struct Faults {
     flip_chunks: AtomicU64,
     flip_staging: AtomicU64,
     hold_end_ms: u64,
+    drop_commit_reports: AtomicU64,
 }
 
 impl Faults {
@@ -34,6 +37,7 @@ impl Faults {
             flip_chunks: AtomicU64::new(get("MOVER_TEST_FLIP_CHUNKS")),
             flip_staging: AtomicU64::new(get("MOVER_TEST_FLIP_STAGING")),
             hold_end_ms: get("MOVER_TEST_HOLD_END_MS"),
+            drop_commit_reports: AtomicU64::new(get("MOVER_TEST_DROP_COMMIT_REPORTS")),
         }
     }
 
@@ -51,6 +55,11 @@ impl Faults {
     /// How long a relay holds its parent's `End` back.
     pub fn hold_end(&self) -> Option<std::time::Duration> {
         (self.hold_end_ms > 0).then(|| std::time::Duration::from_millis(self.hold_end_ms))
+    }
+
+    /// Whether to drop the commit report a child just sent up.
+    pub fn drop_commit_report(&self) -> bool {
+        Self::take(&self.drop_commit_reports)
     }
 
     /// Whether to damage the chunk just written to staging.

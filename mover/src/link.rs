@@ -26,6 +26,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Bytes of manifest per part, well under the frame bound.
 const MANIFEST_PART_BYTES: usize = 1 << 20;
+/// How long a child that stopped reading the `Open` has to say why.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 /// Connection close codes.
 pub(crate) mod close {
@@ -102,8 +104,26 @@ impl Downlink {
             conns.push(conn);
         }
         let (mut control, mut events) = conns[0].open_bi().await.map_err(LinkError::from)?;
-        write_message(&mut control, &Message::Open(open.clone())).await?;
-        send_manifest(&mut control, manifest).await?;
+        let sent = match write_message(&mut control, &Message::Open(open.clone())).await {
+            Ok(()) => send_manifest(&mut control, manifest).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            // A child that refuses, or had committed, answers and stops reading: its answer
+            // says more than the failed write.
+            let answer = tokio::time::timeout(
+                ANSWER_WAIT,
+                read_message(&mut events, manifest_frame_budget()),
+            )
+            .await;
+            return Err(match answer {
+                Ok(Ok(Message::Report { node: n, outcome })) if n == node.name => match outcome {
+                    Outcome::Failed { reason, .. } => TransferError::Refused(reason),
+                    committed => TransferError::AlreadyCommitted(committed),
+                },
+                _ => e.into(),
+            });
+        }
         let subtree: HashSet<&str> = std::iter::once(idx)
             .chain(open.plan.descendants(idx))
             .map(|i| open.plan.nodes()[i].name.as_str())
@@ -157,6 +177,10 @@ impl Downlink {
                     node,
                     outcome: Outcome::Failed { reason, .. },
                 } if node == node_name => return Err(TransferError::Refused(reason)),
+                Message::Report {
+                    node,
+                    outcome: outcome @ Outcome::Committed { .. },
+                } if node == node_name => return Err(TransferError::AlreadyCommitted(outcome)),
                 m @ Message::Report { .. } => {
                     let Message::Report { node, .. } = &m else {
                         continue;
@@ -243,14 +267,24 @@ pub(crate) async fn send_manifest(send: &mut SendStream, m: &Manifest) -> Result
 /// stream.
 pub(crate) async fn refuse(send: &mut SendStream, node: &str, reason: String) {
     tracing::warn!(%reason, "refused a request");
+    answer(
+        send,
+        node,
+        Outcome::Failed {
+            reason,
+            retryable: false,
+        },
+    )
+    .await;
+}
+
+/// Answers a request with this node's `outcome` alone, and ends the stream.
+pub(crate) async fn answer(send: &mut SendStream, node: &str, outcome: Outcome) {
     let _ = write_message(
         send,
         &Message::Report {
             node: node.to_owned(),
-            outcome: Outcome::Failed {
-                reason,
-                retryable: false,
-            },
+            outcome,
         },
     )
     .await;
@@ -374,7 +408,16 @@ pub(crate) async fn relay_events(
                 let _ = up.send(m).await;
             }
             Ok(Message::Report { node, outcome }) if names.contains(node.as_str()) => {
-                if matches!(outcome, Outcome::Committed { .. }) {
+                let committed_report = matches!(outcome, Outcome::Committed { .. });
+                if committed_report
+                    && relinker
+                        .as_ref()
+                        .is_some_and(|r| r.ctx.faults.drop_commit_report())
+                {
+                    tracing::warn!(%node, "TEST FAULT: dropping a commit report");
+                    continue;
+                }
+                if committed_report {
                     committed.insert(node.clone());
                 }
                 reported.insert(node.clone());
@@ -614,6 +657,11 @@ impl Relinker {
                 }
                 match self.connect(failed).await {
                     Ok(events) => return events.map(|e| (e, failed)).into_iter().collect(),
+                    Err(TransferError::AlreadyCommitted(outcome)) => {
+                        return self
+                            .committed_before(plan, failed, outcome, reason, unreported)
+                            .await;
+                    }
                     Err(e) if e.endpoint_stopping() => {
                         // This agent is stopping: its parent takes over the nodes below it,
                         // so it reports none of them failed.
@@ -652,6 +700,11 @@ impl Relinker {
             match self.connect(below).await {
                 Ok(events) => linked.extend(events.map(|e| (e, below))),
                 Err(e) if e.endpoint_stopping() => return linked,
+                Err(TransferError::AlreadyCommitted(outcome)) => {
+                    let why = format!("upstream relay {name} failed: {reason}");
+                    let more = self.committed_before(plan, below, outcome, why, rest).await;
+                    linked.extend(more);
+                }
                 Err(e) => {
                     let why = format!(
                         "upstream relay {name} failed ({reason}) and {b} could not be reached: {e}"
@@ -662,6 +715,33 @@ impl Relinker {
             }
         }
         linked
+    }
+
+    /// `node`, linked to again, had committed already: its report went to a link that was
+    /// lost. Reports it, then links to the unreported nodes below it (each of which may have
+    /// committed too, and says so when linked to). Returns their events streams.
+    async fn committed_before(
+        self: &Arc<Self>,
+        plan: &Arc<Plan>,
+        node: usize,
+        outcome: Outcome,
+        reason: String,
+        unreported: Vec<usize>,
+    ) -> Vec<(RecvStream, usize)> {
+        let name = plan.nodes()[node].name.clone();
+        tracing::info!(node = %name, "linked to again, it had committed already");
+        let _ = self
+            .up
+            .send(Message::Report {
+                node: name,
+                outcome,
+            })
+            .await;
+        let rest: Vec<usize> = unreported.into_iter().filter(|&i| i != node).collect();
+        if rest.is_empty() {
+            return Vec::new();
+        }
+        self.establish(plan, node, reason, rest).await
     }
 
     /// Links this node to `node` (its parent from now on, with the same signed plan: a node

@@ -89,6 +89,13 @@ pub(crate) async fn run(
         .await;
         return;
     }
+    if let Some(outcome) = ctx.committed(open.transfer_id) {
+        // A node linking in again past a dead relay (or replaying a kept grant): this one
+        // finished already, and says so rather than run the transfer twice.
+        tracing::info!(%parent, "transfer committed here already; reporting it again");
+        link::answer(&mut control, &ctx.node, outcome).await;
+        return;
+    }
     // Everything upstream (Have, Ready, then this subtree's events) goes through one pump; a
     // receive that fails before Ready sends its Report instead, which the parent reads.
     let (up_tx, up_rx) = mpsc::channel::<Message>(1024);
@@ -313,6 +320,19 @@ impl Receive<'_> {
             &self.parent_conn,
         )
         .await?;
+        if let Some(outcome) = ctx.committed(self.open.transfer_id) {
+            // The receive this one took over from committed while it let go.
+            tracing::info!("transfer committed here already; reporting it again");
+            self.reported.store(true, Ordering::Relaxed);
+            let _ = self
+                .up
+                .send(Message::Report {
+                    node: ctx.node.clone(),
+                    outcome,
+                })
+                .await;
+            return Ok(());
+        }
 
         // The manifest, checked entry by entry as it arrives.
         let manifest = tokio::time::timeout(MANIFEST_TIMEOUT, read_manifest(&mut ctl))
@@ -596,20 +616,21 @@ impl Receive<'_> {
             .and_then(|s| s.staging.take())
             .ok_or_else(|| TransferError::Internal("no staging area".into()))?;
         commit(staging, prepare).await?;
-        self.ctx.note_committed(self.open.transfer_id);
+        let outcome = Outcome::Committed {
+            bytes,
+            files,
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            digest,
+            held: held_bytes,
+            repaired: counts.repaired.load(Ordering::Relaxed),
+        };
+        self.ctx.note_committed(self.open.transfer_id, &outcome);
         tracing::info!(bytes, files, "committed");
         let _ = self
             .up
             .send(Message::Report {
                 node: self.ctx.node.clone(),
-                outcome: Outcome::Committed {
-                    bytes,
-                    files,
-                    elapsed_ms: self.started.elapsed().as_millis() as u64,
-                    digest,
-                    held: held_bytes,
-                    repaired: counts.repaired.load(Ordering::Relaxed),
-                },
+                outcome,
             })
             .await;
         Ok(())
