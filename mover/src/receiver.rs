@@ -589,13 +589,12 @@ impl Receive<'_> {
         result
     }
 
-    /// Chunks decoded and written at once: one per worker thread, no more than the chunk
-    /// memory budget holds.
+    /// Chunks decoded and written at once: twice the worker threads, since each write holds
+    /// its thread while the device writes it and then reads it back, and the CPU should have
+    /// other chunks to decode and check meanwhile (as the source reads ahead of its encoders);
+    /// no more than the chunk memory budget holds.
     fn writing(&self) -> usize {
-        self.ctx
-            .cfg
-            .workers()
-            .min(crate::chunk::budget(self.open.chunk_size))
+        (2 * self.ctx.cfg.workers()).min(crate::chunk::budget(self.open.chunk_size))
     }
 
     /// Makes the staging area the dataset and reports it.
