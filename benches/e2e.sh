@@ -362,7 +362,10 @@ listening() { # node-index port: waits (at most 5 s) until a TCP listener is up 
 
 trash="$dir/trash" trash_n=0 trash_kb=0 # copies moved aside (a kept --dir's from earlier runs too)
 if [ -d "$trash" ]; then trash_kb=$(du -sk "$trash"); trash_kb=${trash_kb%%[[:space:]]*}; fi
-trash_max_kb=$(($(df --output=avail -k "$dir" | tail -1) / 4))
+# A quarter of the space free once the copies moved aside are gone (worked out again after
+# each bulk delete: a run that found a large trash would otherwise delete every few scenarios).
+trash_max() { echo $((($(df --output=avail -k "$dir" | tail -1) + trash_kb) / 4)); }
+trash_max_kb=$(trash_max)
 clear_targets() {
   local n d kb
   for n in "${nodes[@]:1}"; do
@@ -378,6 +381,7 @@ clear_targets() {
     echo "  (deleting $((trash_kb / 1024)) MiB of earlier copies, then ${settle_s} s for ext4 to let their inodes go)"
     rm -rf "$trash"; trash_kb=0
     sync
+    trash_max_kb=$(trash_max)
     sleep "$settle_s"
   fi
   sync
