@@ -380,22 +380,22 @@ warm_up() {
     if [ -d "$t" ]; then tar -C "$t" -cf - . | cat > /dev/null; fi
   done
   want_main && [ -d "$dir/west1/data" ] || return 0
-  local kb
   cp -a "$dir/west1/data" "$dir/east1/warm-up"
   sync
-  kb=$(du -sk "$dir/east1/warm-up"); kb=${kb%%[[:space:]]*}
-  mkdir -p "$trash"; trash_n=$((trash_n + 1)); mv "$dir/east1/warm-up" "$trash/$$-$trash_n"
+  to_trash "$dir/east1/warm-up"
+}
+to_trash() { # DIR: moved aside and counted, to be deleted in bulk later
+  local kb
+  kb=$(du -sk "$1"); kb=${kb%%[[:space:]]*}
+  mkdir -p "$trash"; trash_n=$((trash_n + 1)); mv "$1" "$trash/$$-$trash_n"
   trash_kb=$((trash_kb + kb))
 }
 clear_targets() {
-  local n d kb
+  local n d
   for n in "${nodes[@]:1}"; do
     for d in "$dir/$n/data" "$dir/$n/small" "$dir/$n/recv"; do
       [ -e "$d" ] || continue
-      if [ "$settle_s" = 0 ]; then rm -rf "$d"; continue; fi
-      kb=$(du -sk "$d"); kb=${kb%%[[:space:]]*}
-      mkdir -p "$trash"; trash_n=$((trash_n + 1)); mv "$d" "$trash/$$-$trash_n"
-      trash_kb=$((trash_kb + kb))
+      if [ "$settle_s" = 0 ]; then rm -rf "$d"; else to_trash "$d"; fi
     done
   done
   if [ "$trash_kb" -gt "$trash_max_kb" ]; then
