@@ -82,6 +82,11 @@ enum Command {
         /// direct (O_DIRECT where the filesystem takes it) or cached (the page cache).
         #[arg(long, value_name = "HOW", value_parser = ["direct", "cached"])]
         staging_writes: Option<String>,
+        /// How each chunk written into staging is checked, overriding the config's
+        /// `staging_verify`: memory (hashed before it is written) or read-back (read back
+        /// from the device after it is written, and hashed; costs a device read per chunk).
+        #[arg(long, value_name = "HOW", value_parser = ["memory", "read-back"])]
+        staging_verify: Option<String>,
     },
     /// Copy a dataset from one node to one or more targets, verified, committed atomically.
     #[command(
@@ -383,6 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             config,
             io,
             staging_writes,
+            staging_verify,
         } => {
             let mut cfg = AgentConfig::load(&config)?;
             if let Some(io) = io {
@@ -390,6 +396,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             if let Some(w) = staging_writes {
                 cfg.staging_writes = w.parse().map_err(anyhow::Error::msg)?;
+            }
+            if let Some(v) = staging_verify {
+                cfg.staging_verify = v.parse().map_err(anyhow::Error::msg)?;
             }
             runtime()?.block_on(mover::agent::run(cfg, shutdown_signal()))?;
             Ok(exit::OK)

@@ -174,6 +174,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             tracing::info!("staging writes: through the page cache, as configured")
         }
     }
+    match cfg.staging_verify {
+        crate::staging::StagingVerify::Memory => {
+            tracing::info!("staging checks: each chunk hashed in memory before it is written")
+        }
+        crate::staging::StagingVerify::ReadBack => tracing::info!(
+            "staging checks: each chunk read back from staging after it is written, as configured"
+        ),
+    }
     let transport = Arc::new(crate::net::transport_config());
     let server = crate::tls::server_config(&identity, transport.clone())?;
     let client = crate::tls::client_config(&identity, transport)?;

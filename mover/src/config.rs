@@ -12,7 +12,7 @@ use crate::certs::{validate_node_name, CONTROLLER_NAME};
 use crate::disk::{IoChoice, SourceCache};
 use crate::orchestrate::hooks::{profile_from_table, RawCommands};
 use crate::orchestrate::{HookAction, HookProfile};
-use crate::staging::StagingWrites;
+use crate::staging::{StagingVerify, StagingWrites};
 use crate::tls::TlsPaths;
 
 /// How long a hook command may run when `[hooks] timeout` does not say.
@@ -65,6 +65,8 @@ pub struct AgentConfig {
     pub source_cache: SourceCache,
     /// How received chunks go into staging (`staging_writes`).
     pub staging_writes: StagingWrites,
+    /// How each chunk written into staging is checked (`staging_verify`).
+    pub staging_verify: StagingVerify,
 }
 
 /// The hook commands an agent runs when the controller asks for an action: the `[hooks]`
@@ -127,6 +129,8 @@ struct AgentFile {
     source_cache: SourceCache,
     #[serde(default)]
     staging_writes: StagingWrites,
+    #[serde(default)]
+    staging_verify: StagingVerify,
 }
 
 /// The agent's `[hooks]` table as written.
@@ -280,6 +284,7 @@ impl AgentConfig {
             io: file.io,
             source_cache: file.source_cache,
             staging_writes: file.staging_writes,
+            staging_verify: file.staging_verify,
         };
         let base = path.parent().unwrap_or(Path::new("."));
         resolve(base, &mut cfg.state_dir);
@@ -462,8 +467,10 @@ key = "east1.key"
         let c = AgentConfig::load(&write(d.path(), AGENT)).unwrap();
         assert_eq!((c.io, c.source_cache), (None, SourceCache::Keep));
         assert_eq!(c.staging_writes, StagingWrites::Direct);
+        assert_eq!(c.staging_verify, StagingVerify::Memory);
         let text = format!(
-            "io = \"threads\"\nsource_cache = \"drop\"\nstaging_writes = \"cached\"\n{AGENT}"
+            "io = \"threads\"\nsource_cache = \"drop\"\nstaging_writes = \"cached\"\n\
+             staging_verify = \"read-back\"\n{AGENT}"
         );
         let c = AgentConfig::load(&write(d.path(), &text)).unwrap();
         assert_eq!(c.io, Some(IoChoice::Threads));
@@ -474,11 +481,17 @@ key = "east1.key"
         );
         assert_eq!(c.source_cache, SourceCache::Drop);
         assert_eq!(c.staging_writes, StagingWrites::Cached);
+        assert_eq!(c.staging_verify, StagingVerify::ReadBack);
         let text = format!("io = \"aio\"\n{AGENT}");
         let e = AgentConfig::load(&write(d.path(), &text))
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 1") && e.contains("uring"), "{e}");
+        let text = format!("staging_verify = \"readback\"\n{AGENT}");
+        let e = AgentConfig::load(&write(d.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1") && e.contains("read-back"), "{e}");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! - `MOVER_TEST_FLIP_CHUNKS=N`: the agent flips one bit in the payload of the first N chunks
 //!   it receives for its own copy, after forwarding them untouched, before verifying them.
-//! - `MOVER_TEST_FLIP_STAGING=N`: the agent flips one bit in the staging copy of the first N
-//!   chunks it writes, after the write and before it reads the chunk back to check it.
+//! - `MOVER_TEST_FLIP_STAGING=N`: with `staging_verify = "read-back"`, the agent flips one bit
+//!   in the staging copy of the first N chunks it writes, after the write and before it reads
+//!   the chunk back to check it.
 //! - `MOVER_TEST_HOLD_END_MS=N`: a relay waits N ms after its parent's `End` before passing it
 //!   on, so that a test can stop it in that window.
 //! - `MOVER_TEST_DROP_COMMIT_REPORTS=N`: a relay drops the first N reports of a commit that

@@ -37,7 +37,7 @@ use crate::error::{LinkError, TransferError};
 use crate::frame::{read_frame_pooled, read_message};
 use crate::link::{self, Downlink, Up};
 use crate::pool::Pool;
-use crate::staging::Staging;
+use crate::staging::{Staging, StagingError, StagingVerify, WholeFile};
 
 /// How long to wait for the parent's data streams after saying `Ready`.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1140,29 +1140,37 @@ impl Writer {
             }
         };
         // The frame is not needed any more: its buffer goes back to the pool before the
-        // read-back takes one.
+        // write (or the read-back) takes one.
         chunk.payload = Bytes::new();
         let len = chunk.raw_len as usize;
-        let checked = if self.staging.writes_whole(chunk.file) {
-            let whole = self.staging.write_whole(chunk.file, &raw);
-            drop(raw);
-            whole.and_then(|f| {
+        let matched = match self.ctx.cfg.staging_verify {
+            // Checked in memory, then written only if it matched.
+            StagingVerify::Memory => {
+                if !holds(&raw, len, chunk.offset, size, &chunk.hash) {
+                    tracing::warn!(path = %display_path(&entry.path), offset = chunk.offset,
+                        "chunk failed verification: as received it did not match its hash (damaged in transit); it will be fetched again");
+                    self.refetch(&chunk);
+                    return Ok(None);
+                }
+                self.put(&chunk, raw).map(|_| true)
+            }
+            // Written, then read back from staging (from the device, where writes go
+            // around the page cache) and checked.
+            StagingVerify::ReadBack => self.put(&chunk, raw).and_then(|written| {
                 self.damage_if_asked(&chunk);
-                f.read_back(&self.pool, len)
-            })
-        } else {
-            let (disk, pool) = (&*self.ctx.disk, &self.pool);
-            self.staging
-                .write_with(disk, pool, chunk.file, chunk.offset, raw)
-                .and_then(|()| {
-                    self.damage_if_asked(&chunk);
-                    self.staging
-                        .read_back(disk, pool, chunk.file, chunk.offset, len)
-                })
+                let back = match written {
+                    Some(whole) => whole.read_back(&self.pool, len),
+                    None => self.staging.read_back(
+                        &*self.ctx.disk,
+                        &self.pool,
+                        chunk.file,
+                        chunk.offset,
+                        len,
+                    ),
+                };
+                back.map(|buf| holds(&buf, len, chunk.offset, size, &chunk.hash))
+            }),
         };
-        // Each chunk is read back from staging right after its write (from the device, where
-        // writes go around the page cache) and checked against its hash: its only check here.
-        let matched = checked.map(|buf| holds(&buf, len, chunk.offset, size, &chunk.hash));
         match matched {
             Ok(true) => Ok(Some((
                 chunk.file,
@@ -1186,6 +1194,20 @@ impl Writer {
                     .failed(chunk.file, chunk.offset);
                 Err(e.into())
             }
+        }
+    }
+
+    /// Writes a decoded chunk into staging: a file that fits one chunk whole (returned, for a
+    /// read-back), any other chunk at its offset.
+    fn put(&self, chunk: &Chunk, raw: Bytes) -> Result<Option<WholeFile>, StagingError> {
+        if self.staging.writes_whole(chunk.file) {
+            let whole = self.staging.write_whole(chunk.file, &raw)?;
+            Ok(Some(whole))
+        } else {
+            let (disk, pool) = (&*self.ctx.disk, &self.pool);
+            self.staging
+                .write_with(disk, pool, chunk.file, chunk.offset, raw)
+                .map(|()| None)
         }
     }
 
@@ -1222,7 +1244,7 @@ impl Writer {
     }
 
     /// Reads every chunk held from before the transfer back from staging and checks its
-    /// hash (each chunk written in the transfer was read back as it was written); a chunk
+    /// hash (each chunk written in the transfer was checked as it was written); a chunk
     /// that does not match is missing again. Returns how many did not.
     fn check_staging(&self, threads: usize) -> u64 {
         let held = self

@@ -177,8 +177,8 @@ impl WholeFile {
 pub enum StagingWrites {
     /// `O_DIRECT` where the filesystem takes it, through the page cache where it does not:
     /// the copy into memory, the page cache filling with data nobody reads soon, and the
-    /// writeback later are all skipped, and the read-back that checks each chunk reads what
-    /// the device holds.
+    /// writeback later are all skipped, and a read-back ([`StagingVerify::ReadBack`]) reads
+    /// what the device holds.
     #[default]
     Direct,
     /// Through the page cache, always.
@@ -193,6 +193,34 @@ impl std::str::FromStr for StagingWrites {
             "cached" => Ok(Self::Cached),
             _ => Err(format!(
                 "{s:?} is not a way to write staging (use direct or cached)"
+            )),
+        }
+    }
+}
+
+/// How a receiver checks each chunk it writes into staging (`staging_verify` in the agent
+/// config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StagingVerify {
+    /// The decoded chunk is hashed in memory and written only if it matches: it catches
+    /// damage in transit (and in a relay's memory), and costs the device nothing.
+    #[default]
+    Memory,
+    /// Each chunk is written, then read back from staging (from the device, where writes are
+    /// direct) and hashed: it also catches a disk or controller that stores other bytes than
+    /// it was given, at the cost of a device read per chunk.
+    ReadBack,
+}
+
+impl std::str::FromStr for StagingVerify {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(Self::Memory),
+            "read-back" => Ok(Self::ReadBack),
+            _ => Err(format!(
+                "{s:?} is not a way to check staging writes (use memory or read-back)"
             )),
         }
     }

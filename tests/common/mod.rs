@@ -182,6 +182,12 @@ impl Cluster {
 
     /// Starts a node's agent with extra environment variables (the test-only fault switches).
     pub fn start_agent_with_env(&mut self, node: &str, env: &[(&str, &str)]) {
+        self.start_agent_with(node, &[], env);
+    }
+
+    /// Starts a node's agent with extra arguments (after the cluster's own agent arguments)
+    /// and environment variables.
+    pub fn start_agent_with(&mut self, node: &str, args: &[&str], env: &[(&str, &str)]) {
         let i = self.index(node);
         let log_path = self.path().join(format!("{node}.log"));
         let log = std::fs::File::create(&log_path).expect("log");
@@ -190,6 +196,7 @@ impl Cluster {
             .args(["agent", "--config"])
             .arg(self.path().join(format!("{node}.toml")))
             .args(&self.agent_args)
+            .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

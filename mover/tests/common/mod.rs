@@ -82,6 +82,7 @@ pub async fn start_east1_with(edit: impl FnOnce(&Path, &mut AgentConfig)) -> Age
         io: None,
         source_cache: Default::default(),
         staging_writes: Default::default(),
+        staging_verify: Default::default(),
     };
     edit(dir.path(), &mut cfg);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
