@@ -707,8 +707,7 @@ async fn call_bench(
         read_message(&mut recv, manifest_frame_budget()).await
     })
     .await;
-    conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    crate::net::close_done(&endpoint, &conn).await;
     let protocol = |reason: String| BenchError::Protocol {
         node: node.to_owned(),
         reason,

@@ -28,12 +28,6 @@ use crate::tls::Identity;
 /// soon worthless.
 pub const GRANT_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// How long the controller lingers after closing its connection to the source, so that the
-/// close goes out before the process exits. Waiting for the whole draining period (three probe
-/// timeouts: about 80 ms on loopback, more across a WAN) only serves to answer a peer that is
-/// still sending, and the source has said everything it had to by then.
-const CLOSE_LINGER: Duration = Duration::from_millis(10);
-
 /// Why a transfer could not be started or followed at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -393,8 +387,7 @@ pub async fn send(
             Err(e) => break Some(format!("lost contact with the source {}: {e}", src.name)),
         }
     };
-    conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
+    crate::net::close_done(&endpoint, &conn).await;
     let seconds = started.elapsed().as_secs_f64();
     let summaries = targets
         .iter()

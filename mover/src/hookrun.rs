@@ -162,9 +162,6 @@ pub fn validate_runbook_id(id: &str) -> Result<(), String> {
     }
 }
 
-/// How long the controller waits for the connection to close cleanly after the answer.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
-
 /// Asks `node`'s agent to run `call` and waits for its answer (as long as the command runs:
 /// the agent's `[hooks] timeout` bounds it).
 pub async fn call_hook(
@@ -202,8 +199,7 @@ pub async fn call_hook(
         read_message(&mut recv, manifest_frame_budget()).await
     }
     .await;
-    conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+    crate::net::close_done(&endpoint, &conn).await;
     let protocol = |reason: String| HookCallError::Protocol {
         node: node.to_owned(),
         reason,

@@ -211,6 +211,19 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
+/// How long a controller lingers after closing a connection, so that the close goes out
+/// before the process exits. Waiting for the whole draining period (three probe timeouts: about
+/// 80 ms on loopback, more across a WAN) only serves to answer a peer that is still sending,
+/// and the agent has said everything it had to by then.
+const CLOSE_LINGER: Duration = Duration::from_millis(10);
+
+/// Closes a controller's connection to an agent once the agent's last answer is in (or will
+/// not come), lingering [`CLOSE_LINGER`] for the close to leave.
+pub async fn close_done(endpoint: &quinn::Endpoint, conn: &quinn::Connection) {
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
+}
+
 /// Connects to the agent `node` at `addr`; the handshake fails unless the server's certificate
 /// names `node`. A loopback `addr` is dialed with `loopback` where given (see
 /// [`loopback_transport_config`]).
