@@ -484,61 +484,106 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pooled_frames_put_chunk_payloads_on_a_block_boundary() {
-        use crate::frame::read_frame_pooled;
+    async fn pooled_frames_put_chunk_payloads_on_a_block_boundary_and_hash_raw_ones() {
+        use crate::frame::read_frame_hashing;
         use crate::pool::{is_aligned, Pool, ALIGN};
+        use mover_protocol::hash::chunk_hash;
         use mover_protocol::{Chunk, Encoding, Message};
 
         let (_dir, conn, server_conn) = controller_to_east1().await;
 
-        let chunk = |len: usize, fill: u8| Chunk {
-            file: 3,
-            offset: 1 << 20,
-            raw_len: len as u32,
-            encoding: Encoding::Raw,
-            hash: [fill; 32],
-            payload: vec![fill; len].into(),
+        const CAP: usize = 640 << 10;
+        // Files 3 and 5 are known: 4 MiB and 1000 bytes long.
+        let file_size = |file: u32| match file {
+            3 => Some(4u64 << 20),
+            5 => Some(1000),
+            _ => None,
         };
-        // A full chunk, a short one, one too large to pad within the pool's buffers, and an
-        // empty one.
-        let sent = [
-            Message::Chunk(chunk(64 << 10, 1)),
-            Message::Chunk(chunk(1000, 2)),
-            Message::Chunk(chunk((64 << 10) + 100, 3)),
-            Message::Chunk(chunk(0, 4)),
-        ];
+        let chunk = |file: u32, offset: u64, len: usize, seed: u32| {
+            let payload: Vec<u8> = (0..len as u32)
+                .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
+                .collect();
+            Chunk {
+                file,
+                offset,
+                raw_len: len as u32,
+                encoding: Encoding::Raw,
+                hash: [seed as u8; 32],
+                payload: payload.into(),
+            }
+        };
+        let mut compressed = chunk(3, 0, 1000, 6);
+        compressed.encoding = Encoding::Zstd;
+        let mut short = chunk(3, 0, 1000, 7);
+        short.raw_len = 2000;
+        // Each frame, and the hash it should come with: a chunk of several hash pieces, a
+        // short one, one too large to pad within the pool's buffers, one that is a whole
+        // file; then ones not hashed as they arrive (no chunk of the file, or not sent
+        // raw), each read whole all the same: an empty one, one off a BLAKE3 chunk
+        // boundary, one of a file not known, a compressed one, and one whose length does
+        // not match its payload.
+        let sent: Vec<(Chunk, Option<[u8; 32]>)> = [
+            chunk(3, 1 << 20, 600 << 10, 1),
+            chunk(3, 2 << 20, 1000, 2),
+            chunk(3, 3 << 20, CAP + 100, 3),
+            chunk(5, 0, 1000, 4),
+        ]
+        .into_iter()
+        .map(|c| {
+            let size = file_size(c.file).expect("a known file");
+            let h = chunk_hash(&c.payload, c.offset, size);
+            (c, Some(h))
+        })
+        .chain([
+            (chunk(3, 1 << 20, 0, 5), None),
+            (chunk(3, 1000, 1000, 9), None),
+            (chunk(9, 0, 1000, 8), None),
+            (compressed, None),
+            (short, None),
+        ])
+        .collect();
         let mut send = conn.open_uni().await.expect("open stream");
-        for m in &sent {
-            send.write_all(&m.to_frame()).await.expect("write frame");
+        for (c, _) in &sent {
+            let frame = Message::Chunk(c.clone()).to_frame();
+            send.write_all(&frame).await.expect("write frame");
         }
         send.finish().expect("finish");
         let mut recv = timeout(WAIT, server_conn.accept_uni())
             .await
             .expect("accept stream in time")
             .expect("accept stream");
-        let pool = Pool::new((64 << 10) + ALIGN, 4);
-        for (i, m) in sent.iter().enumerate() {
-            let frame = timeout(WAIT, read_frame_pooled(&mut recv, 1 << 20, &pool))
-                .await
-                .expect("read in time")
-                .expect("read frame")
-                .expect("a frame");
-            assert_eq!(frame.bytes, m.to_frame(), "frame {i} arrives as sent");
+        let pool = Pool::new(CAP + ALIGN, 4);
+        for (i, (want, want_hash)) in sent.iter().enumerate() {
+            let (frame, hashed) = timeout(
+                WAIT,
+                read_frame_hashing(&mut recv, 1 << 20, &pool, file_size),
+            )
+            .await
+            .expect("read in time")
+            .expect("read frame")
+            .expect("a frame");
+            assert_eq!(
+                frame.bytes,
+                Message::Chunk(want.clone()).to_frame(),
+                "frame {i} arrives as sent"
+            );
+            assert_eq!(hashed, *want_hash, "frame {i}: hash as it arrived");
+            if want.raw_len as usize != want.payload.len() {
+                assert!(frame.decode().is_err(), "frame {i} is refused when decoded");
+                continue;
+            }
             let Message::Chunk(got) = frame.decode().expect("decode") else {
                 panic!("frame {i} is a chunk");
             };
-            let Message::Chunk(want) = m else {
-                unreachable!()
-            };
             assert_eq!(got.payload, want.payload);
-            let fits = want.payload.len() <= 64 << 10;
+            let fits = want.payload.len() <= CAP;
             assert_eq!(
                 is_aligned(&got.payload),
                 fits,
                 "payload {i} aligned: {fits}"
             );
         }
-        let end = read_frame_pooled(&mut recv, 1 << 20, &pool).await;
+        let end = read_frame_hashing(&mut recv, 1 << 20, &pool, file_size).await;
         assert!(matches!(end, Ok(None)), "then the stream ends");
     }
 

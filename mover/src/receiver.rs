@@ -2,13 +2,15 @@
 //!
 //! A relay forwards every chunk frame to its children exactly as it arrived, before and
 //! independently of its own decoding, so the hops below never wait for its disk. Its own copy
-//! is decoded, verified and written on worker threads into a staging area, which replaces the
-//! dataset only after every chunk and the whole tree's digest check out.
+//! is verified and written into a staging area, which replaces the dataset only after every
+//! chunk and the whole tree's digest check out: a raw chunk is hashed piece by piece as it
+//! arrives (while each piece is still in the CPU's cache), a compressed one after it is
+//! decompressed on a worker thread, and a worker thread writes each chunk that matched.
 //!
 //! Before it says `Ready`, a receiver seeds its staging area from what it already has (an
 //! interrupted run's verified chunks, an older copy of the dataset; see [`crate::basis`]) and
-//! tells the source with `Have`. After the data streams end it reads every chunk back from
-//! staging, then asks for whatever is missing or damaged with `Need`; the source resends those
+//! tells the source with `Have`. After the data streams end it reads those held chunks back
+//! from staging and checks them, then asks for whatever is missing or damaged with `Need`; the source resends those
 //! on the control stream in repair rounds until nothing is missing, then sends `End`.
 //!
 //! A receive that fails for a reason a rerun can fix (a lost link, a stopped source) keeps its
@@ -24,7 +26,9 @@ use bytes::Bytes;
 use mover_protocol::hash::chunk_hash;
 use mover_protocol::manifest::{display_path, ManifestBuilder};
 use mover_protocol::message::{MAX_LIST_ENTRIES, MAX_ROUNDS};
-use mover_protocol::{max_frame_len, Admit, Chunk, Manifest, Message, Open, Outcome, Tracker};
+use mover_protocol::{
+    max_frame_len, Admit, Chunk, EntryKind, Manifest, Message, Open, Outcome, Tracker,
+};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
@@ -34,7 +38,7 @@ use crate::backup::Prepared;
 use crate::basis::{self, Record, Recorded};
 
 use crate::error::{LinkError, TransferError};
-use crate::frame::{read_frame_pooled, read_message};
+use crate::frame::{read_frame_hashing, read_message};
 use crate::link::{self, Downlink, Up};
 use crate::pool::Pool;
 use crate::staging::{Staging, StagingError, StagingVerify, WholeFile};
@@ -1069,16 +1073,16 @@ struct Writer {
 }
 
 impl Writer {
-    /// Decompresses and writes admitted chunks (on a blocking thread), then reads each back
-    /// and checks it against its hash: one check covers the bytes as received and as the disk
-    /// holds them, and staging is only ever committed whole once every chunk passed. A chunk
-    /// that fails is missing again, to be asked for; only a write that fails is an error
-    /// (the chunks after it are then missing again too). The chunks that passed go into the
-    /// record with one write.
-    fn write(&self, chunks: Vec<Chunk>) -> Result<(), TransferError> {
+    /// Decompresses, checks and writes admitted chunks (on a blocking thread), as the
+    /// agent's `staging_verify` says: checked in memory and then written, or written and
+    /// then read back and checked. Staging is only ever committed whole once every chunk
+    /// passed. A chunk that fails is missing again, to be asked for; only a write that fails
+    /// is an error (the chunks after it are then missing again too). The chunks that passed
+    /// go into the record with one write.
+    fn write(&self, chunks: Vec<Arrived>) -> Result<(), TransferError> {
         let mut landed = Vec::with_capacity(chunks.len());
         let mut failure = None;
-        for chunk in chunks {
+        for Arrived { chunk, hashed } in chunks {
             if failure.is_some() {
                 self.tracker
                     .lock()
@@ -1086,7 +1090,7 @@ impl Writer {
                     .failed(chunk.file, chunk.offset);
                 continue;
             }
-            match self.land(chunk) {
+            match self.land(chunk, hashed) {
                 Ok(Some(l)) => landed.push(l),
                 Ok(None) => {}
                 Err(e) => failure = Some(e),
@@ -1120,13 +1124,20 @@ impl Writer {
         }
     }
 
-    /// Writes one chunk and checks it as [`Writer::write`] says. Returns the chunk's file and
-    /// record when it passed, `None` when it is to be fetched again.
-    fn land(&self, mut chunk: Chunk) -> Result<Option<(u32, Recorded)>, TransferError> {
+    /// Writes one chunk and checks it as [`Writer::write`] says: `hashed` is the hash of its
+    /// raw bytes when that was taken as they arrived. Returns the chunk's file and record
+    /// when it passed, `None` when it is to be fetched again.
+    fn land(
+        &self,
+        mut chunk: Chunk,
+        mut hashed: Option<[u8; 32]>,
+    ) -> Result<Option<(u32, Recorded)>, TransferError> {
         if self.ctx.faults.flip_chunk() {
             let mut damaged = chunk.payload.to_vec();
             crate::fault::flip(&mut damaged);
             chunk.payload = Bytes::from(damaged);
+            // Damaged "in transit": before anything was hashed.
+            hashed = None;
         }
         let entry = &self.staging.manifest().entries[chunk.file as usize];
         let size = entry.size();
@@ -1146,7 +1157,11 @@ impl Writer {
         let matched = match self.ctx.cfg.staging_verify {
             // Checked in memory, then written only if it matched.
             StagingVerify::Memory => {
-                if !holds(&raw, len, chunk.offset, size, &chunk.hash) {
+                let held = match hashed {
+                    Some(h) => raw.len() == len && h == chunk.hash,
+                    None => holds(&raw, len, chunk.offset, size, &chunk.hash),
+                };
+                if !held {
                     tracing::warn!(path = %display_path(&entry.path), offset = chunk.offset,
                         "chunk failed verification: as received it did not match its hash (damaged in transit); it will be fetched again");
                     self.refetch(&chunk);
@@ -1231,7 +1246,11 @@ impl Writer {
             return Ok(());
         }
         let w = self.clone();
-        tokio::task::spawn_blocking(move || w.write(vec![chunk]))
+        let arrived = Arrived {
+            chunk,
+            hashed: None,
+        };
+        tokio::task::spawn_blocking(move || w.write(vec![arrived]))
             .await
             .map_err(|e| TransferError::Internal(e.to_string()))?
     }
@@ -1319,10 +1338,16 @@ fn holds(buf: &[u8], len: usize, offset: u64, size: u64, hash: &[u8; 32]) -> boo
     buf.len() == len && chunk_hash(buf, offset, size) == *hash
 }
 
+/// A chunk as received, with the hash of its raw bytes when that was taken as they arrived.
+struct Arrived {
+    chunk: Chunk,
+    hashed: Option<[u8; 32]>,
+}
+
 /// Chunks taken in from a data stream and not yet handed to a worker thread.
 #[derive(Default)]
 struct Batch {
-    chunks: Vec<Chunk>,
+    chunks: Vec<Arrived>,
     /// Their raw bytes.
     bytes: usize,
 }
@@ -1385,8 +1410,18 @@ impl DataJob {
         children: &mut Vec<Option<(String, SendStream)>>,
         join: &mut mpsc::UnboundedReceiver<(String, SendStream)>,
     ) -> Result<(), LinkError> {
+        // Our copy is checked in memory: its raw chunks are hashed as they arrive.
+        let manifest = self
+            .writer
+            .as_ref()
+            .filter(|w| w.ctx.cfg.staging_verify == StagingVerify::Memory)
+            .map(|w| w.staging.manifest());
+        let file_size = |file: u32| match manifest?.entries.get(file as usize)?.kind {
+            EntryKind::File { size } => Some(size),
+            _ => None,
+        };
         loop {
-            let next = read_frame_pooled(recv, self.max_len, &self.pool);
+            let next = read_frame_hashing(recv, self.max_len, &self.pool, file_size);
             tokio::pin!(next);
             let ready = if batch.chunks.is_empty() {
                 None
@@ -1405,7 +1440,7 @@ impl DataJob {
                     next.await?
                 }
             };
-            let Some(frame) = frame else {
+            let Some((frame, hashed)) = frame else {
                 return Ok(());
             };
             while let Ok(s) = join.try_recv() {
@@ -1450,7 +1485,7 @@ impl DataJob {
                 }
             }
             batch.bytes += chunk.raw_len as usize;
-            batch.chunks.push(chunk);
+            batch.chunks.push(Arrived { chunk, hashed });
             if batch.chunks.len() >= BATCH_CHUNKS || batch.bytes >= BATCH_BYTES {
                 self.write_batch(batch).await?;
             }
@@ -1467,7 +1502,7 @@ impl DataJob {
         let Ok(permit) = self.workers.clone().acquire_owned().await else {
             // Never closed while data flows; the chunks are missing again if it ever is.
             let mut t = writer.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            for c in &chunks {
+            for Arrived { chunk: c, .. } in &chunks {
                 t.failed(c.file, c.offset);
             }
             return Err(LinkError::Closed);

@@ -6,7 +6,7 @@
 //! against it, and merges the verified values into the root without reading the file again.
 
 use blake3::hazmat::{
-    merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+    max_subtree_len, merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
 };
 
 /// The value a chunk frame carries for `data` at `offset` of a file of `file_size` bytes.
@@ -18,6 +18,68 @@ pub fn chunk_hash(data: &[u8], offset: u64, file_size: u64) -> [u8; 32] {
     h.set_input_offset(offset);
     h.update(data);
     h.finalize_non_root()
+}
+
+/// BLAKE3's own chunk: a subtree starts on a multiple of it.
+const BLAKE3_CHUNK: u64 = 1024;
+
+/// [`chunk_hash`] over bytes that arrive in pieces: for a receiver that hashes each piece of
+/// a chunk as it lands, while it is still in the CPU's cache. Built from what a peer claims
+/// before anything checked it, so it never panics: a span that is no chunk of the file
+/// simply has no value.
+pub struct ChunkHasher {
+    hasher: blake3::Hasher,
+    /// The chunk is the whole file: its value is the root hash.
+    whole: bool,
+    /// Bytes still to come.
+    left: u64,
+}
+
+impl ChunkHasher {
+    /// For a chunk of `len` bytes at `offset` of a file of `file_size` bytes; `None` unless
+    /// that span can be a chunk (the whole file, or a non-empty BLAKE3 subtree).
+    pub fn new(offset: u64, len: u64, file_size: u64) -> Option<Self> {
+        let whole = offset == 0 && len == file_size;
+        let mut hasher = blake3::Hasher::new();
+        if !whole {
+            // In this order: BLAKE3 asks the first before it answers the last.
+            let chunk = len > 0
+                && offset % BLAKE3_CHUNK == 0
+                && max_subtree_len(offset).is_none_or(|max| len <= max);
+            if !chunk {
+                return None;
+            }
+            hasher.set_input_offset(offset);
+        }
+        Some(Self {
+            hasher,
+            whole,
+            left: len,
+        })
+    }
+
+    /// Hashes the next piece; pieces past the declared length leave the chunk without a
+    /// value.
+    pub fn update(&mut self, piece: &[u8]) {
+        match self.left.checked_sub(piece.len() as u64) {
+            Some(left) => {
+                self.hasher.update(piece);
+                self.left = left;
+            }
+            None => self.left = u64::MAX,
+        }
+    }
+
+    /// The chunk's value, once exactly its declared length was hashed.
+    pub fn finish(&self) -> Option<[u8; 32]> {
+        if self.left != 0 {
+            None
+        } else if self.whole {
+            Some(*self.hasher.finalize().as_bytes())
+        } else {
+            Some(self.hasher.finalize_non_root())
+        }
+    }
 }
 
 /// The root hash of a file from its chunks' values, in order. `chunk_hashes` must hold
@@ -77,6 +139,54 @@ mod tests {
             .map(|(i, c)| chunk_hash(c, (i * chunk) as u64, data.len() as u64))
             .collect();
         file_root(&cvs)
+    }
+
+    #[test]
+    fn a_chunk_hashed_in_pieces_has_the_value_of_one_hashed_whole() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 11 + i / 7) as u8).collect();
+        // A chunk inside a file, and a chunk that is the whole file.
+        for (offset, len, size) in [(16_384u64, 16_384usize, 70_000u64), (0, 70_000, 70_000)] {
+            let chunk = &data[offset as usize..offset as usize + len];
+            let whole = chunk_hash(chunk, offset, size);
+            for piece in [1usize, 1000, 1024, 4096, 10_000] {
+                let mut h = ChunkHasher::new(offset, len as u64, size).expect("a chunk");
+                for p in chunk.chunks(piece) {
+                    h.update(p);
+                }
+                assert_eq!(h.finish(), Some(whole), "offset {offset} piece {piece}");
+            }
+        }
+        // Fewer or more bytes than declared: no value.
+        let mut h = ChunkHasher::new(16_384, 16_384, 70_000).expect("a chunk");
+        h.update(&data[..16_383]);
+        assert_eq!(h.finish(), None, "short");
+        h.update(&data[..2]);
+        assert_eq!(h.finish(), None, "long");
+        h.update(&data[..1]);
+        assert_eq!(h.finish(), None, "still long");
+        // Spans a peer may claim that are no chunk: never a panic, no hasher.
+        for (offset, len, size) in [
+            (1000u64, 1024u64, 70_000u64), // not on a BLAKE3 chunk boundary
+            (16_384, 0, 70_000),           // empty, not the whole file
+            (16_384, 32_768, 70_000),      // more than the subtree at that offset holds
+        ] {
+            assert!(
+                ChunkHasher::new(offset, len, size).is_none(),
+                "{offset} {len} {size}"
+            );
+        }
+        let mut empty = ChunkHasher::new(0, 0, 0).expect("an empty file is one chunk");
+        empty.update(&[]);
+        assert_eq!(empty.finish(), Some(*blake3::hash(b"").as_bytes()));
+        assert_eq!(
+            chunk_hash(&data, 0, 70_000),
+            *blake3::hash(&data).as_bytes()
+        );
+        assert_ne!(
+            chunk_hash(&data[..16_384], 0, 70_000),
+            *blake3::hash(&data[..16_384]).as_bytes(),
+            "a chunk that is not the whole file is not hashed as a root"
+        );
     }
 
     #[test]

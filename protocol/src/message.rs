@@ -880,6 +880,18 @@ impl Chunk {
         (kind == kind::CHUNK).then_some(FRAME_HEADER_LEN + Self::HEADER_LEN)
     }
 
+    /// From a chunk body's first [`Chunk::HEADER_LEN`] bytes, the file, offset and length of
+    /// a chunk sent raw (whose payload is the file's bytes themselves); `None` for a
+    /// compressed chunk or a short header. Nothing here is checked: the frame is decoded
+    /// in full later.
+    pub fn raw_span(header: &[u8]) -> Option<(u32, u64, u32)> {
+        let mut h = header.get(..Self::HEADER_LEN)?;
+        let file = h.get_u32();
+        let offset = h.get_u64();
+        let raw_len = h.get_u32();
+        (h.get_u8() == 0).then_some((file, offset, raw_len))
+    }
+
     fn encode_header(&self, buf: &mut impl BufMut) {
         buf.put_u32(self.file);
         buf.put_u64(self.offset);
@@ -1091,6 +1103,26 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
 mod tests {
     use super::*;
     use crate::plan::{PlanNode, Topology};
+
+    #[test]
+    fn a_raw_chunks_span_is_read_from_its_header_alone() {
+        let mut c = Chunk {
+            file: 7,
+            offset: 3 << 20,
+            raw_len: 5,
+            encoding: Encoding::Raw,
+            hash: [9; 32],
+            payload: Bytes::from_static(b"hello"),
+        };
+        let frame = Message::Chunk(c.clone()).to_frame();
+        let header = &frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + Chunk::HEADER_LEN];
+        assert_eq!(Chunk::raw_span(header), Some((7, 3 << 20, 5)));
+        assert_eq!(Chunk::raw_span(&header[..Chunk::HEADER_LEN - 1]), None);
+        c.encoding = Encoding::Zstd;
+        let frame = Message::Chunk(c).to_frame();
+        let header = &frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + Chunk::HEADER_LEN];
+        assert_eq!(Chunk::raw_span(header), None, "compressed");
+    }
 
     fn node(name: &str) -> PlanNode {
         PlanNode {
