@@ -319,7 +319,7 @@ pub(crate) type Streams = Vec<Option<(String, SendStream)>>;
 /// upstream), the children's data streams grouped by stream index, and the links themselves
 /// (for End and closing).
 pub(crate) struct Fanout {
-    pub events: Vec<tokio::task::JoinHandle<HashSet<String>>>,
+    pub events: Vec<tokio::task::JoinHandle<()>>,
     pub streams: Vec<Streams>,
     pub links: Vec<Downlink>,
 }
@@ -360,14 +360,15 @@ impl Fanout {
 }
 
 /// Forwards a child's progress and reports upstream until its stream ends. Nodes of its
-/// subtree that never reported are then reported failed. Returns the nodes that committed.
+/// subtree that never reported are then reported failed (or, with a `relinker`, linked to
+/// past it).
 pub(crate) async fn relay_events(
     mut events: RecvStream,
     plan: Arc<Plan>,
     child: usize,
     up: Up,
     relinker: Option<Arc<Relinker>>,
-) -> HashSet<String> {
+) {
     let mut subtree = vec![child];
     subtree.extend(plan.descendants(child));
     let names: HashSet<&str> = subtree
@@ -375,7 +376,6 @@ pub(crate) async fn relay_events(
         .map(|&i| plan.nodes()[i].name.as_str())
         .collect();
     let mut reported = HashSet::new();
-    let mut committed = HashSet::new();
     let end = loop {
         match read_message(&mut events, manifest_frame_budget()).await {
             Ok(Message::Progress { node, bytes, files }) if names.contains(node.as_str()) => {
@@ -417,9 +417,6 @@ pub(crate) async fn relay_events(
                     tracing::warn!(%node, "TEST FAULT: dropping a commit report");
                     continue;
                 }
-                if committed_report {
-                    committed.insert(node.clone());
-                }
                 reported.insert(node.clone());
                 let _ = up.send(Message::Report { node, outcome }).await;
             }
@@ -434,7 +431,7 @@ pub(crate) async fn relay_events(
             Err(e) => break e.to_string(),
         }
         if reported.len() == subtree.len() {
-            return committed;
+            return;
         }
     };
     let child_name = &plan.nodes()[child].name;
@@ -445,9 +442,8 @@ pub(crate) async fn relay_events(
         .collect();
     if let Some(r) = relinker.filter(|r| !r.is_cancelled()) {
         let lost = format!("link to {child_name} failed: {end}");
-        let more = r.recover(plan.clone(), child, lost, missing).await;
-        committed.extend(more);
-        return committed;
+        r.recover(plan.clone(), child, lost, missing).await;
+        return;
     }
     for i in missing {
         let reason = if i == child {
@@ -457,7 +453,6 @@ pub(crate) async fn relay_events(
         };
         report_failed(&up, &plan, &[i], &reason, true).await;
     }
-    committed
 }
 
 /// Writes one frame to every live child's data stream; a child whose write fails is dropped
@@ -569,7 +564,7 @@ impl Relinker {
     }
 
     /// Child `failed` lost its link for `reason`; `unreported` are the nodes of its subtree
-    /// that have not reported. Returns the nodes that then committed.
+    /// that have not reported. Returns once every node it links to has reported.
     ///
     /// Boxed (as `Send`) because it is recursive: it follows the links it makes, whose own
     /// children may fail in turn.
@@ -579,7 +574,7 @@ impl Relinker {
         failed: usize,
         reason: String,
         unreported: Vec<usize>,
-    ) -> BoxFuture<'static, HashSet<String>> {
+    ) -> BoxFuture<'static, ()> {
         Box::pin(self.recover_inner(plan, failed, reason, unreported))
     }
 
@@ -589,7 +584,7 @@ impl Relinker {
         failed: usize,
         reason: String,
         unreported: Vec<usize>,
-    ) -> HashSet<String> {
+    ) {
         use std::sync::atomic::Ordering;
         // Counted only while links are being made: senders hold their data back meanwhile.
         self.pending.fetch_add(1, Ordering::Relaxed);
@@ -607,13 +602,9 @@ impl Relinker {
                 ))
             })
             .collect();
-        let mut committed = HashSet::new();
         for f in follow {
-            if let Ok(c) = f.await {
-                committed.extend(c);
-            }
+            let _ = f.await;
         }
-        committed
     }
 
     /// Links this node again to `failed`, or else past it to the nodes below it (and past
@@ -684,6 +675,13 @@ impl Relinker {
         if unreported.contains(&failed) {
             report_failed(&self.up, plan, &[failed], &reason, true).await;
         }
+        // A relay that had reported (committed, say) did not fail: only the link through it
+        // did.
+        let upstream = if unreported.contains(&failed) {
+            format!("upstream relay {name} failed")
+        } else {
+            format!("the link through relay {name} was lost")
+        };
         let mut linked = Vec::new();
         for below in topmost(plan, failed, &unreported) {
             let b = plan.nodes()[below].name.clone();
@@ -692,7 +690,7 @@ impl Relinker {
                 .filter(|i| unreported.contains(i))
                 .collect();
             if self.is_cancelled() {
-                let why = format!("upstream relay {name} failed: {reason}");
+                let why = format!("{upstream}: {reason}");
                 report_failed(&self.up, plan, &rest, &why, true).await;
                 continue;
             }
@@ -701,14 +699,12 @@ impl Relinker {
                 Ok(events) => linked.extend(events.map(|e| (e, below))),
                 Err(e) if e.endpoint_stopping() => return linked,
                 Err(TransferError::AlreadyCommitted(outcome)) => {
-                    let why = format!("upstream relay {name} failed: {reason}");
+                    let why = format!("{upstream}: {reason}");
                     let more = self.committed_before(plan, below, outcome, why, rest).await;
                     linked.extend(more);
                 }
                 Err(e) => {
-                    let why = format!(
-                        "upstream relay {name} failed ({reason}) and {b} could not be reached: {e}"
-                    );
+                    let why = format!("{upstream} ({reason}) and {b} could not be reached: {e}");
                     let more = self.establish(plan, below, why, rest).await;
                     linked.extend(more);
                 }
@@ -789,7 +785,7 @@ fn topmost(plan: &Plan, failed: usize, unreported: &[usize]) -> Vec<usize> {
 /// dead child) gets it too, so that the node it reaches finishes from what it holds instead of
 /// waiting for an `End` that has gone by.
 pub(crate) async fn await_subtrees(
-    events: Vec<tokio::task::JoinHandle<HashSet<String>>>,
+    events: Vec<tokio::task::JoinHandle<()>>,
     end: Option<&Message>,
     joined: &mut mpsc::UnboundedReceiver<Downlink>,
     links: &mut Vec<Downlink>,
