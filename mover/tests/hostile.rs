@@ -272,6 +272,39 @@ async fn a_chunk_for_a_file_not_in_the_manifest_fails_the_transfer_and_cleans_up
     agent.stop().await;
 }
 
+/// A raw chunk is hashed as it arrives, before the tracker checks it: spans that are no
+/// BLAKE3 subtree (off its 1 KiB chunks, or longer than the subtree at that offset holds)
+/// must not upset the hasher, only fail the transfer when the tracker sees them.
+#[tokio::test]
+async fn a_raw_chunk_off_any_chunk_boundary_fails_the_transfer_and_cleans_up() {
+    for (offset, len) in [(1000u64, 10usize), (1024, 2048)] {
+        let agent = start_east1().await;
+        let (_ep, conn) = rogue(&agent).await;
+        let (mut send, mut recv, mut data) = ready_with_one_file(&agent, &conn).await;
+        let bogus = Chunk {
+            file: 1,
+            offset,
+            raw_len: len as u32,
+            encoding: Encoding::Raw,
+            hash: [0; 32],
+            payload: Bytes::from(vec![7u8; len]),
+        };
+        data.write_all(&Message::Chunk(bogus).to_frame())
+            .await
+            .unwrap();
+        data.finish().unwrap();
+        end(&mut send).await;
+        let reason = failure_reason(&mut recv).await;
+        assert!(
+            reason.contains(&format!("offset {offset} of f is not a chunk boundary")),
+            "{offset}: {reason}"
+        );
+        assert_nothing_written(agent.path());
+        prove_alive(&agent, TRANSFER + 1).await;
+        agent.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_chunk_frame_cut_short_on_a_data_stream_fails_the_transfer_and_cleans_up() {
     let agent = start_east1().await;
