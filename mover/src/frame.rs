@@ -62,10 +62,11 @@ pub async fn read_frame(
 /// be hashed from the CPU's cache, large enough for BLAKE3's wide SIMD.
 const HASH_PIECE: usize = 256 << 10;
 
-/// Like [`read_frame`], but reads the frame into a buffer from `pool` (data streams); and for a raw chunk of a file whose size `file_size` knows,
-/// also hashes the payload as it arrives, one piece at a time while that piece is still in
-/// the CPU's cache (instead of reading the whole chunk from memory again later). Returns
-/// that [`chunk_hash`](mover_protocol::hash::chunk_hash) of the bytes received with the frame.
+/// Like [`read_frame`], but reads the frame into a buffer from `pool` (data streams). For a
+/// raw chunk of a file whose size `file_size` knows, it also hashes the payload as it
+/// arrives, one piece at a time while that piece is still in the CPU's cache (instead of
+/// reading the whole chunk from memory again later), and returns that
+/// [`chunk_hash`](mover_protocol::hash::chunk_hash) of the bytes received with the frame.
 pub async fn read_frame_hashing(
     recv: &mut RecvStream,
     max_len: u32,

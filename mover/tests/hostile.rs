@@ -244,32 +244,43 @@ async fn end(send: &mut quinn::SendStream) {
     .unwrap();
 }
 
-#[tokio::test]
-async fn a_chunk_for_a_file_not_in_the_manifest_fails_the_transfer_and_cleans_up() {
+/// Sends `frame` on a data stream of a transfer of one 10-byte file, then `End`. Checks that
+/// the transfer failed, that nothing was written and that the agent still serves a transfer;
+/// returns the failure's reason.
+async fn fails_on_data(frame: &[u8]) -> String {
     let agent = start_east1().await;
     let (_ep, conn) = rogue(&agent).await;
     let (mut send, mut recv, mut data) = ready_with_one_file(&agent, &conn).await;
-    let bogus = Chunk {
-        file: 99,
-        offset: 0,
-        raw_len: 10,
-        encoding: Encoding::Raw,
-        hash: [0; 32],
-        payload: Bytes::from_static(b"0123456789"),
-    };
-    data.write_all(&Message::Chunk(bogus).to_frame())
-        .await
-        .unwrap();
+    data.write_all(frame).await.unwrap();
     data.finish().unwrap();
     end(&mut send).await;
     let reason = failure_reason(&mut recv).await;
+    assert_nothing_written(agent.path());
+    prove_alive(&agent, TRANSFER + 1).await;
+    agent.stop().await;
+    reason
+}
+
+/// A raw chunk of `len` bytes of `file` at `offset`.
+fn raw_chunk(file: u32, offset: u64, len: usize) -> Bytes {
+    Message::Chunk(Chunk {
+        file,
+        offset,
+        raw_len: len as u32,
+        encoding: Encoding::Raw,
+        hash: [0; 32],
+        payload: Bytes::from(vec![7u8; len]),
+    })
+    .to_frame()
+}
+
+#[tokio::test]
+async fn a_chunk_for_a_file_not_in_the_manifest_fails_the_transfer_and_cleans_up() {
+    let reason = fails_on_data(&raw_chunk(99, 0, 10)).await;
     assert!(
         reason.contains("file id 99 is not in the manifest"),
         "{reason}"
     );
-    assert_nothing_written(agent.path());
-    prove_alive(&agent, TRANSFER + 1).await;
-    agent.stop().await;
 }
 
 /// A raw chunk is hashed as it arrives, before the tracker checks it: spans that are no
@@ -278,56 +289,19 @@ async fn a_chunk_for_a_file_not_in_the_manifest_fails_the_transfer_and_cleans_up
 #[tokio::test]
 async fn a_raw_chunk_off_any_chunk_boundary_fails_the_transfer_and_cleans_up() {
     for (offset, len) in [(1000u64, 10usize), (1024, 2048)] {
-        let agent = start_east1().await;
-        let (_ep, conn) = rogue(&agent).await;
-        let (mut send, mut recv, mut data) = ready_with_one_file(&agent, &conn).await;
-        let bogus = Chunk {
-            file: 1,
-            offset,
-            raw_len: len as u32,
-            encoding: Encoding::Raw,
-            hash: [0; 32],
-            payload: Bytes::from(vec![7u8; len]),
-        };
-        data.write_all(&Message::Chunk(bogus).to_frame())
-            .await
-            .unwrap();
-        data.finish().unwrap();
-        end(&mut send).await;
-        let reason = failure_reason(&mut recv).await;
+        let reason = fails_on_data(&raw_chunk(1, offset, len)).await;
         assert!(
             reason.contains(&format!("offset {offset} of f is not a chunk boundary")),
             "{offset}: {reason}"
         );
-        assert_nothing_written(agent.path());
-        prove_alive(&agent, TRANSFER + 1).await;
-        agent.stop().await;
     }
 }
 
 #[tokio::test]
 async fn a_chunk_frame_cut_short_on_a_data_stream_fails_the_transfer_and_cleans_up() {
-    let agent = start_east1().await;
-    let (_ep, conn) = rogue(&agent).await;
-    let (mut send, mut recv, mut data) = ready_with_one_file(&agent, &conn).await;
-    let chunk = Chunk {
-        file: 1,
-        offset: 0,
-        raw_len: 10,
-        encoding: Encoding::Raw,
-        hash: [0; 32],
-        payload: Bytes::from_static(b"0123456789"),
-    };
-    let mut f = Message::Chunk(chunk).to_frame().to_vec();
-    f.truncate(f.len() - 4);
-    data.write_all(&f).await.unwrap();
-    data.finish().unwrap();
-    end(&mut send).await;
-    let reason = failure_reason(&mut recv).await;
+    let frame = raw_chunk(1, 0, 10);
+    let reason = fails_on_data(&frame[..frame.len() - 4]).await;
     assert!(reason.contains("closed the stream early"), "{reason}");
-    assert_nothing_written(agent.path());
-    prove_alive(&agent, TRANSFER + 1).await;
-    agent.stop().await;
 }
 
 #[tokio::test]

@@ -881,15 +881,12 @@ impl Chunk {
     }
 
     /// From a chunk body's first [`Chunk::HEADER_LEN`] bytes, the file, offset and length of
-    /// a chunk sent raw (whose payload is the file's bytes themselves); `None` for a
-    /// compressed chunk or a short header. Nothing here is checked: the frame is decoded
-    /// in full later.
-    pub fn raw_span(header: &[u8]) -> Option<(u32, u64, u32)> {
-        let mut h = header.get(..Self::HEADER_LEN)?;
-        let file = h.get_u32();
-        let offset = h.get_u64();
-        let raw_len = h.get_u32();
-        (h.get_u8() == 0).then_some((file, offset, raw_len))
+    /// a chunk sent raw (whose payload is the file's bytes themselves), decoded as
+    /// [`Message::decode`] does; `None` for a compressed chunk or a header it would refuse.
+    /// Whether the span is a chunk of that file is for the tracker to say.
+    pub fn raw_span(mut header: &[u8]) -> Option<(u32, u64, u32)> {
+        let h = ChunkHeader::decode(&mut header).ok()?;
+        (h.encoding == Encoding::Raw).then_some((h.file, h.offset, h.raw_len))
     }
 
     fn encode_header(&self, buf: &mut impl BufMut) {
@@ -916,6 +913,39 @@ impl Chunk {
         v.into()
     }
 
+    fn decode(body: &mut impl Buf) -> Result<Self, DecodeError> {
+        let ChunkHeader {
+            file,
+            offset,
+            raw_len,
+            encoding,
+            hash,
+            len,
+        } = ChunkHeader::decode(body)?;
+        let payload = get_payload(body, len, "chunk payload")?;
+        Ok(Self {
+            file,
+            offset,
+            raw_len,
+            encoding,
+            hash,
+            payload,
+        })
+    }
+}
+
+/// A chunk body's fields before its payload.
+struct ChunkHeader {
+    file: u32,
+    offset: u64,
+    raw_len: u32,
+    encoding: Encoding,
+    hash: [u8; 32],
+    /// The payload's length.
+    len: usize,
+}
+
+impl ChunkHeader {
     fn decode(body: &mut impl Buf) -> Result<Self, DecodeError> {
         let file = get_u32(body, "chunk file id")?;
         let offset = get_u64(body, "chunk offset")?;
@@ -945,14 +975,13 @@ impl Chunk {
                 why: format!("raw payload of {len} bytes declared as {raw_len}"),
             });
         }
-        let payload = get_payload(body, len, "chunk payload")?;
         Ok(Self {
             file,
             offset,
             raw_len,
             encoding,
             hash,
-            payload,
+            len,
         })
     }
 }
