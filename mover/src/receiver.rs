@@ -3,15 +3,17 @@
 //! A relay forwards every chunk frame to its children exactly as it arrived, before and
 //! independently of its own decoding, so the hops below never wait for its disk. Its own copy
 //! is verified and written into a staging area, which replaces the dataset only after every
-//! chunk and the whole tree's digest check out: a raw chunk is hashed piece by piece as it
-//! arrives (while each piece is still in the CPU's cache), a compressed one after it is
-//! decompressed on a worker thread, and a worker thread writes each chunk that matched.
+//! chunk and the whole tree's digest check out. On a node that forwards nothing, a raw chunk
+//! is hashed piece by piece as it arrives (while each piece is still in the CPU's cache);
+//! every other chunk is checked on a worker thread (a compressed one after it is
+//! decompressed), and a worker thread writes each chunk that matched.
 //!
 //! Before it says `Ready`, a receiver seeds its staging area from what it already has (an
 //! interrupted run's verified chunks, an older copy of the dataset; see [`crate::basis`]) and
 //! tells the source with `Have`. After the data streams end it reads those held chunks back
-//! from staging and checks them, then asks for whatever is missing or damaged with `Need`; the source resends those
-//! on the control stream in repair rounds until nothing is missing, then sends `End`.
+//! from staging and checks them, then asks for whatever is missing or damaged with `Need`;
+//! the source resends those on the control stream in repair rounds until nothing is missing,
+//! then sends `End`.
 //!
 //! A receive that fails for a reason a rerun can fix (a lost link, a stopped source) keeps its
 //! staging area and its record, so the next transfer into the dataset resumes from them.
@@ -1410,7 +1412,9 @@ impl DataJob {
         children: &mut Vec<Option<(String, SendStream)>>,
         join: &mut mpsc::UnboundedReceiver<(String, SendStream)>,
     ) -> Result<(), LinkError> {
-        // Our copy is checked in memory: its raw chunks are hashed as they arrive.
+        // Our copy is checked in memory: its raw chunks are hashed as they arrive, on a node
+        // that forwards nothing. A relay forwards each frame first and leaves its own check
+        // to a worker thread, so the hops below never wait for it.
         let manifest = self
             .writer
             .as_ref()
@@ -1421,7 +1425,9 @@ impl DataJob {
             _ => None,
         };
         loop {
-            let next = read_frame_hashing(recv, self.max_len, &self.pool, file_size);
+            let relaying = children.iter().any(Option::is_some);
+            let size_here = |file: u32| file_size(file).filter(|_| !relaying);
+            let next = read_frame_hashing(recv, self.max_len, &self.pool, size_here);
             tokio::pin!(next);
             let ready = if batch.chunks.is_empty() {
                 None
