@@ -122,7 +122,10 @@ pub enum TransferError {
     AlreadyCommitted(mover_protocol::Outcome),
     #[error("transfer incomplete: {missing} chunks never arrived")]
     Incomplete { missing: u64 },
-    #[error("tree digest mismatch: what this node holds differs from what the source sent")]
+    #[error(
+        "tree digest mismatch: what this node holds differs from what the source sent \
+         (did files change on the source during the transfer?); nothing was committed"
+    )]
     DigestMismatch,
     #[error("dataset {dataset} is still busy with an earlier transfer that did not stop within {secs} s")]
     Busy { dataset: String, secs: u64 },

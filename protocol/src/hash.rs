@@ -104,6 +104,14 @@ fn split(cvs: &[[u8; 32]]) -> (&[[u8; 32]], &[[u8; 32]]) {
     cvs.split_at(left)
 }
 
+/// The chaining value of a run of consecutive chunks that starts on a multiple of its own
+/// length rounded up to a power of two chunks, and is not the whole file: what the file's
+/// tree holds for that run, so that a receiver can keep one value for the run in place of
+/// one per chunk. `cvs` must not be empty.
+pub fn subtree_cv(cvs: &[[u8; 32]]) -> [u8; 32] {
+    subtree(cvs)
+}
+
 fn subtree(cvs: &[[u8; 32]]) -> ChainingValue {
     if cvs.len() == 1 {
         return cvs[0];

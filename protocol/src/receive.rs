@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::hash::{chunk_count, file_root, tree_digest};
+use crate::hash::{chunk_count, file_root, subtree_cv, tree_digest};
 use crate::manifest::{display_path, EntryKind, Manifest};
 use crate::message::Chunk;
 
@@ -56,35 +56,116 @@ enum Slot {
     Done([u8; 32]),
     /// Present before the transfer, with this hash.
     Held([u8; 32]),
+    /// Done, in a page that was folded into one value: its own hash is no longer kept.
+    Folded,
 }
 
-/// A file's chunks. Only chunks that arrived (or are held) take memory, so a manifest that
-/// declares a huge file costs nothing until its data really comes.
+/// Chunks per page: the unit in which a file's chunks are kept, and folded once all of them
+/// are done. A power of two, so that a page is a whole subtree of the file's BLAKE3 tree.
+const PAGE: u64 = 64;
+
+/// A page's state.
+#[derive(Debug)]
+enum Page {
+    /// One slot per chunk of the page, and how many of them are not done.
+    Open { slots: Box<[Slot]>, open: u32 },
+    /// Every chunk done: the page's subtree chaining value in place of its chunks' hashes.
+    Folded([u8; 32]),
+}
+
+/// A file's chunks, by page. Only pages where chunks arrived (or are held) take memory, so a
+/// manifest that declares a huge file costs nothing until its data really comes; and a page
+/// of a file larger than one page folds into one value once all its chunks are done, so
+/// that a fresh copy of any size keeps about 33 bytes per chunk under way (and per chunk
+/// held from before), and 32 bytes per 64 chunks done.
 #[derive(Debug)]
 struct FileTrack {
     size: u64,
     chunks: u64,
-    slots: HashMap<u64, Slot>,
+    pages: HashMap<u64, Page>,
     /// Chunks neither done nor held.
     missing: u64,
 }
 
 impl FileTrack {
     fn slot(&self, idx: u64) -> Slot {
-        self.slots.get(&idx).copied().unwrap_or(Slot::Missing)
+        match self.pages.get(&(idx / PAGE)) {
+            None => Slot::Missing,
+            Some(Page::Folded(_)) => Slot::Folded,
+            Some(Page::Open { slots, .. }) => slots[(idx % PAGE) as usize],
+        }
+    }
+
+    /// Chunks in page `page`.
+    fn page_len(&self, page: u64) -> usize {
+        (self.chunks - page * PAGE).min(PAGE) as usize
+    }
+
+    /// Sets the slot of chunk `idx`, which must not be in a folded page, and folds its page
+    /// if that made every chunk of the page done.
+    fn set(&mut self, idx: u64, to: Slot) {
+        let (page, at) = (idx / PAGE, (idx % PAGE) as usize);
+        let len = self.page_len(page);
+        let p = self.pages.entry(page).or_insert_with(|| Page::Open {
+            slots: vec![Slot::Missing; len].into_boxed_slice(),
+            open: len as u32,
+        });
+        let Page::Open { slots, open } = p else {
+            return;
+        };
+        let was_done = matches!(slots[at], Slot::Done(_));
+        let is_done = matches!(to, Slot::Done(_));
+        slots[at] = to;
+        match (was_done, is_done) {
+            (false, true) => *open -= 1,
+            (true, false) => *open += 1,
+            _ => {}
+        }
+        // A file of one page keeps its chunks' hashes: its page would be the whole file,
+        // whose value is the root, not a subtree's.
+        if *open == 0 && self.chunks > PAGE {
+            let hashes: Vec<[u8; 32]> = slots
+                .iter()
+                .filter_map(|s| match s {
+                    Slot::Done(h) => Some(*h),
+                    _ => None,
+                })
+                .collect();
+            *p = Page::Folded(subtree_cv(&hashes));
+        } else if slots.iter().all(|s| *s == Slot::Missing) {
+            self.pages.remove(&page);
+        }
     }
 
     fn root(&self) -> Option<[u8; 32]> {
         if self.missing > 0 {
             return None;
         }
-        let hashes: Option<Vec<[u8; 32]>> = (0..self.chunks)
-            .map(|i| match self.slot(i) {
-                Slot::Done(h) | Slot::Held(h) => Some(h),
-                _ => None,
+        let hashes = |slots: &[Slot]| -> Option<Vec<[u8; 32]>> {
+            slots
+                .iter()
+                .map(|s| match s {
+                    Slot::Done(h) | Slot::Held(h) => Some(*h),
+                    _ => None,
+                })
+                .collect()
+        };
+        if self.chunks <= PAGE {
+            return match self.pages.get(&0) {
+                None => (self.chunks == 0).then(|| file_root(&[])),
+                Some(Page::Open { slots, .. }) => Some(file_root(&hashes(slots)?)),
+                Some(Page::Folded(_)) => None,
+            };
+        }
+        // The file's tree over whole pages is the tree over its chunks: each page is a
+        // subtree, and the left-balanced split over pages falls where it does over chunks.
+        let pages: Option<Vec<[u8; 32]>> = (0..self.chunks.div_ceil(PAGE))
+            .map(|p| match self.pages.get(&p)? {
+                Page::Folded(cv) => Some(*cv),
+                Page::Open { slots, .. } => Some(subtree_cv(&hashes(slots)?)),
             })
             .collect();
-        Some(file_root(&hashes?))
+        Some(file_root(&pages?))
     }
 }
 
@@ -116,7 +197,7 @@ impl Tracker {
                     Some(FileTrack {
                         size,
                         chunks: n,
-                        slots: HashMap::new(),
+                        pages: HashMap::new(),
                         missing: n,
                     })
                 }
@@ -185,6 +266,9 @@ impl Tracker {
                 })
             }
             Slot::Done(h) | Slot::Held(h) if h == c.hash => return Ok(Admit::Skip),
+            // Done, and its hash no longer kept: taken to be the same bytes sent again for
+            // another node. Other bytes would show at the end, in the tree digest.
+            Slot::Folded => return Ok(Admit::Skip),
             Slot::Done(_) => {
                 return Err(ChunkError::Conflict {
                     path: self.path(c.file),
@@ -201,7 +285,7 @@ impl Tracker {
                 self.files_done -= u64::from(complete);
             }
         }
-        track.slots.insert(idx, Slot::Pending);
+        track.set(idx, Slot::Pending);
         Ok(Admit::Write)
     }
 
@@ -237,7 +321,7 @@ impl Tracker {
         if track.slot(idx) != from {
             return false;
         }
-        track.slots.insert(idx, to);
+        track.set(idx, to);
         track.missing -= 1;
         self.missing_chunks -= 1;
         self.bytes_done += u64::from(len);
@@ -251,7 +335,7 @@ impl Tracker {
         if let Some(Some(t)) = self.files.get_mut(file as usize) {
             let idx = offset / chunk_size;
             if t.slot(idx) == Slot::Pending {
-                t.slots.remove(&idx);
+                t.set(idx, Slot::Missing);
             }
         }
     }
@@ -274,7 +358,7 @@ impl Tracker {
         };
         self.held_bytes -= if was_held { u64::from(len) } else { 0 };
         let complete = t.missing == 0;
-        t.slots.remove(&idx);
+        t.set(idx, Slot::Missing);
         t.missing += 1;
         self.missing_chunks += 1;
         self.bytes_done -= u64::from(len);
@@ -282,7 +366,7 @@ impl Tracker {
         true
     }
 
-    /// The hash of a chunk that is done or held.
+    /// The hash of a chunk that is done or held, unless its page was folded.
     pub fn hash_of(&self, file: u32, offset: u64) -> Option<[u8; 32]> {
         self.chunk_len(file, offset)?;
         let t = self.files.get(file as usize)?.as_ref()?;
@@ -292,6 +376,16 @@ impl Tracker {
         }
     }
 
+    /// Whether a chunk is done in a page folded into one value (so [`Tracker::hash_of`] no
+    /// longer knows its hash).
+    pub fn is_folded(&self, file: u32, offset: u64) -> bool {
+        let Some(Some(t)) = self.files.get(file as usize) else {
+            return false;
+        };
+        self.chunk_len(file, offset).is_some()
+            && t.slot(offset / u64::from(self.chunk_size)) == Slot::Folded
+    }
+
     /// Every chunk held from before the transfer, with its hash: what the final check reads
     /// back (a receiver reads each chunk it writes back as it writes it).
     pub fn held_chunks(&self) -> Vec<(u32, u64, [u8; 32])> {
@@ -299,9 +393,14 @@ impl Tracker {
         let mut out = Vec::new();
         for (i, t) in self.files.iter().enumerate() {
             let Some(t) = t else { continue };
-            for (&idx, slot) in &t.slots {
-                if let Slot::Held(h) = slot {
-                    out.push((i as u32, idx * cs, *h));
+            for (&page, p) in &t.pages {
+                let Page::Open { slots, .. } = p else {
+                    continue;
+                };
+                for (at, slot) in slots.iter().enumerate() {
+                    if let Slot::Held(h) = slot {
+                        out.push((i as u32, (page * PAGE + at as u64) * cs, *h));
+                    }
                 }
             }
         }
@@ -318,12 +417,19 @@ impl Tracker {
             if t.missing == 0 {
                 continue;
             }
-            for idx in 0..t.chunks {
-                if out.len() >= max {
-                    return out;
-                }
-                if t.slot(idx) == Slot::Missing {
-                    out.push((i as u32, idx * cs));
+            for page in 0..t.chunks.div_ceil(PAGE) {
+                let slots = match t.pages.get(&page) {
+                    Some(Page::Folded(_)) => continue,
+                    Some(Page::Open { slots, .. }) => Some(slots),
+                    None => None,
+                };
+                for at in 0..t.page_len(page) {
+                    if out.len() >= max {
+                        return out;
+                    }
+                    if slots.is_none_or(|s| s[at] == Slot::Missing) {
+                        out.push((i as u32, (page * PAGE + at as u64) * cs));
+                    }
                 }
             }
         }
@@ -510,5 +616,134 @@ mod tests {
         ));
         t.failed(1, 0);
         t.admit(&chunk(1, 0, 4096)).unwrap();
+    }
+
+    /// A small deterministic shuffle, so that chunks arrive out of order.
+    fn shuffled(n: u64, seed: u64) -> Vec<u64> {
+        let mut v: Vec<u64> = (0..n).collect();
+        let mut x = seed | 1;
+        for i in (1..v.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+
+    fn tracked(t: &Tracker, file: u32) -> &FileTrack {
+        t.files[file as usize].as_ref().expect("a file")
+    }
+
+    #[test]
+    fn folded_pages_give_the_root_of_plain_blake3_for_every_shape() {
+        const CS: usize = 1024;
+        // Chunk counts around one page, two pages and a power of two of pages, with and
+        // without a short last chunk.
+        for chunks in [1u64, 2, 63, 64, 65, 127, 128, 129, 200, 256, 257] {
+            for (tail, held_below) in [(0usize, u64::MAX), (100, u64::MAX), (0, 10), (100, 10)] {
+                let size = if tail == 0 {
+                    chunks as usize * CS
+                } else {
+                    (chunks as usize - 1) * CS + tail
+                };
+                let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+                let m = Manifest::from_entries(vec![dir(""), file("f", size as u64)]).unwrap();
+                let mut t = Tracker::new(&m, CS as u32);
+                let hash_at = |idx: u64| {
+                    let at = idx as usize * CS;
+                    let end = (at + CS).min(size);
+                    chunk_hash(&data[at..end], at as u64, size as u64)
+                };
+                let len_at = |idx: u64| ((size - idx as usize * CS).min(CS)) as u32;
+                // Every fifth chunk (below `held_below`) was here before; one of those held
+                // other bytes, and one chunk fails its check the first time.
+                for idx in (0..chunks.min(held_below)).step_by(5) {
+                    let h = if idx == 5 { [9; 32] } else { hash_at(idx) };
+                    assert!(t.held(1, idx * CS as u64, h));
+                }
+                for idx in shuffled(chunks, chunks * 7 + tail as u64 + held_below % 7) {
+                    let c = with_hash(chunk(1, idx * CS as u64, len_at(idx)), hash_at(idx));
+                    match t.admit(&c).unwrap() {
+                        Admit::Skip => continue,
+                        Admit::Write => {}
+                    }
+                    if idx == chunks / 2 {
+                        t.failed(1, c.offset);
+                        assert_eq!(t.admit(&c), Ok(Admit::Write));
+                    }
+                    t.verified(1, c.offset, c.hash);
+                }
+                assert!(t.is_complete(), "{chunks} chunks, tail {tail}");
+                let want = crate::hash::tree_digest([(1, blake3::hash(&data).as_bytes())]);
+                assert_eq!(t.digest(), Some(want), "{chunks} chunks, tail {tail}");
+                // Pages of a file of more than one page are folded unless they keep a chunk
+                // held from before (which the final read-back checks by its own hash).
+                let f = tracked(&t, 1);
+                for page in 0..chunks.div_ceil(PAGE) {
+                    let keeps_held = (page * PAGE..((page + 1) * PAGE).min(chunks))
+                        .any(|idx| idx % 5 == 0 && idx != 5 && idx < held_below);
+                    let folded = matches!(f.pages.get(&page), Some(Page::Folded(_)));
+                    assert_eq!(
+                        folded,
+                        chunks > PAGE && !keeps_held,
+                        "page {page} of {chunks} chunks"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_fresh_copy_keeps_one_value_per_page_done() {
+        const CS: u64 = 1024;
+        let chunks = 5 * PAGE + 3;
+        let size = chunks * CS;
+        let m = Manifest::from_entries(vec![dir(""), file("f", size)]).unwrap();
+        let mut t = Tracker::new(&m, CS as u32);
+        let hash = |idx: u64| {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&idx.to_le_bytes());
+            h
+        };
+        // Chunks of the first two pages and one of the third arrive.
+        for idx in (0..2 * PAGE).chain([2 * PAGE + 1]) {
+            let c = with_hash(chunk(1, idx * CS, CS as u32), hash(idx));
+            assert_eq!(t.admit(&c), Ok(Admit::Write));
+            t.verified(1, c.offset, c.hash);
+        }
+        let f = tracked(&t, 1);
+        assert!(matches!(f.pages.get(&0), Some(Page::Folded(_))));
+        assert!(matches!(f.pages.get(&1), Some(Page::Folded(_))));
+        assert!(matches!(f.pages.get(&2), Some(Page::Open { open, .. }) if *open == 63));
+        assert_eq!(f.pages.len(), 3, "pages with no data take no memory");
+        // A folded chunk sent again (for another node) is skipped; its hash is not kept, and
+        // it is not held, so no check at the end can lose it.
+        let again = with_hash(chunk(1, 3 * CS, CS as u32), hash(3));
+        assert_eq!(t.admit(&again), Ok(Admit::Skip));
+        assert_eq!(t.hash_of(1, 3 * CS), None);
+        assert!(t.is_folded(1, 3 * CS));
+        assert!(!t.is_folded(1, (2 * PAGE + 1) * CS));
+        assert!(!t.is_folded(1, 3 * CS + 1), "not a chunk boundary");
+        assert!(!t.lost(1, 3 * CS));
+        assert_eq!(t.hash_of(1, (2 * PAGE + 1) * CS), Some(hash(2 * PAGE + 1)));
+        assert_eq!(t.bytes_done(), (2 * PAGE + 1) * CS);
+        // What is missing skips folded pages and lists the rest in order.
+        let missing = t.missing(3);
+        assert_eq!(
+            missing,
+            vec![
+                (1, 2 * PAGE * CS),
+                (1, (2 * PAGE + 2) * CS),
+                (1, (2 * PAGE + 3) * CS)
+            ]
+        );
+        assert_eq!(t.missing_chunks(), chunks - 2 * PAGE - 1);
+        // A chunk that fails leaves no page behind if nothing else of the page arrived.
+        let c = chunk(1, 4 * PAGE * CS, CS as u32);
+        t.admit(&c).unwrap();
+        assert_eq!(tracked(&t, 1).pages.len(), 4);
+        t.failed(1, c.offset);
+        assert_eq!(tracked(&t, 1).pages.len(), 3);
     }
 }
