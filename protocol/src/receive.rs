@@ -746,4 +746,379 @@ mod tests {
         t.failed(1, c.offset);
         assert_eq!(tracked(&t, 1).pages.len(), 3);
     }
+
+    /// What [`Tracker`] must do, kept the plain way: every chunk's state and hash, always.
+    mod model {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum M {
+            Missing,
+            Pending,
+            Done([u8; 32]),
+            Held([u8; 32]),
+            /// Done, in a page the tracker may have folded: its hash kept here for the digest.
+            Folded([u8; 32]),
+        }
+
+        const CS: u64 = 1024;
+
+        struct Model {
+            /// Per manifest entry: a file's size and chunks, or `None` for a directory.
+            files: Vec<Option<(u64, Vec<M>)>>,
+        }
+
+        impl Model {
+            fn len(&self, file: usize, idx: usize) -> u64 {
+                let (size, _) = self.files[file].as_ref().expect("a file");
+                (size - idx as u64 * CS).min(CS)
+            }
+
+            /// Folds what the tracker may fold: every page of a file larger than one page
+            /// whose chunks are all done.
+            fn fold(&mut self) {
+                for (size, chunks) in self.files.iter_mut().flatten() {
+                    if size.div_ceil(CS) <= PAGE {
+                        continue;
+                    }
+                    for page in chunks.chunks_mut(PAGE as usize) {
+                        if page.iter().all(|m| matches!(m, M::Done(_))) {
+                            for m in page.iter_mut() {
+                                if let M::Done(h) = *m {
+                                    *m = M::Folded(h);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+
+            fn present(m: &M) -> bool {
+                matches!(m, M::Done(_) | M::Held(_) | M::Folded(_))
+            }
+
+            fn check(&self, t: &Tracker) -> Result<(), TestCaseError> {
+                let mut missing_chunks = 0;
+                let (mut bytes, mut held_bytes, mut files_done) = (0, 0, 0);
+                let mut missing = Vec::new();
+                let mut held = Vec::new();
+                for (f, entry) in self.files.iter().enumerate() {
+                    let Some((_, chunks)) = entry else { continue };
+                    files_done += u64::from(chunks.iter().all(Self::present));
+                    for (i, m) in chunks.iter().enumerate() {
+                        let (file, offset) = (f as u32, i as u64 * CS);
+                        let len = self.len(f, i);
+                        match m {
+                            M::Missing | M::Pending => missing_chunks += 1,
+                            _ => bytes += len,
+                        }
+                        if *m == M::Missing {
+                            missing.push((file, offset));
+                        }
+                        if let M::Held(h) = m {
+                            held_bytes += len;
+                            held.push((file, offset, *h));
+                        }
+                        let hash = match m {
+                            M::Done(h) | M::Held(h) => Some(*h),
+                            _ => None,
+                        };
+                        prop_assert_eq!(t.hash_of(file, offset), hash, "hash of {}@{}", f, i);
+                        prop_assert_eq!(
+                            t.is_folded(file, offset),
+                            matches!(m, M::Folded(_)),
+                            "folded {}@{}",
+                            f,
+                            i
+                        );
+                    }
+                }
+                prop_assert_eq!(t.missing_chunks(), missing_chunks);
+                prop_assert_eq!(t.is_complete(), missing_chunks == 0);
+                prop_assert_eq!(t.bytes_done(), bytes);
+                prop_assert_eq!(t.held_bytes(), held_bytes);
+                prop_assert_eq!(t.files_done(), files_done);
+                prop_assert_eq!(t.held_chunks(), held);
+                prop_assert_eq!(
+                    t.missing(7),
+                    missing.iter().take(7).copied().collect::<Vec<_>>()
+                );
+                let digest = (missing_chunks == 0).then(|| {
+                    let roots: Vec<(u32, [u8; 32])> = self
+                        .files
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(f, e)| Some((f as u32, e.as_ref()?)))
+                        .map(|(f, (_, chunks))| {
+                            let hashes: Vec<[u8; 32]> = chunks
+                                .iter()
+                                .map(|m| match m {
+                                    M::Done(h) | M::Held(h) | M::Folded(h) => *h,
+                                    _ => unreachable!("complete"),
+                                })
+                                .collect();
+                            (f, file_root(&hashes))
+                        })
+                        .collect();
+                    crate::hash::tree_digest(roots.iter().map(|(f, r)| (*f, r)))
+                });
+                prop_assert_eq!(t.digest(), digest);
+                Ok(())
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Admit a chunk (with one of three contents, and maybe a wrong length or
+            /// offset), and verify it if it was taken.
+            Send {
+                file: usize,
+                chunk: usize,
+                content: u8,
+                bad: u8,
+                verify: bool,
+            },
+            /// Admit and verify a run of chunks with their first contents.
+            Run {
+                file: usize,
+                chunk: usize,
+                count: usize,
+            },
+            Verify {
+                file: usize,
+                chunk: usize,
+            },
+            Fail {
+                file: usize,
+                chunk: usize,
+            },
+            Held {
+                file: usize,
+                chunk: usize,
+                content: u8,
+            },
+            Lost {
+                file: usize,
+                chunk: usize,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let at = (0..4usize, 0..300usize);
+            prop_oneof![
+                (at.clone(), 0..3u8, 0..8u8, any::<bool>()).prop_map(
+                    |((file, chunk), content, bad, verify)| Op::Send {
+                        file,
+                        chunk,
+                        content,
+                        bad,
+                        verify
+                    }
+                ),
+                (at.clone(), 1..130usize).prop_map(|((file, chunk), count)| Op::Run {
+                    file,
+                    chunk,
+                    count
+                }),
+                at.clone()
+                    .prop_map(|(file, chunk)| Op::Verify { file, chunk }),
+                at.clone()
+                    .prop_map(|(file, chunk)| Op::Fail { file, chunk }),
+                (at.clone(), 0..3u8).prop_map(|((file, chunk), content)| Op::Held {
+                    file,
+                    chunk,
+                    content
+                }),
+                at.prop_map(|(file, chunk)| Op::Lost { file, chunk }),
+            ]
+        }
+
+        fn content(file: usize, chunk: usize, which: u8) -> [u8; 32] {
+            let mut h = [which; 32];
+            h[..8].copy_from_slice(&(file as u64).to_le_bytes());
+            h[8..16].copy_from_slice(&(chunk as u64).to_le_bytes());
+            h
+        }
+
+        fn run(sizes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+            let mut entries = vec![dir(""), dir("d")];
+            for (i, size) in sizes.iter().enumerate() {
+                entries.push(file(&format!("f{i}"), *size));
+            }
+            let m = Manifest::from_entries(entries).expect("a valid manifest");
+            let mut t = Tracker::new(&m, CS as u32);
+            let mut model = Model {
+                files: m
+                    .entries
+                    .iter()
+                    .map(|e| match e.kind {
+                        EntryKind::File { size } => {
+                            Some((size, vec![M::Missing; size.div_ceil(CS) as usize]))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            };
+            model.check(&t)?;
+            // Entry 1 is a directory; 2.. are the files (entry ids past the end are unknown).
+            for op in ops {
+                let file_of = |f: usize| (f + 1).min(m.entries.len());
+                match op {
+                    Op::Send {
+                        file: f,
+                        chunk,
+                        content: which,
+                        bad,
+                        verify,
+                    } => {
+                        let f = file_of(f);
+                        let Some((size, chunks)) = model.files.get(f).cloned().flatten() else {
+                            let c = chunk_at(f as u32, 0, 1024);
+                            prop_assert!(t.admit(&c).is_err());
+                            continue;
+                        };
+                        if chunks.is_empty() {
+                            prop_assert!(t.admit(&chunk_at(f as u32, 0, 1)).is_err());
+                            continue;
+                        }
+                        let i = chunk % chunks.len();
+                        let len = model.len(f, i) as u32;
+                        let (offset, len) = match bad {
+                            0 => (i as u64 * CS + 512, len),
+                            1 => (size.div_ceil(CS) * CS, len),
+                            2 => (i as u64 * CS, len + 1),
+                            _ => (i as u64 * CS, len),
+                        };
+                        let mut c = chunk_at(f as u32, offset, len);
+                        c.hash = content(f, i, which);
+                        let got = t.admit(&c);
+                        if bad < 3 {
+                            prop_assert!(got.is_err(), "bad chunk taken: {:?}", c);
+                            continue;
+                        }
+                        let slot = &mut model.files[f].as_mut().expect("a file").1[i];
+                        let want = match *slot {
+                            M::Missing => Ok(Admit::Write),
+                            M::Pending => Err("duplicate"),
+                            M::Done(h) | M::Held(h) if h == c.hash => Ok(Admit::Skip),
+                            M::Done(_) => Err("conflict"),
+                            M::Held(_) => Ok(Admit::Write),
+                            M::Folded(_) => Ok(Admit::Skip),
+                        };
+                        match (&got, want) {
+                            (Ok(a), Ok(b)) => prop_assert_eq!(*a, b),
+                            (Err(ChunkError::Duplicate { .. }), Err("duplicate")) => {}
+                            (Err(ChunkError::Conflict { .. }), Err("conflict")) => {}
+                            (got, want) => {
+                                prop_assert!(false, "{:?}: got {:?}, want {:?}", c, got, want)
+                            }
+                        }
+                        if got == Ok(Admit::Write) {
+                            *slot = M::Pending;
+                            if verify {
+                                t.verified(c.file, c.offset, c.hash);
+                                *slot = M::Done(c.hash);
+                            }
+                        }
+                    }
+                    Op::Run {
+                        file: f,
+                        chunk,
+                        count,
+                    } => {
+                        let f = file_of(f);
+                        let Some((_, chunks)) = model.files.get(f).cloned().flatten() else {
+                            continue;
+                        };
+                        for i in (chunk..chunk + count).filter(|&i| i < chunks.len()) {
+                            let mut c = chunk_at(f as u32, i as u64 * CS, model.len(f, i) as u32);
+                            c.hash = content(f, i, 0);
+                            let slot = &mut model.files[f].as_mut().expect("a file").1[i];
+                            if matches!(*slot, M::Missing | M::Held(_)) && *slot != M::Held(c.hash)
+                            {
+                                prop_assert_eq!(t.admit(&c), Ok(Admit::Write));
+                                t.verified(c.file, c.offset, c.hash);
+                                *slot = M::Done(c.hash);
+                            }
+                        }
+                    }
+                    Op::Verify { file: f, chunk }
+                    | Op::Fail { file: f, chunk }
+                    | Op::Held { file: f, chunk, .. }
+                    | Op::Lost { file: f, chunk } => {
+                        let f = file_of(f);
+                        let Some((_, chunks)) = model.files.get(f).cloned().flatten() else {
+                            continue;
+                        };
+                        if chunks.is_empty() {
+                            continue;
+                        }
+                        let i = chunk % chunks.len();
+                        let offset = i as u64 * CS;
+                        let slot = &mut model.files[f].as_mut().expect("a file").1[i];
+                        match op {
+                            Op::Verify { .. } => {
+                                let h = content(f, i, 0);
+                                t.verified(f as u32, offset, h);
+                                if *slot == M::Pending {
+                                    *slot = M::Done(h);
+                                }
+                            }
+                            Op::Fail { .. } => {
+                                t.failed(f as u32, offset);
+                                if *slot == M::Pending {
+                                    *slot = M::Missing;
+                                }
+                            }
+                            Op::Held { content: which, .. } => {
+                                let h = content(f, i, which);
+                                let took = t.held(f as u32, offset, h);
+                                prop_assert_eq!(took, *slot == M::Missing);
+                                if took {
+                                    *slot = M::Held(h);
+                                }
+                            }
+                            _ => {
+                                let was = matches!(*slot, M::Done(_) | M::Held(_));
+                                prop_assert_eq!(t.lost(f as u32, offset), was);
+                                if was {
+                                    *slot = M::Missing;
+                                }
+                            }
+                        }
+                    }
+                }
+                model.fold();
+                model.check(&t)?;
+            }
+            Ok(())
+        }
+
+        fn chunk_at(file: u32, offset: u64, raw_len: u32) -> Chunk {
+            chunk(file, offset, raw_len)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 256,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            /// Any sequence of chunks, checks, holds and losses leaves the tracker where the
+            /// plain model is, with the same tree digest once complete, however pages fold.
+            #[test]
+            fn the_tracker_agrees_with_a_plain_model(
+                sizes in proptest::collection::vec(
+                    prop_oneof![0..3000u64, 60_000..200_000u64, Just(64 * CS), Just(128 * CS + 7)],
+                    1..4,
+                ),
+                ops in proptest::collection::vec(op(), 1..60),
+            ) {
+                run(sizes, ops)?;
+            }
+        }
+    }
 }
