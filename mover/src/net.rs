@@ -435,36 +435,28 @@ mod tests {
         for _ in 0..count {
             tx.send_to(&vec![1u8; len], to).expect("send a datagram");
         }
-        let mut storage = vec![vec![0u8; 65_536]; 32];
-        let mut meta = [quinn::udp::RecvMeta::default(); 32];
-        let got = timeout(
-            WAIT,
-            std::future::poll_fn(|cx| {
-                let mut bufs: Vec<IoSliceMut<'_>> =
-                    storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                quinn::AsyncUdpSocket::poll_recv(socket, cx, &mut bufs, &mut meta)
-            }),
-        )
-        .await
-        .expect("datagrams arrive")
-        .expect("receive");
+        let got = receive(socket).await;
         // Drain the rest, so that the next round starts empty.
         let mut left = count - got;
         while left > 0 {
-            let n = timeout(
-                WAIT,
-                std::future::poll_fn(|cx| {
-                    let mut bufs: Vec<IoSliceMut<'_>> =
-                        storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                    quinn::AsyncUdpSocket::poll_recv(socket, cx, &mut bufs, &mut meta)
-                }),
-            )
-            .await
-            .expect("datagrams arrive")
-            .expect("receive");
-            left -= n;
+            left -= receive(socket).await;
         }
         got
+    }
+
+    /// One receive call through `socket`, with room for 32 datagrams.
+    async fn receive(socket: &Batched) -> usize {
+        let mut storage = vec![vec![0u8; 65_536]; 32];
+        let mut meta = [quinn::udp::RecvMeta::default(); 32];
+        let polled = std::future::poll_fn(|cx| {
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            quinn::AsyncUdpSocket::poll_recv(socket, cx, &mut bufs, &mut meta)
+        });
+        timeout(WAIT, polled)
+            .await
+            .expect("datagrams arrive")
+            .expect("receive")
     }
 
     #[tokio::test]
