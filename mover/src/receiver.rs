@@ -374,7 +374,7 @@ impl Receive<'_> {
             .await
             .map_err(|e| TransferError::Internal(e.to_string()))?,
         };
-        let mut tracker = Tracker::new(&manifest, self.open.chunk_size);
+        let mut tracker = Tracker::new(manifest.clone(), self.open.chunk_size);
         let (mut stage, own_failure) = match prepared {
             Ok((mut stage, seeded)) => {
                 for h in &seeded.held {

@@ -656,7 +656,7 @@ async fn stream_chunks(
         crate::chunk::buffer_capacity(start.chunk_size),
         2 * depth + 4 * n,
     );
-    let tracker = Arc::new(Mutex::new(Tracker::new(manifest, start.chunk_size)));
+    let tracker = Arc::new(Mutex::new(Tracker::new(manifest.clone(), start.chunk_size)));
     let (err_tx, mut err_rx) = mpsc::channel::<TransferError>(1);
     let mut chunks = 0u64;
     let mut bytes = 0u64;

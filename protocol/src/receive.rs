@@ -9,6 +9,7 @@
 //! every file is complete, and each file's root hash.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::hash::{chunk_count, file_root, subtree_cv, tree_digest};
 use crate::manifest::{display_path, EntryKind, Manifest};
@@ -175,7 +176,8 @@ pub struct Tracker {
     chunk_size: u32,
     /// Indexed by manifest entry; `None` for directories and symlinks.
     files: Vec<Option<FileTrack>>,
-    paths: Vec<Vec<u8>>,
+    /// For the paths in error messages.
+    manifest: Arc<Manifest>,
     missing_chunks: u64,
     bytes_done: u64,
     files_done: u64,
@@ -183,7 +185,8 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(manifest: &Manifest, chunk_size: u32) -> Self {
+    pub fn new(manifest: impl Into<Arc<Manifest>>, chunk_size: u32) -> Self {
+        let manifest = manifest.into();
         let mut missing_chunks = 0;
         let mut files_done = 0;
         let files = manifest
@@ -207,7 +210,7 @@ impl Tracker {
         Self {
             chunk_size,
             files,
-            paths: manifest.entries.iter().map(|e| e.path.clone()).collect(),
+            manifest,
             missing_chunks,
             bytes_done: 0,
             files_done,
@@ -216,7 +219,7 @@ impl Tracker {
     }
 
     fn path(&self, file: u32) -> String {
-        display_path(&self.paths[file as usize])
+        display_path(&self.manifest.entries[file as usize].path)
     }
 
     /// The length of the chunk at `offset` of `file`, if that is a chunk of a file.
@@ -235,13 +238,13 @@ impl Tracker {
             Some(None) => {
                 return Err(ChunkError::NotAFile {
                     file: c.file,
-                    path: display_path(&self.paths[c.file as usize]),
+                    path: display_path(&self.manifest.entries[c.file as usize].path),
                 })
             }
             Some(Some(t)) => t,
         };
         if c.offset % chunk_size != 0 || c.offset >= track.size {
-            let path = display_path(&self.paths[c.file as usize]);
+            let path = display_path(&self.manifest.entries[c.file as usize].path);
             return Err(ChunkError::BadOffset {
                 path,
                 offset: c.offset,
@@ -491,7 +494,7 @@ mod tests {
     fn tracks_chunks_to_completion_and_roots() {
         let m =
             Manifest::from_entries(vec![dir(""), file("a", 5000), file("e", 0), dir("d")]).unwrap();
-        let mut t = Tracker::new(&m, 4096);
+        let mut t = Tracker::new(m.clone(), 4096);
         assert_eq!(t.missing_chunks(), 2);
         assert_eq!(t.files_done(), 1, "the empty file is done from the start");
         let data = vec![9u8; 5000];
@@ -522,7 +525,7 @@ mod tests {
             chunk_hash(&data[..4096], 0, 5000),
             chunk_hash(&data[4096..], 4096, 5000),
         );
-        let mut t = Tracker::new(&m, 4096);
+        let mut t = Tracker::new(m.clone(), 4096);
         assert!(t.held(1, 0, h0));
         assert!(!t.held(1, 0, h0), "held twice");
         assert!(!t.held(1, 100, h0), "not a chunk boundary");
@@ -570,7 +573,7 @@ mod tests {
         // Regression: a finished file's slots used to be dropped, so a chunk sent again was
         // admitted as new and the missing count underflowed.
         let m = Manifest::from_entries(vec![dir(""), file("a", 4096)]).unwrap();
-        let mut t = Tracker::new(&m, 4096);
+        let mut t = Tracker::new(m.clone(), 4096);
         let c = with_hash(chunk(1, 0, 4096), [3; 32]);
         t.admit(&c).unwrap();
         t.verified(1, 0, c.hash);
@@ -584,7 +587,7 @@ mod tests {
     #[test]
     fn refuses_chunks_that_break_the_manifest() {
         let m = Manifest::from_entries(vec![dir(""), file("a", 5000), dir("d")]).unwrap();
-        let mut t = Tracker::new(&m, 4096);
+        let mut t = Tracker::new(m.clone(), 4096);
         assert!(matches!(
             t.admit(&chunk(9, 0, 4096)),
             Err(ChunkError::UnknownFile { .. })
@@ -649,7 +652,7 @@ mod tests {
                 };
                 let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
                 let m = Manifest::from_entries(vec![dir(""), file("f", size as u64)]).unwrap();
-                let mut t = Tracker::new(&m, CS as u32);
+                let mut t = Tracker::new(m.clone(), CS as u32);
                 let hash_at = |idx: u64| {
                     let at = idx as usize * CS;
                     let end = (at + CS).min(size);
@@ -700,7 +703,7 @@ mod tests {
         let chunks = 5 * PAGE + 3;
         let size = chunks * CS;
         let m = Manifest::from_entries(vec![dir(""), file("f", size)]).unwrap();
-        let mut t = Tracker::new(&m, CS as u32);
+        let mut t = Tracker::new(m.clone(), CS as u32);
         let hash = |idx: u64| {
             let mut h = [0u8; 32];
             h[..8].copy_from_slice(&idx.to_le_bytes());
@@ -948,7 +951,7 @@ mod tests {
                 entries.push(file(&format!("f{i}"), *size));
             }
             let m = Manifest::from_entries(entries).expect("a valid manifest");
-            let mut t = Tracker::new(&m, CS as u32);
+            let mut t = Tracker::new(m.clone(), CS as u32);
             let mut model = Model {
                 files: m
                     .entries

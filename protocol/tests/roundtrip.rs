@@ -1446,7 +1446,7 @@ fn tracker_for_a_petabyte_file() {
     // A hostile manifest of two entries: either refused, or tracked without reserving a slot
     // per declared chunk (2^34 slots of 33 bytes, 544 GiB, at 64 KiB chunks).
     if let Ok(m) = Manifest::from_entries(entries) {
-        let t = Tracker::new(&m, MIN_CHUNK_SIZE);
+        let t = Tracker::new(m, MIN_CHUNK_SIZE);
         assert_eq!(
             t.missing_chunks(),
             MAX_FILE_SIZE / u64::from(MIN_CHUNK_SIZE)

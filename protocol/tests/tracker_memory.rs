@@ -65,7 +65,7 @@ fn a_fresh_four_tib_copy_grows_the_tracker_by_a_few_mib() {
             _ => None,
         })
         .collect();
-    let mut tracker = Tracker::new(&manifest, CHUNK);
+    let mut tracker = Tracker::new(manifest.clone(), CHUNK);
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
 
