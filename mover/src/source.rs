@@ -455,7 +455,7 @@ async fn repair(
                     // A chunk whose page was folded has no hash of its own left to compare
                     // the second read with; the read still checks the file's size and
                     // mtime, and the targets compare tree digests at the end.
-                    let (Some(len), true) = (len, want.is_some() || folded) else {
+                    let Some(len) = len.filter(|_| want.is_some() || folded) else {
                         continue;
                     };
                     let entry = &manifest.entries[file as usize];

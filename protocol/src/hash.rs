@@ -108,7 +108,7 @@ fn split(cvs: &[[u8; 32]]) -> (&[[u8; 32]], &[[u8; 32]]) {
 /// length rounded up to a power of two chunks, and is not the whole file: what the file's
 /// tree holds for that run, so that a receiver can keep one value for the run in place of
 /// one per chunk. `cvs` must not be empty.
-pub fn subtree_cv(cvs: &[[u8; 32]]) -> [u8; 32] {
+pub(crate) fn subtree_cv(cvs: &[[u8; 32]]) -> [u8; 32] {
     subtree(cvs)
 }
 

@@ -133,7 +133,7 @@ impl FileTrack {
                 })
                 .collect();
             *p = Page::Folded(subtree_cv(&hashes));
-        } else if slots.iter().all(|s| *s == Slot::Missing) {
+        } else if to == Slot::Missing && slots.iter().all(|s| *s == Slot::Missing) {
             self.pages.remove(&page);
         }
     }
@@ -238,15 +238,14 @@ impl Tracker {
             Some(None) => {
                 return Err(ChunkError::NotAFile {
                     file: c.file,
-                    path: display_path(&self.manifest.entries[c.file as usize].path),
+                    path: self.path(c.file),
                 })
             }
             Some(Some(t)) => t,
         };
         if c.offset % chunk_size != 0 || c.offset >= track.size {
-            let path = display_path(&self.manifest.entries[c.file as usize].path);
             return Err(ChunkError::BadOffset {
-                path,
+                path: self.path(c.file),
                 offset: c.offset,
             });
         }
