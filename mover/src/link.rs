@@ -45,8 +45,8 @@ pub(crate) struct Downlink {
     pub control: SendStream,
     pub events: Option<RecvStream>,
     pub data: Vec<SendStream>,
-    /// What the child's subtree said before `Ready`: what it holds (`Have`), and reports of
-    /// nodes below the child that already failed.
+    /// Reports of nodes below the child that already failed, said before `Ready`. (What the
+    /// subtree holds, its `Have` lists, went to the `haves` channel as they came.)
     pub early: Vec<Message>,
 }
 
@@ -71,12 +71,15 @@ impl Drop for Downlink {
 
 impl Downlink {
     /// Dials child `idx` of `open.plan`, hands it the transfer and the manifest, and waits
-    /// until it is ready for data.
+    /// until it is ready for data. What its subtree holds goes to `haves` as it comes, one
+    /// `Have` message at a time: on a reseed onto an older copy those lists name nearly every
+    /// chunk, too many to keep here until the child is ready.
     pub async fn open(
         ctx: &Ctx,
         open: &Open,
         idx: usize,
         manifest: &Manifest,
+        haves: &Up,
     ) -> Result<Self, TransferError> {
         let node = &open.plan.nodes()[idx];
         let addr = crate::config::resolve_address(&node.address)
@@ -171,7 +174,7 @@ impl Downlink {
                         }
                         .into());
                     }
-                    early.push(m);
+                    let _ = haves.send(m).await;
                 }
                 Message::Report {
                     node,
@@ -744,7 +747,7 @@ impl Relinker {
     /// accepts an `Open` from any node above it) and joins the link to the running transfer.
     /// Returns its events stream.
     async fn connect(self: &Arc<Self>, node: usize) -> Result<Option<RecvStream>, TransferError> {
-        let mut l = Downlink::open(&self.ctx, &self.open, node, &self.manifest).await?;
+        let mut l = Downlink::open(&self.ctx, &self.open, node, &self.manifest, &self.up).await?;
         tracing::info!(node = %l.node, "linked into the running transfer");
         for m in std::mem::take(&mut l.early) {
             let _ = self.up.send(m).await;

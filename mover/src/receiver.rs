@@ -477,8 +477,8 @@ impl Receive<'_> {
     ) -> Result<(), TransferError> {
         let (ctx, open, plan, me, up) = (&self.ctx, self.open, &self.plan, self.me, &self.up);
         // Children first, so that they are ready when data starts to flow; what they hold
-        // goes up before our Ready.
-        let mut links = crate::source::open_children(ctx, open, me, manifest, plan, up).await;
+        // goes up as it comes, before our Ready.
+        let mut links = crate::source::open_children(ctx, open, me, manifest, plan, up, up).await;
         for l in &mut links {
             for h in std::mem::take(&mut l.early) {
                 let _ = up.send(h).await;

@@ -6,7 +6,7 @@
 //! `Need`, resends those chunks on the control streams, and repeats until no target needs
 //! anything (or the rounds run out), then sends `End`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use mover_protocol::have::{HaveMerge, Skips};
 use mover_protocol::manifest::{display_path, EntryKind, Manifest};
 use mover_protocol::message::MAX_ROUNDS;
 use mover_protocol::{Message, Open, Plan, Start, Tracker};
@@ -122,11 +123,33 @@ async fn run_inner(
     let rounds = Arc::new(Rounds::new(&plan, &manifest, start.chunk_size));
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let router = tokio::spawn(route(ev_rx, up.clone(), rounds.clone()));
-    let mut links = open_children(ctx, &open, 0, &manifest, &plan, &ev_tx).await;
-    let haves = Arc::new(Haves::merge(&mut links, plan.nodes().len() - 1, &ev_tx).await);
-    if haves.skippable > 0 {
+    // What the targets hold is folded in as each list comes, not kept: see `HaveMerge`.
+    let (have_tx, mut have_rx) = mpsc::channel::<Message>(16);
+    let mut merge = HaveMerge::new(plan.nodes().len() - 1, start.chunk_size);
+    let merging = tokio::spawn(async move {
+        while let Some(m) = have_rx.recv().await {
+            if let Message::Have { node, chunks } = m {
+                merge.add(&node, &chunks);
+            }
+        }
+        merge.finish()
+    });
+    let mut links = open_children(ctx, &open, 0, &manifest, &plan, &ev_tx, &have_tx).await;
+    drop(have_tx);
+    let haves = Arc::new(
+        merging
+            .await
+            .map_err(|e| TransferError::Internal(e.to_string()))?,
+    );
+    // Reports of nodes that failed before they were ready.
+    for l in &mut links {
+        for m in std::mem::take(&mut l.early) {
+            let _ = ev_tx.send(m).await;
+        }
+    }
+    if !haves.is_empty() {
         tracing::info!(
-            chunks = haves.skippable,
+            chunks = haves.len(),
             "every target already holds some chunks; they are not sent"
         );
     }
@@ -239,59 +262,6 @@ async fn run_inner(
     link::take_new_links(&mut joined, &mut all_links);
     finish(&all_links, close::DONE, "done");
     Ok(())
-}
-
-/// What the targets hold: a chunk is skipped when every target holds it with one hash.
-#[derive(Default)]
-pub(crate) struct Haves {
-    map: HashMap<(u32, u64), ([u8; 32], usize)>,
-    targets: usize,
-    skippable: usize,
-}
-
-impl Haves {
-    /// Merges what the links' subtrees hold; their other early messages go to `events`.
-    async fn merge(links: &mut [Downlink], targets: usize, events: &Up) -> Self {
-        let mut per_node: HashMap<String, Vec<mover_protocol::Held>> = HashMap::new();
-        for l in links.iter_mut() {
-            for m in std::mem::take(&mut l.early) {
-                match m {
-                    Message::Have { node, chunks } => {
-                        per_node.entry(node).or_default().extend(chunks)
-                    }
-                    other => {
-                        let _ = events.send(other).await;
-                    }
-                }
-            }
-        }
-        let mut map: HashMap<(u32, u64), ([u8; 32], usize)> = HashMap::new();
-        for (_, mut list) in per_node {
-            list.sort_unstable_by_key(|h| (h.file, h.offset));
-            list.dedup_by_key(|h| (h.file, h.offset));
-            for h in list {
-                let e = map.entry((h.file, h.offset)).or_insert((h.hash, 0));
-                // Targets that disagree: nobody can be trusted to hold it.
-                e.1 = if e.0 == h.hash {
-                    e.1 + 1
-                } else {
-                    usize::MAX / 2
-                };
-            }
-        }
-        let skippable = map.values().filter(|(_, n)| *n == targets).count();
-        Self {
-            map,
-            targets,
-            skippable,
-        }
-    }
-
-    fn skip(&self, file: u32, offset: u64, hash: &[u8; 32]) -> bool {
-        self.map
-            .get(&(file, offset))
-            .is_some_and(|(h, n)| *n == self.targets && h == hash)
-    }
 }
 
 /// The repair rounds' view of the targets: who has answered since the last resend, and what
@@ -537,11 +507,12 @@ pub(crate) async fn open_children(
     manifest: &Manifest,
     plan: &Arc<mover_protocol::Plan>,
     up: &Up,
+    haves: &Up,
 ) -> Vec<Downlink> {
     let mut links = Vec::new();
     let mut todo: std::collections::VecDeque<usize> = plan.children(me).into();
     while let Some(child) = todo.pop_front() {
-        match Downlink::open(ctx, open, child, manifest).await {
+        match Downlink::open(ctx, open, child, manifest, haves).await {
             Ok(l) => links.push(l),
             Err(e) => {
                 let name = &plan.nodes()[child].name;
@@ -570,7 +541,7 @@ async fn stream_chunks(
     data_streams: Vec<Streams>,
     joiners: Vec<mpsc::UnboundedReceiver<(String, quinn::SendStream)>>,
     relinker: &Arc<link::Relinker>,
-    haves: &Arc<Haves>,
+    haves: &Arc<Skips>,
 ) -> Result<(Totals, Arc<Mutex<Tracker>>), TransferError> {
     let n = data_streams.len();
     let mut writers = Vec::with_capacity(n);
@@ -784,7 +755,7 @@ struct Encoder {
     waiting: Arc<AtomicUsize>,
     tracker: Arc<Mutex<Tracker>>,
     err_tx: mpsc::Sender<TransferError>,
-    haves: Arc<Haves>,
+    haves: Arc<Skips>,
     skipped: Arc<AtomicU64>,
     /// With automatic compression: the bytes that went raw.
     went_raw: Option<Arc<AtomicU64>>,
@@ -1217,21 +1188,5 @@ mod tests {
             matches!(&err, TransferError::SourceChanged { path, .. } if path.ends_with("/b")),
             "{err}"
         );
-    }
-
-    #[test]
-    fn a_chunk_is_skipped_only_when_every_target_holds_the_same_bytes() {
-        let mut map = HashMap::new();
-        map.insert((1, 0), ([7; 32], 2));
-        map.insert((1, 4096), ([7; 32], 1));
-        let h = Haves {
-            map,
-            targets: 2,
-            skippable: 1,
-        };
-        assert!(h.skip(1, 0, &[7; 32]));
-        assert!(!h.skip(1, 0, &[8; 32]), "the source read other bytes");
-        assert!(!h.skip(1, 4096, &[7; 32]), "one target lacks it");
-        assert!(!h.skip(1, 8192, &[7; 32]));
     }
 }

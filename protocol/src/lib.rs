@@ -152,6 +152,7 @@
 pub mod bench;
 pub mod codec;
 pub mod hash;
+pub mod have;
 pub mod manifest;
 pub mod message;
 pub mod plan;
