@@ -197,16 +197,35 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> StagingError {
     }
 }
 
+/// Chunks of one file: offsets and hashes.
+pub(crate) type Chunks = Vec<(u64, [u8; 32])>;
+
 /// What seeding found.
 #[derive(Debug, Default)]
 pub(crate) struct Seeded {
-    pub held: Vec<Held>,
+    /// Per file, in manifest order, the chunks held: their offsets (increasing) and hashes.
+    /// 40 bytes a chunk, with no copy made to merge the files' lists: on a reseed onto an older
+    /// copy this names nearly every chunk of the dataset.
+    pub files: Vec<(u32, Chunks)>,
     /// Chunks kept from an interrupted run.
     pub resumed: u64,
     /// Chunks copied from an older copy of the dataset.
     pub reused: u64,
     /// Chunks of an interrupted run whose bytes no longer matched their record.
     pub damaged: u64,
+}
+
+impl Seeded {
+    /// Every chunk held, by file and offset.
+    pub fn held(&self) -> impl Iterator<Item = Held> + '_ {
+        self.files.iter().flat_map(|(file, chunks)| {
+            chunks.iter().map(|&(offset, hash)| Held {
+                file: *file,
+                offset,
+                hash,
+            })
+        })
+    }
 }
 
 /// Fills a fresh staging area from what is already here, on `threads` threads, appending
@@ -253,19 +272,22 @@ pub(crate) fn seed(
                         file,
                         size,
                         buf: &mut buf,
-                        held: HashMap::new(),
+                        held: Vec::new(),
                         damaged: 0,
                         reused: 0,
+                        resumed: 0,
                     };
                     let result = job.run(leftover, old);
                     resumed.fetch_add(job.held.len() as u64 - job.reused, Ordering::Relaxed);
                     reused.fetch_add(job.reused, Ordering::Relaxed);
                     damaged.fetch_add(job.damaged, Ordering::Relaxed);
-                    held.lock().unwrap_or_else(|p| p.into_inner()).extend(
-                        job.held
-                            .into_iter()
-                            .map(|(offset, hash)| Held { file, offset, hash }),
-                    );
+                    let mut chunks = std::mem::take(&mut job.held);
+                    chunks.sort_unstable_by_key(|&(offset, _)| offset);
+                    if !chunks.is_empty() {
+                        held.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((file, chunks));
+                    }
                     if let Err(e) = result {
                         failure
                             .lock()
@@ -280,10 +302,10 @@ pub(crate) fn seed(
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let mut held = held.into_inner().unwrap_or_else(|p| p.into_inner());
-    held.sort_unstable_by_key(|h| (h.file, h.offset));
+    let mut files = held.into_inner().unwrap_or_else(|p| p.into_inner());
+    files.sort_unstable_by_key(|&(file, _)| file);
     Ok(Seeded {
-        held,
+        files,
         resumed: resumed.into_inner(),
         reused: reused.into_inner(),
         damaged: damaged.into_inner(),
@@ -298,7 +320,11 @@ struct FileSeed<'a> {
     file: u32,
     size: u64,
     buf: &'a mut Vec<u8>,
-    held: HashMap<u64, [u8; 32]>,
+    /// Offsets and hashes of the chunks kept: first those resumed, in increasing order, then
+    /// those copied from an old file, also in increasing order (sorted together at the end).
+    held: Chunks,
+    /// How many of `held` were resumed: the sorted part that copying looks up.
+    resumed: usize,
     damaged: u64,
     reused: u64,
 }
@@ -320,6 +346,7 @@ impl FileSeed<'_> {
                 }
             }
         }
+        self.resumed = self.held.len();
         if self.held.len() as u64 == chunk_count(self.size, self.chunk_size) {
             return Ok(());
         }
@@ -345,11 +372,15 @@ impl FileSeed<'_> {
         recorded: &[Recorded],
     ) -> Result<(), StagingError> {
         let f = File::open(to).map_err(|e| io_err("open", to, e))?;
-        for r in recorded {
+        // In offset order, so that `held` comes out sorted; for an offset recorded twice the
+        // first record that still matches wins.
+        let mut order: Vec<&Recorded> = recorded.iter().collect();
+        order.sort_by_key(|r| r.offset);
+        for r in order {
             let Some(len) = self.chunk_len(r.offset) else {
                 continue;
             };
-            if len != r.len as usize || self.held.contains_key(&r.offset) {
+            if len != r.len as usize || self.held.last().is_some_and(|h| h.0 == r.offset) {
                 continue;
             }
             let buf = &mut self.buf[..len];
@@ -379,7 +410,8 @@ impl FileSeed<'_> {
             if offset + len as u64 > old_size {
                 break;
             }
-            if !self.held.contains_key(&offset) {
+            let resumed = &self.held[..self.resumed];
+            if resumed.binary_search_by_key(&offset, |h| h.0).is_err() {
                 let buf = &mut self.buf[..len];
                 if old.read_exact_at(buf, offset).is_err() {
                     break;
@@ -414,7 +446,7 @@ impl FileSeed<'_> {
                 },
             )
             .map_err(|e| io_err("record", to, e))?;
-        self.held.insert(offset, hash);
+        self.held.push((offset, hash));
         Ok(())
     }
 }
@@ -627,11 +659,8 @@ mod tests {
             seeded.reused, 3,
             "every chunk of the old b is copied in and hashed"
         );
-        let held: Vec<(u32, u64, [u8; 32])> = seeded
-            .held
-            .iter()
-            .map(|h| (h.file, h.offset, h.hash))
-            .collect();
+        let held: Vec<(u32, u64, [u8; 32])> =
+            seeded.held().map(|h| (h.file, h.offset, h.hash)).collect();
         let hash = |data: &[u8], idx: usize| {
             let off = idx * cs;
             chunk_hash(&data[off..off + cs], off as u64, size)

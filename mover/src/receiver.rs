@@ -377,10 +377,10 @@ impl Receive<'_> {
         let mut tracker = Tracker::new(manifest.clone(), self.open.chunk_size);
         let (mut stage, own_failure) = match prepared {
             Ok((mut stage, seeded)) => {
-                for h in &seeded.held {
+                for h in seeded.held() {
                     tracker.held(h.file, h.offset, h.hash);
                 }
-                if !seeded.held.is_empty() || seeded.damaged > 0 {
+                if !seeded.files.is_empty() || seeded.damaged > 0 {
                     tracing::info!(
                         resumed = seeded.resumed,
                         reused = seeded.reused,
@@ -389,12 +389,15 @@ impl Receive<'_> {
                         "staging seeded from what was already here"
                     );
                 }
-                for part in seeded.held.chunks(MAX_LIST_ENTRIES as usize) {
+                // One message's worth at a time: the list can name every chunk.
+                let mut held = seeded.held().peekable();
+                while held.peek().is_some() {
+                    let chunks = held.by_ref().take(MAX_LIST_ENTRIES as usize).collect();
                     let _ = self
                         .up
                         .send(Message::Have {
                             node: ctx.node.clone(),
-                            chunks: part.to_vec(),
+                            chunks,
                         })
                         .await;
                 }
