@@ -63,10 +63,13 @@
 //! Upstream messages carry the node they are about and are relayed hop by hop; a child sends
 //! its own and its subtree's. Before `Ready` every node of the subtree says with `Have` which
 //! chunks it already holds (verified in an interrupted run's staging area, or found in an
-//! older copy of the dataset), by hash. After `Ready`, the parent opens one unidirectional
-//! **data stream** per connection, each starting with `Attach { transfer_id }` and followed by
-//! `Chunk` frames: the **main pass**. The source skips a chunk that every target holds with the
-//! hash it reads.
+//! older copy of the dataset), by hash, in increasing (file, offset) order over as many
+//! messages as it takes (an entry out of that order is ignored: that chunk is then sent
+//! anyway). Relays pass these lists up as they come and the source folds them into
+//! [`have::HaveMerge`] rather than keeping them. After `Ready`, the parent opens one
+//! unidirectional **data stream** per connection, each starting with `Attach { transfer_id }`
+//! and followed by `Chunk` frames: the **main pass**. The source skips a chunk that every
+//! target holds with the hash it reads.
 //!
 //! When a node's data streams have ended it reads its staging area back and sends `Need` for
 //! round 0: the chunks it still lacks (never sent, lost with a link, or failed verification in

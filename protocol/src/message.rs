@@ -348,8 +348,9 @@ pub enum Message {
         resent: u64,
     },
     /// Upstream, before `Ready`: chunks `node` already holds (from an interrupted run, or an
-    /// older copy of the dataset). The source does not send a chunk that every target holds
-    /// with the hash it reads.
+    /// older copy of the dataset), in increasing (file, offset) order across all of the
+    /// node's `Have` messages. The source does not send a chunk that every target holds with
+    /// the hash it reads.
     Have {
         node: String,
         chunks: Vec<Held>,
