@@ -81,7 +81,7 @@ impl HaveMerge {
         };
         let mut last = self.last.get(node).copied();
         for h in chunks {
-            let Some(key) = self.key(h) else {
+            let Some(key) = key(self.chunk_size, h.file, h.offset) else {
                 continue;
             };
             if last.is_some_and(|l| key <= l) {
@@ -96,7 +96,7 @@ impl HaveMerge {
                     hash,
                     count: 1,
                 });
-            } else if let Ok(i) = self.find(key) {
+            } else if let Ok(i) = find(&self.entries, key) {
                 let e = &mut self.entries[i];
                 e.count = if e.count == SPLIT || e.hash != hash {
                     SPLIT
@@ -121,18 +121,6 @@ impl HaveMerge {
             entries: self.entries,
         }
     }
-
-    /// A held chunk's place, or `None` for an offset that is not a chunk's start.
-    fn key(&self, h: &Held) -> Option<(u32, u32)> {
-        if h.offset % self.chunk_size != 0 {
-            return None;
-        }
-        Some((h.file, u32::try_from(h.offset / self.chunk_size).ok()?))
-    }
-
-    fn find(&self, key: (u32, u32)) -> Result<usize, usize> {
-        find(&self.entries, key)
-    }
 }
 
 /// The chunks every target already holds, with their hashes: what the source need not send.
@@ -146,13 +134,9 @@ impl Skips {
     /// Whether every target holds the chunk of `file` at `offset` with the hash `hash` that
     /// the source computed for it.
     pub fn skip(&self, file: u32, offset: u64, hash: &[u8; 32]) -> bool {
-        if self.chunk_size == 0 || offset % self.chunk_size != 0 {
-            return false;
-        }
-        let Ok(index) = u32::try_from(offset / self.chunk_size) else {
-            return false;
-        };
-        find(&self.entries, (file, index)).is_ok_and(|i| self.entries[i].hash == kept(hash))
+        key(self.chunk_size, file, offset)
+            .and_then(|k| find(&self.entries, k).ok())
+            .is_some_and(|i| self.entries[i].hash == kept(hash))
     }
 
     /// How many chunks are skipped.
@@ -163,6 +147,15 @@ impl Skips {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// A chunk's place: its file and its index there; `None` for an offset that is not a chunk's
+/// start (or a chunk size of 0, as in an empty [`Skips`]).
+fn key(chunk_size: u64, file: u32, offset: u64) -> Option<(u32, u32)> {
+    if chunk_size == 0 || offset % chunk_size != 0 {
+        return None;
+    }
+    Some((file, u32::try_from(offset / chunk_size).ok()?))
 }
 
 fn find(entries: &[Entry], key: (u32, u32)) -> Result<usize, usize> {
