@@ -107,13 +107,11 @@ fn hooks_table(bin: &Path, backup: &str, prepare: &str) -> String {
     )
 }
 
+#[path = "../../tests/common/port.rs"]
+mod port;
+
 fn free_addr() -> std::net::SocketAddr {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}").parse().unwrap()
+    format!("127.0.0.1:{}", port::free_port()).parse().unwrap()
 }
 
 /// Starts an agent per node, each with a `mysql` dataset at `DIR/NODE/mysql` and the given

@@ -523,12 +523,7 @@ async fn an_agent_that_does_not_answer_is_unreachable_and_worth_another_try() {
     let agent = agent_with("").await;
     let mut c = cluster(&agent);
     // A port nothing listens on.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    c.nodes.get_mut("east1").unwrap().address = format!("127.0.0.1:{port}");
+    c.nodes.get_mut("east1").unwrap().address = common::free_addr().to_string();
     let e = call_hook(&c, "east1", &call(1, HookAction::ReplicatorReset))
         .await
         .unwrap_err();

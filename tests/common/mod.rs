@@ -23,10 +23,8 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run mover")
 }
 
-fn free_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr").port()
-}
+mod port;
+pub use port::free_port;
 
 /// Agents on loopback, one process per node, each with a `data` dataset at `dir/NODE/data`.
 pub struct Cluster {

@@ -42,13 +42,11 @@ pub fn tls(dir: &Path, node: &str) -> TlsPaths {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}").parse().unwrap()
+#[path = "../../../tests/common/port.rs"]
+mod port;
+
+pub fn free_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", port::free_port()).parse().unwrap()
 }
 
 /// Starts east1 with one dataset, `data`, at `DIR/east1/data` (not created).
