@@ -188,8 +188,9 @@ pub(crate) struct Tuning {
     #[arg(long, default_value = "4M", value_parser = parse_size)]
     chunk_size: u64,
     /// zstd per chunk: auto (level 1 for as long as the link, not the CPU, is what holds the
-    /// transfer back; decided per chunk as it goes), off, or a level 1-19 for every chunk.
-    /// Chunks that do not shrink go raw.
+    /// transfer back, zstd's fast level when the CPU is nearly the limit, raw when it is;
+    /// decided per chunk as it goes), off, or a level 1-19 for every chunk. Chunks that do not
+    /// shrink go raw.
     #[arg(long, default_value = "auto", value_parser = parse_compress)]
     compress: Compress,
     /// Most bytes per second the source sends to each of its children, e.g. 100M (MiB/s) or

@@ -33,22 +33,23 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Hashes and (when `level > 0` and it helps) compresses one chunk read into `data`; a raw
-/// chunk's payload is `data` itself.
+/// Hashes and (when `level` is not 0 and it helps) compresses one chunk read into `data`; a
+/// raw chunk's payload is `data` itself. `level` is zstd's: 1 to 19, or below 0 for its
+/// fast levels.
 pub fn encode(
     file: u32,
     offset: u64,
     file_size: u64,
     data: Bytes,
-    level: u8,
+    level: i32,
     pool: &Arc<Pool>,
 ) -> Chunk {
     let hash = chunk_hash(&data, offset, file_size);
     let raw_len = data.len() as u32;
     // Keep raw unless zstd saves at least 1/32: decompression is not free either.
     let limit = data.len() - data.len() / 32;
-    let compressed = (level > 0)
-        .then(|| compress(&data, i32::from(level), pool, limit))
+    let compressed = (level != 0)
+        .then(|| compress(&data, level, pool, limit))
         .flatten();
     let (encoding, payload) = match compressed {
         Some(c) => (Encoding::Zstd, c.freeze()),
@@ -68,8 +69,15 @@ pub fn encode(
 fn compress(data: &[u8], level: i32, pool: &Arc<Pool>, limit: usize) -> Option<PoolBuf> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        match slot.as_mut() {
+            // Automatic compression switches levels chunk by chunk: the context and its
+            // tables are kept, only the level changes.
+            Some((l, c)) if *l != level => {
+                c.set_compression_level(level).ok()?;
+                *l = level;
+            }
+            Some(_) => {}
+            None => *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?)),
         }
         let (_, c) = slot.as_mut()?;
         // A destination of `limit` bytes makes zstd give up on data that will not shrink
@@ -146,6 +154,37 @@ mod tests {
         b.copy_from_slice(data);
         b.freeze()
     }
+
+    #[test]
+    fn levels_change_chunk_by_chunk_on_one_thread() {
+        // Automatic compression moves between the transfer's level and zstd's fast one for
+        // consecutive chunks; the thread's one context must follow each change.
+        let pool = Pool::new(buffer_capacity(1 << 20), 8);
+        let mut data = Vec::new();
+        let mut x = 1u32;
+        while data.len() < 1 << 20 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let word = ["alpha", "beta", "gamma", "delta", "epsilon"][(x >> 16) as usize % 5];
+            data.extend_from_slice(format!("{word}{} ", (x >> 8) % 1000).as_bytes());
+        }
+        let size = data.len() as u64;
+        let mut lens = Vec::new();
+        for level in [1, FAST, 1, FAST, 0] {
+            let c = encode(0, 0, size, pooled(&pool, &data), level, &pool);
+            assert_eq!(decode(&c, size, &pool).unwrap(), data, "level {level}");
+            lens.push(c.payload.len());
+        }
+        assert_eq!(lens[0], lens[2], "level 1 again gives level 1's output");
+        assert_eq!(lens[1], lens[3]);
+        assert_ne!(lens[0], lens[1], "the fast level is a different level");
+        assert!(
+            lens[1] < data.len() / 2,
+            "the fast level still compresses: {lens:?}"
+        );
+        assert_eq!(lens[4], data.len());
+    }
+
+    const FAST: i32 = -1;
 
     #[test]
     fn round_trips_compressible_and_random_data() {

@@ -5,6 +5,7 @@
 //! local disk.
 
 pub mod agent;
+pub mod auto_compress;
 pub(crate) mod backup;
 pub(crate) mod basis;
 pub mod bench;

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mover_protocol::have::{HaveMerge, Skips};
@@ -21,6 +21,7 @@ use mover_protocol::{Message, Open, Plan, Start, Tracker};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::agent::Ctx;
+use crate::auto_compress::Auto;
 use crate::chunk;
 use crate::error::TransferError;
 use crate::link::{self, close, Downlink, Streams, Up};
@@ -413,7 +414,7 @@ async fn repair(
         );
         let producer = {
             let (tracker, manifest, root) = (tracker.clone(), manifest.clone(), root.to_owned());
-            let level = start.compress;
+            let level = i32::from(start.compress);
             let (disk, cache) = (ctx.disk.clone(), ctx.cfg.source_cache);
             async move {
                 for (file, offset) in needs {
@@ -569,8 +570,11 @@ async fn stream_chunks(
     // compression below). A writer counts only once it has sent its first frame: until
     // then there is nothing to tell, and compressing is the safer guess.
     let waiting = Arc::new(AtomicUsize::new(0));
+    let auto = start
+        .compress_auto
+        .then(|| Arc::new(Auto::new(ctx.cfg.workers(), Instant::now())));
     for (mut streams, mut join) in data_streams.into_iter().zip(joiners) {
-        let (rx, waiting) = (rx.clone(), waiting.clone());
+        let (rx, waiting, auto) = (rx.clone(), waiting.clone(), auto.clone());
         let wire = wire.clone();
         let relinker = relinker.clone();
         let pacer = pacer.clone();
@@ -580,7 +584,18 @@ async fn stream_chunks(
                 if !first {
                     waiting.fetch_add(1, Ordering::Relaxed);
                 }
-                let next = rx.lock().await.recv().await;
+                let next = {
+                    let mut rx = rx.lock().await;
+                    match rx.try_recv() {
+                        Ok(parts) => Some(parts),
+                        Err(_) => {
+                            if let Some(auto) = auto.as_ref().filter(|_| !first) {
+                                auto.writer_starved();
+                            }
+                            rx.recv().await
+                        }
+                    }
+                };
                 if !first {
                     waiting.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -631,7 +646,6 @@ async fn stream_chunks(
     let (err_tx, mut err_rx) = mpsc::channel::<TransferError>(1);
     let mut chunks = 0u64;
     let mut bytes = 0u64;
-    let went_raw = Arc::new(AtomicU64::new(0));
     // All on one host with no rate set: the "link" is a memory copy.
     let one_host = start.compress_auto && start.max_rate == 0 && all_on_loopback(&start.plan);
     if one_host {
@@ -650,7 +664,7 @@ async fn stream_chunks(
         err_tx,
         haves: haves.clone(),
         skipped,
-        went_raw: start.compress_auto.then(|| went_raw.clone()),
+        auto: auto.clone(),
         one_host,
     };
     // Consecutive small chunks (small files, and the tails of large ones) go to a worker
@@ -680,7 +694,7 @@ async fn stream_chunks(
                 size,
                 mtime: (e.mtime_sec, e.mtime_nsec),
                 len,
-                level: start.compress,
+                level: i32::from(start.compress),
                 pool: pool.clone(),
                 disk: ctx.disk.clone(),
                 cache: ctx.cfg.source_cache,
@@ -721,11 +735,14 @@ async fn stream_chunks(
     for w in writers {
         let _ = w.await;
     }
-    if start.compress_auto {
+    if let Some(auto) = &auto {
         tracing::info!(
-            raw_bytes = went_raw.load(Ordering::Relaxed),
+            raw_bytes = auto.raw_bytes(),
+            fast_bytes = auto.fast_bytes(),
+            level = start.compress,
             bytes,
-            "automatic compression: of all the bytes, these went as they were"
+            "automatic compression: of all the bytes, these went as they were, and these at \
+             zstd's fast level (the rest at the level given)"
         );
     }
     Ok((
@@ -757,8 +774,8 @@ struct Encoder {
     err_tx: mpsc::Sender<TransferError>,
     haves: Arc<Skips>,
     skipped: Arc<AtomicU64>,
-    /// With automatic compression: the bytes that went raw.
-    went_raw: Option<Arc<AtomicU64>>,
+    /// With automatic compression: what picks each chunk's level.
+    auto: Option<Arc<Auto>>,
     one_host: bool,
 }
 
@@ -780,7 +797,7 @@ impl Encoder {
             self.haves.clone(),
             self.skipped.clone(),
         );
-        let (auto, one_host) = (self.went_raw.clone(), self.one_host);
+        let (auto, one_host) = (self.auto.clone(), self.one_host);
         tokio::spawn(async move {
             let result = async {
                 // A large chunk is read through the disk back end before it waits for an
@@ -791,23 +808,29 @@ impl Encoder {
                     _ => None,
                 };
                 let _cpu = workers.acquire_owned().await.map_err(|e| internal(&e))?;
-                // Automatic compression: every writer busy sending (or a frame queued)
-                // means the link is what holds the data back, so the CPU has time to
-                // shrink these chunks; a writer waiting with nothing queued means the link
-                // waits for the CPU, so they go as they are.
-                if let Some(raw) = auto.filter(|_| {
-                    one_host
+                // Automatic compression (see `crate::auto_compress`): raw when a writer
+                // waits with nothing queued (or all on one host), zstd's fast level when the
+                // encoding threads have had no rest, else the transfer's level.
+                if let Some(auto) = &auto {
+                    let starved = one_host
                         || (waiting.load(Ordering::Relaxed) > 0
-                            && tx.capacity() == tx.max_capacity())
-                }) {
+                            && tx.capacity() == tx.max_capacity());
+                    let len = jobs.iter().map(|j| j.len as u64).sum();
+                    let level = auto.level(jobs[0].level, starved, len, Instant::now());
                     for job in &mut jobs {
-                        job.level = 0;
-                        raw.fetch_add(job.len as u64, Ordering::Relaxed);
+                        job.level = level;
                     }
                 }
-                tokio::task::spawn_blocking(move || match (read, jobs.pop()) {
-                    (Some((f, buf)), Some(job)) => Ok(vec![job.encode(&f, buf.freeze())?]),
-                    (_, last) => encode_batch(jobs.into_iter().chain(last).collect()),
+                tokio::task::spawn_blocking(move || {
+                    let began = Instant::now();
+                    let chunks = match (read, jobs.pop()) {
+                        (Some((f, buf)), Some(job)) => vec![job.encode(&f, buf.freeze())?],
+                        (_, last) => encode_batch(jobs.into_iter().chain(last).collect())?,
+                    };
+                    if let Some(auto) = &auto {
+                        auto.encoded(began.elapsed());
+                    }
+                    Ok(chunks)
                 })
                 .await
                 .map_err(|e| internal(&e))?
@@ -855,7 +878,8 @@ struct ReadJob {
     /// The modification time the scan saw, as (seconds, nanoseconds).
     mtime: (i64, u32),
     len: usize,
-    level: u8,
+    /// zstd's level, 0 for none.
+    level: i32,
     pool: Arc<Pool>,
     disk: Arc<dyn crate::disk::Disk>,
     cache: crate::disk::SourceCache,

@@ -413,7 +413,14 @@ fn encode_passes(kept: &[Kept], chunk: u32, level: u8) -> Codec {
         let mut buf = pool.take(k.data.len());
         buf.copy_from_slice(&k.data);
         let t = Instant::now();
-        let c = crate::chunk::encode(0, k.offset, k.file_size, buf.freeze(), level, &pool);
+        let c = crate::chunk::encode(
+            0,
+            k.offset,
+            k.file_size,
+            buf.freeze(),
+            i32::from(level),
+            &pool,
+        );
         (t.elapsed(), frame_len(&c))
     };
     let warm_up = || {
@@ -649,7 +656,7 @@ fn decode_passes(root: &Path, chunk: u32, level: u8) -> Result<Codec, String> {
         h.read_exact_at(&mut buf[..], r.offset)
             .map_err(|e| format!("read {}: {e}", f.path.display()))?;
         chunks.push((
-            crate::chunk::encode(0, r.offset, f.size, buf.freeze(), level, &pool),
+            crate::chunk::encode(0, r.offset, f.size, buf.freeze(), i32::from(level), &pool),
             f.size,
         ));
     }
