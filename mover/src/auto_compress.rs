@@ -86,6 +86,12 @@ impl Auto {
     /// The share (in thousandths) of the last whole window that the encoding threads were
     /// busy; a window that has run its length at `now` is closed and a new one begun.
     pub fn busy_share(&self, now: Instant) -> u64 {
+        self.sample(now).0
+    }
+
+    /// The busy share as [`Auto::busy_share`] gives it, and whether a writer found the queue
+    /// empty in the last whole window or the one under way.
+    fn sample(&self, now: Instant) -> (u64, bool) {
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         let span = now.saturating_duration_since(w.start);
         if span >= WINDOW {
@@ -99,7 +105,7 @@ impl Auto {
             w.start = now;
             w.busy_ns = busy;
         }
-        w.share
+        (w.share, w.starved || self.starved.load(Ordering::Relaxed))
     }
 
     /// Records that a data-stream writer found no frame queued and has to wait for one.
@@ -107,24 +113,19 @@ impl Auto {
         self.starved.store(true, Ordering::Relaxed);
     }
 
-    /// Whether a writer found the queue empty in the last whole window or the one under way
-    /// (as of the last [`Auto::busy_share`]).
-    fn link_had_room(&self) -> bool {
-        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        w.starved || self.starved.load(Ordering::Relaxed)
-    }
-
     /// The level for `len` bytes of chunks about to be encoded at `now`, where the transfer's
     /// level is `level` and `starved` says whether a writer waits with nothing queued.
     pub fn level(&self, level: i32, starved: bool, len: u64, now: Instant) -> i32 {
         if starved {
             self.raw.fetch_add(len, Ordering::Relaxed);
-            0
-        } else if self.busy_share(now) >= BUSY && self.link_had_room() {
-            self.fast.fetch_add(len, Ordering::Relaxed);
-            FAST_LEVEL
-        } else {
-            level
+            return 0;
+        }
+        match self.sample(now) {
+            (share, true) if share >= BUSY => {
+                self.fast.fetch_add(len, Ordering::Relaxed);
+                FAST_LEVEL
+            }
+            _ => level,
         }
     }
 

@@ -816,7 +816,8 @@ impl Encoder {
                         || (waiting.load(Ordering::Relaxed) > 0
                             && tx.capacity() == tx.max_capacity());
                     let len = jobs.iter().map(|j| j.len as u64).sum();
-                    let level = auto.level(jobs[0].level, starved, len, Instant::now());
+                    let given = jobs.first().map_or(0, |j| j.level);
+                    let level = auto.level(given, starved, len, Instant::now());
                     for job in &mut jobs {
                         job.level = level;
                     }

@@ -407,20 +407,14 @@ struct Codec {
 /// on one thread and once on one thread per core. Only the encoding is timed, not the copy of
 /// each chunk that it consumes.
 fn encode_passes(kept: &[Kept], chunk: u32, level: u8) -> Codec {
+    let level = i32::from(level);
     let threads = crate::cores();
     let pool = Pool::new(crate::chunk::buffer_capacity(chunk), 3 * threads);
     let encode = |k: &Kept| -> (Duration, u64) {
         let mut buf = pool.take(k.data.len());
         buf.copy_from_slice(&k.data);
         let t = Instant::now();
-        let c = crate::chunk::encode(
-            0,
-            k.offset,
-            k.file_size,
-            buf.freeze(),
-            i32::from(level),
-            &pool,
-        );
+        let c = crate::chunk::encode(0, k.offset, k.file_size, buf.freeze(), level, &pool);
         (t.elapsed(), frame_len(&c))
     };
     let warm_up = || {
@@ -640,6 +634,7 @@ async fn write_scratch(
 /// code, once on one thread and once on one per core. The chunks are encoded first (not
 /// timed) at the transfer's level, so that they are what this host would receive.
 fn decode_passes(root: &Path, chunk: u32, level: u8) -> Result<Codec, String> {
+    let level = i32::from(level);
     let (files, _) = files_of(root)?;
     let sizes: Vec<u64> = files.iter().map(|f| f.size).collect();
     let pool = Pool::new(crate::chunk::buffer_capacity(chunk), 4 * crate::cores());
@@ -656,7 +651,7 @@ fn decode_passes(root: &Path, chunk: u32, level: u8) -> Result<Codec, String> {
         h.read_exact_at(&mut buf[..], r.offset)
             .map_err(|e| format!("read {}: {e}", f.path.display()))?;
         chunks.push((
-            crate::chunk::encode(0, r.offset, f.size, buf.freeze(), i32::from(level), &pool),
+            crate::chunk::encode(0, r.offset, f.size, buf.freeze(), level, &pool),
             f.size,
         ));
     }
