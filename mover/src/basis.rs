@@ -18,6 +18,7 @@ use std::sync::Mutex;
 
 use mover_protocol::hash::{chunk_count, chunk_hash};
 use mover_protocol::manifest::EntryKind;
+use mover_protocol::table::{ChunkIndex, Table};
 use mover_protocol::Held;
 
 use crate::staging::{Staging, StagingError};
@@ -197,16 +198,60 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> StagingError {
     }
 }
 
-/// Chunks of one file: offsets and hashes.
-pub(crate) type Chunks = Vec<(u64, [u8; 32])>;
+/// Which chunks of one file are held: a bit per chunk.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Bits {
+    words: Vec<u64>,
+    count: u64,
+}
+
+impl Bits {
+    fn with_len(chunks: u64) -> Self {
+        Self {
+            words: vec![0; chunks.div_ceil(64) as usize],
+            count: 0,
+        }
+    }
+
+    fn get(&self, i: u64) -> bool {
+        self.words
+            .get((i / 64) as usize)
+            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    fn set(&mut self, i: u64) {
+        if let Some(w) = self.words.get_mut((i / 64) as usize) {
+            if *w >> (i % 64) & 1 == 0 {
+                *w |= 1 << (i % 64);
+                self.count += 1;
+            }
+        }
+    }
+
+    /// How many are set.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The set bits, in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &word)| {
+            (0..64)
+                .filter(move |b| word >> b & 1 == 1)
+                .map(move |b| w as u64 * 64 + b)
+        })
+    }
+}
 
 /// What seeding found.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Seeded {
-    /// Per file, in manifest order, the chunks held: their offsets (increasing) and hashes.
-    /// 40 bytes a chunk, with no copy made to merge the files' lists: on a reseed onto an older
-    /// copy this names nearly every chunk of the dataset.
-    pub files: Vec<(u32, Chunks)>,
+    /// Per file, in manifest order, which chunks are held: a bit per chunk of the file. Their
+    /// hashes are in `table`, at the places `index` gives, so that on a reseed onto an older
+    /// copy (where nearly every chunk is held) the process keeps one bit per chunk.
+    pub files: Vec<(u32, Bits)>,
+    pub index: ChunkIndex,
+    pub table: std::sync::Arc<dyn Table>,
     /// Chunks kept from an interrupted run.
     pub resumed: u64,
     /// Chunks copied from an older copy of the dataset.
@@ -216,29 +261,46 @@ pub(crate) struct Seeded {
 }
 
 impl Seeded {
-    /// Every chunk held, by file and offset.
+    /// Every chunk held, by file and offset, with its hash read from the table (zeros when it
+    /// cannot be read: no chunk matches that, so the source sends the chunk).
     pub fn held(&self) -> impl Iterator<Item = Held> + '_ {
-        self.files.iter().flat_map(|(file, chunks)| {
-            chunks.iter().map(|&(offset, hash)| Held {
-                file: *file,
-                offset,
-                hash,
+        let cs = self.index.chunk_size();
+        self.files.iter().flat_map(move |(file, bits)| {
+            let first = self.index.chunks_of(*file).start;
+            bits.iter().map(move |i| {
+                let mut hash = [0; 32];
+                if self.table.read_at((first + i) * 32, &mut hash).is_err() {
+                    hash = [0; 32];
+                }
+                Held {
+                    file: *file,
+                    offset: i * cs,
+                    hash,
+                }
             })
         })
+    }
+
+    /// Chunks held.
+    pub fn count(&self) -> u64 {
+        self.files.iter().map(|(_, b)| b.count()).sum()
     }
 }
 
 /// Fills a fresh staging area from what is already here, on `threads` threads, appending
-/// every chunk it keeps to `record`. Only staging errors (a full disk) fail it; a leftover or
-/// old file that cannot be read is simply not used.
+/// every chunk it keeps to `record` and its hash to `table` (32 bytes at the chunk's index in
+/// the manifest). Only staging errors (a full disk, a table that cannot be written) fail it; a
+/// leftover or old file that cannot be read is simply not used.
 pub(crate) fn seed(
     staging: &Staging,
     chunk_size: u32,
     leftover: Option<&Leftover>,
     old: Option<&Path>,
     record: &Record,
+    table: std::sync::Arc<dyn Table>,
     threads: usize,
 ) -> Result<Seeded, StagingError> {
+    let index = ChunkIndex::new(staging.manifest(), chunk_size);
     let files: Vec<(u32, u64)> = staging
         .manifest()
         .entries
@@ -269,21 +331,21 @@ pub(crate) fn seed(
                         staging,
                         chunk_size,
                         record,
+                        table: &*table,
+                        first: index.chunks_of(file).start,
                         file,
                         size,
                         buf: &mut buf,
-                        held: Vec::new(),
+                        held: Bits::with_len(chunk_count(size, chunk_size)),
                         damaged: 0,
                         reused: 0,
-                        resumed: 0,
                     };
                     let result = job.run(leftover, old);
-                    resumed.fetch_add(job.held.len() as u64 - job.reused, Ordering::Relaxed);
+                    resumed.fetch_add(job.held.count() - job.reused, Ordering::Relaxed);
                     reused.fetch_add(job.reused, Ordering::Relaxed);
                     damaged.fetch_add(job.damaged, Ordering::Relaxed);
-                    let mut chunks = std::mem::take(&mut job.held);
-                    chunks.sort_unstable_by_key(|&(offset, _)| offset);
-                    if !chunks.is_empty() {
+                    let chunks = std::mem::take(&mut job.held);
+                    if chunks.count() > 0 {
                         held.lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .push((file, chunks));
@@ -306,6 +368,8 @@ pub(crate) fn seed(
     files.sort_unstable_by_key(|&(file, _)| file);
     Ok(Seeded {
         files,
+        index,
+        table,
         resumed: resumed.into_inner(),
         reused: reused.into_inner(),
         damaged: damaged.into_inner(),
@@ -317,14 +381,14 @@ struct FileSeed<'a> {
     staging: &'a Staging,
     chunk_size: u32,
     record: &'a Record,
+    table: &'a dyn Table,
+    /// The index of the file's first chunk in the manifest: where its hashes go in `table`.
+    first: u64,
     file: u32,
     size: u64,
     buf: &'a mut Vec<u8>,
-    /// Offsets and hashes of the chunks kept: first those resumed, in increasing order, then
-    /// those copied from an old file, also in increasing order (sorted together at the end).
-    held: Chunks,
-    /// How many of `held` were resumed: the sorted part that copying looks up.
-    resumed: usize,
+    /// The chunks kept: first those resumed, then those copied from an old file.
+    held: Bits,
     damaged: u64,
     reused: u64,
 }
@@ -346,8 +410,7 @@ impl FileSeed<'_> {
                 }
             }
         }
-        self.resumed = self.held.len();
-        if self.held.len() as u64 == chunk_count(self.size, self.chunk_size) {
+        if self.held.count() == chunk_count(self.size, self.chunk_size) {
             return Ok(());
         }
         if let Some(old) = old {
@@ -380,7 +443,8 @@ impl FileSeed<'_> {
             let Some(len) = self.chunk_len(r.offset) else {
                 continue;
             };
-            if len != r.len as usize || self.held.last().is_some_and(|h| h.0 == r.offset) {
+            let idx = r.offset / u64::from(self.chunk_size);
+            if len != r.len as usize || self.held.get(idx) {
                 continue;
             }
             let buf = &mut self.buf[..len];
@@ -410,8 +474,8 @@ impl FileSeed<'_> {
             if offset + len as u64 > old_size {
                 break;
             }
-            let resumed = &self.held[..self.resumed];
-            if resumed.binary_search_by_key(&offset, |h| h.0).is_err() {
+            // Every chunk held so far was resumed.
+            if !self.held.get(offset / u64::from(self.chunk_size)) {
                 let buf = &mut self.buf[..len];
                 if old.read_exact_at(buf, offset).is_err() {
                     break;
@@ -446,7 +510,11 @@ impl FileSeed<'_> {
                 },
             )
             .map_err(|e| io_err("record", to, e))?;
-        self.held.push((offset, hash));
+        let idx = offset / u64::from(self.chunk_size);
+        self.table
+            .write_at((self.first + idx) * 32, &hash)
+            .map_err(|e| io_err("keep the hash of", to, e))?;
+        self.held.set(idx);
         Ok(())
     }
 }
@@ -652,7 +720,17 @@ mod tests {
         let leftover = set_aside(&staging_dir).unwrap().unwrap();
         let staging = Staging::create(&state, &dest, "ds", m).unwrap();
         let record = Record::create(&record_path(&staging_dir)).unwrap();
-        let seeded = seed(&staging, CS, Some(&leftover), Some(&dest), &record, 2).unwrap();
+        let table: Arc<dyn Table> = Arc::new(mover_protocol::table::MemTable::default());
+        let seeded = seed(
+            &staging,
+            CS,
+            Some(&leftover),
+            Some(&dest),
+            &record,
+            table,
+            2,
+        )
+        .unwrap();
         discard(leftover);
         assert_eq!((seeded.resumed, seeded.damaged), (1, 1));
         assert_eq!(

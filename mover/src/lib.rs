@@ -29,6 +29,7 @@ pub mod sample;
 pub mod scan;
 pub(crate) mod source;
 pub mod staging;
+pub(crate) mod table;
 pub mod tls;
 
 /// Cores available to this process (at least 1).

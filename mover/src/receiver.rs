@@ -55,6 +55,8 @@ const MANIFEST_TIMEOUT: Duration = Duration::from_secs(600);
 const SUPERSEDE_WAIT: Duration = Duration::from_secs(60);
 /// Most chunks one node asks for in a round; more means something is badly wrong.
 const MAX_NEED: usize = 4 << 20;
+/// Held chunks read back at a time in the final check.
+const CHECK_BATCH: usize = 4096;
 
 /// Handles an `Open` from our parent on its control stream.
 pub(crate) async fn run(
@@ -377,10 +379,27 @@ impl Receive<'_> {
         let mut tracker = Tracker::new(manifest.clone(), self.open.chunk_size);
         let (mut stage, own_failure) = match prepared {
             Ok((mut stage, seeded)) => {
-                for h in seeded.held() {
-                    tracker.held(h.file, h.offset, h.hash);
+                // The tracker finds held chunks' hashes where seeding put them.
+                tracker = tracker.with_table(seeded.table.clone());
+                // One message's worth at a time: the list can name every chunk.
+                let mut chunks = Vec::new();
+                let mut held = seeded.held().peekable();
+                while held.peek().is_some() {
+                    chunks.clear();
+                    for h in held.by_ref().take(MAX_LIST_ENTRIES as usize) {
+                        if tracker.held_in_table(h.file, h.offset) {
+                            chunks.push(h);
+                        }
+                    }
+                    let _ = self
+                        .up
+                        .send(Message::Have {
+                            node: ctx.node.clone(),
+                            chunks: std::mem::take(&mut chunks),
+                        })
+                        .await;
                 }
-                if !seeded.files.is_empty() || seeded.damaged > 0 {
+                if seeded.count() > 0 || seeded.damaged > 0 {
                     tracing::info!(
                         resumed = seeded.resumed,
                         reused = seeded.reused,
@@ -388,18 +407,6 @@ impl Receive<'_> {
                         held_bytes = tracker.bytes_done(),
                         "staging seeded from what was already here"
                     );
-                }
-                // One message's worth at a time: the list can name every chunk.
-                let mut held = seeded.held().peekable();
-                while held.peek().is_some() {
-                    let chunks = held.by_ref().take(MAX_LIST_ENTRIES as usize).collect();
-                    let _ = self
-                        .up
-                        .send(Message::Have {
-                            node: ctx.node.clone(),
-                            chunks,
-                        })
-                        .await;
                 }
                 stage.damaged = seeded.damaged;
                 (Some(stage), None)
@@ -926,12 +933,20 @@ fn prepare(
         .map_err(|e| TransferError::Internal(format!("create {}: {e}", record_path.display())))
         .and_then(|record| {
             let old = dest.is_dir().then_some(dest);
+            // Held chunks' hashes go to a file when there is anything to hold.
+            let table: Arc<dyn mover_protocol::table::Table> =
+                if leftover.is_some() || old.is_some() {
+                    Arc::from(crate::table::table_in(state_dir, "the chunks held here"))
+                } else {
+                    Arc::new(mover_protocol::table::MemTable::default())
+                };
             let seeded = basis::seed(
                 &staging,
                 chunk_size,
                 leftover.as_ref(),
                 old,
                 &record,
+                table,
                 threads,
             )?;
             Ok((record, seeded))
@@ -1270,33 +1285,51 @@ impl Writer {
     /// Reads every chunk held from before the transfer back from staging and checks its
     /// hash (each chunk written in the transfer was checked as it was written); a chunk
     /// that does not match is missing again. Returns how many did not.
+    ///
+    /// A batch at a time, in file order: a chunk that matches is done like one received, so
+    /// the tracker folds its page and forgets its hash as the check goes.
     fn check_staging(&self, threads: usize) -> u64 {
-        let held = self
-            .tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .held_chunks();
-        let next = AtomicU64::new(0);
-        let lost = Mutex::new(Vec::new());
         let cs = self.staging.manifest().entries.len();
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(&(file, offset, hash)) = held.get(i) else {
-                        return;
-                    };
-                    if (file as usize) >= cs || !self.matches(file, offset, hash) {
-                        lost.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((file, offset));
-                    }
-                });
+        let mut from = (0u32, 0u64);
+        let mut lost_count = 0;
+        loop {
+            let held = self
+                .tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .held_from(from, CHECK_BATCH);
+            let Some(&(file, offset, _)) = held.last() else {
+                return lost_count;
+            };
+            from = (file, offset + 1);
+            let next = AtomicU64::new(0);
+            let lost = Mutex::new(Vec::new());
+            std::thread::scope(|s| {
+                for _ in 0..threads.max(1) {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(&(file, offset, hash)) = held.get(i) else {
+                            return;
+                        };
+                        if (file as usize) >= cs || !self.matches(file, offset, hash) {
+                            lost.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((file, offset));
+                        }
+                    });
+                }
+            });
+            let mut lost = lost.into_inner().unwrap_or_else(|p| p.into_inner());
+            lost.sort_unstable();
+            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for &(file, offset, hash) in &held {
+                if lost.binary_search(&(file, offset)).is_ok() {
+                    lost_count += u64::from(t.lost(file, offset));
+                } else {
+                    t.confirm(file, offset, hash);
+                }
             }
-        });
-        let lost = lost.into_inner().unwrap_or_else(|p| p.into_inner());
-        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-        lost.iter().filter(|&&(f, o)| t.lost(f, o)).count() as u64
+        }
     }
 
     fn matches(&self, file: u32, offset: u64, hash: [u8; 32]) -> bool {

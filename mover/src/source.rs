@@ -17,6 +17,7 @@ use bytes::Bytes;
 use mover_protocol::have::{HaveMerge, Skips};
 use mover_protocol::manifest::{display_path, EntryKind, Manifest};
 use mover_protocol::message::MAX_ROUNDS;
+use mover_protocol::table::ChunkIndex;
 use mover_protocol::{Message, Open, Plan, Start, Tracker};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
@@ -124,23 +125,39 @@ async fn run_inner(
     let rounds = Arc::new(Rounds::new(&plan, &manifest, start.chunk_size));
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let router = tokio::spawn(route(ev_rx, up.clone(), rounds.clone()));
-    // What the targets hold is folded in as each list comes, not kept: see `HaveMerge`.
+    // What the targets hold is folded in as each list comes, into a table in a file: see
+    // `HaveMerge`. The table is made with the first list (a fresh copy has none).
     let (have_tx, mut have_rx) = mpsc::channel::<Message>(16);
-    let mut merge = HaveMerge::new(plan.nodes().len() - 1, start.chunk_size);
-    let merging = tokio::spawn(async move {
-        while let Some(m) = have_rx.recv().await {
+    let (targets, index) = (
+        plan.nodes().len() - 1,
+        ChunkIndex::new(&manifest, start.chunk_size),
+    );
+    let state_dir = ctx.cfg.state_dir.clone();
+    let merging = tokio::task::spawn_blocking(move || {
+        let mut merge: Option<HaveMerge> = None;
+        while let Some(m) = have_rx.blocking_recv() {
             if let Message::Have { node, chunks } = m {
-                merge.add(&node, &chunks);
+                merge
+                    .get_or_insert_with(|| {
+                        let table = crate::table::table_in(&state_dir, "the targets' held chunks");
+                        HaveMerge::new(targets, index.clone(), table)
+                    })
+                    .add(&node, &chunks);
             }
         }
-        merge.finish()
+        let merge = merge?;
+        if let Some(e) = merge.failure() {
+            tracing::warn!(error = %e, "cannot keep what the targets hold; sending every chunk");
+        }
+        Some(merge.finish())
     });
     let mut links = open_children(ctx, &open, 0, &manifest, &plan, &ev_tx, &have_tx).await;
     drop(have_tx);
     let haves = Arc::new(
         merging
             .await
-            .map_err(|e| TransferError::Internal(e.to_string()))?,
+            .map_err(|e| TransferError::Internal(e.to_string()))?
+            .unwrap_or_default(),
     );
     // Reports of nodes that failed before they were ready.
     for l in &mut links {

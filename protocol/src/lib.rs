@@ -160,6 +160,7 @@ pub mod manifest;
 pub mod message;
 pub mod plan;
 pub mod receive;
+pub mod table;
 
 pub use codec::{DecodeError, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use manifest::{Entry, EntryKind, Manifest, ManifestBuilder, ManifestError};

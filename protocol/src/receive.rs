@@ -7,6 +7,10 @@
 //! copy) are *held*: they count as present, and a chunk that arrives for a held slot with
 //! another hash replaces it. The tracker knows what is still missing (to ask for again), when
 //! every file is complete, and each file's root hash.
+//!
+//! A held chunk's hash lives in a [`Table`] (an agent's is a file), not in the tracker: on a
+//! reseed onto an older copy nearly every chunk is held, and the tracker keeps one bit for
+//! each until the final read-back confirms it (then its page folds like any other).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use std::sync::Arc;
 use crate::hash::{chunk_count, file_root, subtree_cv, tree_digest};
 use crate::manifest::{display_path, EntryKind, Manifest};
 use crate::message::Chunk;
+use crate::table::{MemTable, Table};
 
 /// A chunk that breaks the transfer's rules. The sender is broken or hostile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,8 +60,8 @@ enum Slot {
     Pending,
     /// Received and verified in this transfer.
     Done([u8; 32]),
-    /// Present before the transfer, with this hash.
-    Held([u8; 32]),
+    /// Present before the transfer; its hash is in the tracker's table.
+    Held,
     /// Done, in a page that was folded into one value: its own hash is no longer kept.
     Folded,
 }
@@ -70,6 +75,8 @@ const PAGE: u64 = 64;
 enum Page {
     /// One slot per chunk of the page, and how many of them are not done.
     Open { slots: Box<[Slot]>, open: u32 },
+    /// Only chunks held from before and missing ones: a bit per chunk, set where held.
+    Held(u64),
     /// Every chunk done: the page's subtree chaining value in place of its chunks' hashes.
     Folded([u8; 32]),
 }
@@ -83,6 +90,9 @@ enum Page {
 struct FileTrack {
     size: u64,
     chunks: u64,
+    /// The index of the file's first chunk in the whole manifest: where its held chunks'
+    /// hashes are in the table.
+    first: u64,
     pages: HashMap<u64, Page>,
     /// Chunks neither done nor held.
     missing: u64,
@@ -93,6 +103,8 @@ impl FileTrack {
         match self.pages.get(&(idx / PAGE)) {
             None => Slot::Missing,
             Some(Page::Folded(_)) => Slot::Folded,
+            Some(Page::Held(mask)) if mask >> (idx % PAGE) & 1 == 1 => Slot::Held,
+            Some(Page::Held(_)) => Slot::Missing,
             Some(Page::Open { slots, .. }) => slots[(idx % PAGE) as usize],
         }
     }
@@ -107,6 +119,45 @@ impl FileTrack {
     fn set(&mut self, idx: u64, to: Slot) {
         let (page, at) = (idx / PAGE, (idx % PAGE) as usize);
         let len = self.page_len(page);
+        // Held and missing chunks alone keep a page as bits; anything else opens it.
+        match (self.pages.get_mut(&page), to) {
+            (None, Slot::Missing) => return,
+            (None, Slot::Held) => {
+                self.pages.insert(page, Page::Held(1 << at));
+                return;
+            }
+            (Some(Page::Held(mask)), Slot::Held) => {
+                *mask |= 1 << at;
+                return;
+            }
+            (Some(Page::Held(mask)), Slot::Missing) => {
+                *mask &= !(1 << at);
+                if *mask == 0 {
+                    self.pages.remove(&page);
+                }
+                return;
+            }
+            (Some(Page::Held(mask)), _) => {
+                let mask = *mask;
+                let slots = (0..len)
+                    .map(|i| {
+                        if mask >> i & 1 == 1 {
+                            Slot::Held
+                        } else {
+                            Slot::Missing
+                        }
+                    })
+                    .collect();
+                self.pages.insert(
+                    page,
+                    Page::Open {
+                        slots,
+                        open: len as u32,
+                    },
+                );
+            }
+            _ => {}
+        }
         let p = self.pages.entry(page).or_insert_with(|| Page::Open {
             slots: vec![Slot::Missing; len].into_boxed_slice(),
             open: len as u32,
@@ -138,32 +189,53 @@ impl FileTrack {
         }
     }
 
-    fn root(&self) -> Option<[u8; 32]> {
+    /// The hash of held chunk `idx`, from `table`; `None` if it cannot be read.
+    fn held_hash(&self, table: &dyn Table, idx: u64) -> Option<[u8; 32]> {
+        let mut h = [0u8; 32];
+        table.read_at((self.first + idx) * 32, &mut h).ok()?;
+        Some(h)
+    }
+
+    /// The hashes of page `page`'s chunks, if all are done or held.
+    fn page_hashes(&self, table: &dyn Table, page: u64) -> Option<Vec<[u8; 32]>> {
+        let len = self.page_len(page);
+        match self.pages.get(&page)? {
+            Page::Open { slots, .. } => slots
+                .iter()
+                .enumerate()
+                .map(|(at, s)| match s {
+                    Slot::Done(h) => Some(*h),
+                    Slot::Held => self.held_hash(table, page * PAGE + at as u64),
+                    _ => None,
+                })
+                .collect(),
+            Page::Held(mask) => (0..len)
+                .map(|at| {
+                    (mask >> at & 1 == 1)
+                        .then(|| self.held_hash(table, page * PAGE + at as u64))
+                        .flatten()
+                })
+                .collect(),
+            Page::Folded(_) => None,
+        }
+    }
+
+    fn root(&self, table: &dyn Table) -> Option<[u8; 32]> {
         if self.missing > 0 {
             return None;
         }
-        let hashes = |slots: &[Slot]| -> Option<Vec<[u8; 32]>> {
-            slots
-                .iter()
-                .map(|s| match s {
-                    Slot::Done(h) | Slot::Held(h) => Some(*h),
-                    _ => None,
-                })
-                .collect()
-        };
         if self.chunks <= PAGE {
-            return match self.pages.get(&0) {
-                None => (self.chunks == 0).then(|| file_root(&[])),
-                Some(Page::Open { slots, .. }) => Some(file_root(&hashes(slots)?)),
-                Some(Page::Folded(_)) => None,
-            };
+            if self.chunks == 0 {
+                return Some(file_root(&[]));
+            }
+            return Some(file_root(&self.page_hashes(table, 0)?));
         }
         // The file's tree over whole pages is the tree over its chunks: each page is a
         // subtree, and the left-balanced split over pages falls where it does over chunks.
         let pages: Option<Vec<[u8; 32]>> = (0..self.chunks.div_ceil(PAGE))
             .map(|p| match self.pages.get(&p)? {
                 Page::Folded(cv) => Some(*cv),
-                Page::Open { slots, .. } => Some(subtree_cv(&hashes(slots)?)),
+                _ => Some(subtree_cv(&self.page_hashes(table, p)?)),
             })
             .collect();
         Some(file_root(&pages?))
@@ -182,6 +254,8 @@ pub struct Tracker {
     bytes_done: u64,
     files_done: u64,
     held_bytes: u64,
+    /// Held chunks' hashes, 32 bytes at each chunk's index in the manifest.
+    table: Arc<dyn Table>,
 }
 
 impl Tracker {
@@ -195,11 +269,13 @@ impl Tracker {
             .map(|e| match e.kind {
                 EntryKind::File { size } => {
                     let n = chunk_count(size, chunk_size);
+                    let first = missing_chunks;
                     missing_chunks += n;
                     files_done += u64::from(n == 0);
                     Some(FileTrack {
                         size,
                         chunks: n,
+                        first,
                         pages: HashMap::new(),
                         missing: n,
                     })
@@ -215,7 +291,15 @@ impl Tracker {
             bytes_done: 0,
             files_done,
             held_bytes: 0,
+            table: Arc::new(MemTable::default()),
         }
+    }
+
+    /// Keeps held chunks' hashes in `table` (which must read as zeros, or hold the hashes of
+    /// chunks then given to [`Tracker::held_in_table`]) rather than in memory.
+    pub fn with_table(mut self, table: Arc<dyn Table>) -> Self {
+        self.table = table;
+        self
     }
 
     fn path(&self, file: u32) -> String {
@@ -267,7 +351,10 @@ impl Tracker {
                     offset: c.offset,
                 })
             }
-            Slot::Done(h) | Slot::Held(h) if h == c.hash => return Ok(Admit::Skip),
+            Slot::Done(h) if h == c.hash => return Ok(Admit::Skip),
+            Slot::Held if track.held_hash(&*self.table, idx) == Some(c.hash) => {
+                return Ok(Admit::Skip)
+            }
             // Done, and its hash no longer kept: taken to be the same bytes sent again for
             // another node. Other bytes would show at the end, in the tree digest.
             Slot::Folded => return Ok(Admit::Skip),
@@ -277,7 +364,7 @@ impl Tracker {
                     offset: c.offset,
                 })
             }
-            Slot::Held(_) => {
+            Slot::Held => {
                 // What was here before differs: the new bytes replace it.
                 let complete = track.missing == 0;
                 track.missing += 1;
@@ -297,13 +384,56 @@ impl Tracker {
     }
 
     /// Records a chunk that was already in place before the transfer, with the hash of its
-    /// bytes. Only a missing chunk can become held.
+    /// bytes. Only a missing chunk can become held, and only if its hash can be kept.
     pub fn held(&mut self, file: u32, offset: u64, hash: [u8; 32]) -> bool {
-        let held = self.settle(file, offset, Slot::Missing, Slot::Held(hash));
+        let Some(pos) = self.table_pos(file, offset) else {
+            return false;
+        };
+        if !self.is_missing(file, offset) || self.table.write_at(pos, &hash).is_err() {
+            return false;
+        }
+        self.held_in_table(file, offset)
+    }
+
+    /// Records a chunk that was already in place before the transfer, whose hash the caller
+    /// put in the table given to [`Tracker::with_table`].
+    pub fn held_in_table(&mut self, file: u32, offset: u64) -> bool {
+        let held = self.settle(file, offset, Slot::Missing, Slot::Held);
         if held {
             self.held_bytes += u64::from(self.chunk_len(file, offset).unwrap_or(0));
         }
         held
+    }
+
+    /// Where the table keeps the hash of the chunk of `file` at `offset`, if that is a chunk.
+    pub fn table_pos(&self, file: u32, offset: u64) -> Option<u64> {
+        self.chunk_len(file, offset)?;
+        let t = self.files.get(file as usize)?.as_ref()?;
+        Some((t.first + offset / u64::from(self.chunk_size)) * 32)
+    }
+
+    fn is_missing(&self, file: u32, offset: u64) -> bool {
+        let Some(Some(t)) = self.files.get(file as usize) else {
+            return false;
+        };
+        t.slot(offset / u64::from(self.chunk_size)) == Slot::Missing
+    }
+
+    /// A held chunk read back and found to match `hash`: it is done like one received (so
+    /// its page can fold). Returns whether it was held.
+    pub fn confirm(&mut self, file: u32, offset: u64, hash: [u8; 32]) -> bool {
+        if self.chunk_len(file, offset).is_none() {
+            return false;
+        }
+        let idx = offset / u64::from(self.chunk_size);
+        let Some(Some(t)) = self.files.get_mut(file as usize) else {
+            return false;
+        };
+        if t.slot(idx) != Slot::Held {
+            return false;
+        }
+        t.set(idx, Slot::Done(hash));
+        true
     }
 
     /// Bytes of chunks held from before the transfer and not replaced.
@@ -355,7 +485,7 @@ impl Tracker {
         let idx = offset / chunk_size;
         let was_held = match t.slot(idx) {
             Slot::Done(_) => false,
-            Slot::Held(_) => true,
+            Slot::Held => true,
             _ => return false,
         };
         self.held_bytes -= if was_held { u64::from(len) } else { 0 };
@@ -372,8 +502,10 @@ impl Tracker {
     pub fn hash_of(&self, file: u32, offset: u64) -> Option<[u8; 32]> {
         self.chunk_len(file, offset)?;
         let t = self.files.get(file as usize)?.as_ref()?;
-        match t.slot(offset / u64::from(self.chunk_size)) {
-            Slot::Done(h) | Slot::Held(h) => Some(h),
+        let idx = offset / u64::from(self.chunk_size);
+        match t.slot(idx) {
+            Slot::Done(h) => Some(h),
+            Slot::Held => t.held_hash(&*self.table, idx),
             _ => None,
         }
     }
@@ -388,25 +520,44 @@ impl Tracker {
             && t.slot(offset / u64::from(self.chunk_size)) == Slot::Folded
     }
 
-    /// Every chunk held from before the transfer, with its hash: what the final check reads
-    /// back (a receiver reads each chunk it writes back as it writes it).
-    pub fn held_chunks(&self) -> Vec<(u32, u64, [u8; 32])> {
+    /// Up to `max` chunks held from before the transfer, with their hashes, from `from` (a
+    /// file, and an offset in it) on, in file order: what the final check reads back, a batch at a
+    /// time (a receiver reads each chunk it writes back as it writes it). A hash that cannot
+    /// be read from the table comes as zeros, which no chunk matches: that chunk is fetched
+    /// again.
+    pub fn held_from(&self, from: (u32, u64), max: usize) -> Vec<(u32, u64, [u8; 32])> {
         let cs = u64::from(self.chunk_size);
         let mut out = Vec::new();
-        for (i, t) in self.files.iter().enumerate() {
+        for (i, t) in self.files.iter().enumerate().skip(from.0 as usize) {
             let Some(t) = t else { continue };
-            for (&page, p) in &t.pages {
-                let Page::Open { slots, .. } = p else {
-                    continue;
+            if t.pages.is_empty() {
+                continue;
+            }
+            // The first chunk at or after `from`'s offset.
+            let start = if i == from.0 as usize {
+                from.1.div_ceil(cs)
+            } else {
+                0
+            };
+            for page in start / PAGE..t.chunks.div_ceil(PAGE) {
+                let held = |at: u64| match t.pages.get(&page) {
+                    Some(Page::Open { slots, .. }) => slots[at as usize] == Slot::Held,
+                    Some(Page::Held(mask)) => mask >> at & 1 == 1,
+                    _ => false,
                 };
-                for (at, slot) in slots.iter().enumerate() {
-                    if let Slot::Held(h) = slot {
-                        out.push((i as u32, (page * PAGE + at as u64) * cs, *h));
+                for at in 0..t.page_len(page) as u64 {
+                    let idx = page * PAGE + at;
+                    if idx < start || !held(at) {
+                        continue;
                     }
+                    if out.len() >= max {
+                        return out;
+                    }
+                    let hash = t.held_hash(&*self.table, idx).unwrap_or([0; 32]);
+                    out.push((i as u32, idx * cs, hash));
                 }
             }
         }
-        out.sort_unstable_by_key(|&(f, o, _)| (f, o));
         out
     }
 
@@ -420,16 +571,21 @@ impl Tracker {
                 continue;
             }
             for page in 0..t.chunks.div_ceil(PAGE) {
-                let slots = match t.pages.get(&page) {
+                let (slots, held) = match t.pages.get(&page) {
                     Some(Page::Folded(_)) => continue,
-                    Some(Page::Open { slots, .. }) => Some(slots),
-                    None => None,
+                    Some(Page::Open { slots, .. }) => (Some(slots), 0),
+                    Some(Page::Held(mask)) => (None, *mask),
+                    None => (None, 0),
                 };
                 for at in 0..t.page_len(page) {
                     if out.len() >= max {
                         return out;
                     }
-                    if slots.is_none_or(|s| s[at] == Slot::Missing) {
+                    let missing = match slots {
+                        Some(s) => s[at] == Slot::Missing,
+                        None => held >> at & 1 == 0,
+                    };
+                    if missing {
                         out.push((i as u32, (page * PAGE + at as u64) * cs));
                     }
                 }
@@ -464,7 +620,7 @@ impl Tracker {
             .iter()
             .enumerate()
             .filter_map(|(i, f)| Some((i as u32, f.as_ref()?)))
-            .map(|(i, f)| Some((i, f.root()?)))
+            .map(|(i, f)| Some((i, f.root(&*self.table)?)))
             .collect();
         let roots = roots?;
         Some(tree_digest(roots.iter().map(|(i, r)| (*i, r))))
@@ -472,6 +628,7 @@ impl Tracker {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::hash::{chunk_hash, file_root};
@@ -556,15 +713,95 @@ mod tests {
             Err(ChunkError::Conflict { .. })
         ));
         // Only the chunk held from before is left to the final read-back.
-        assert_eq!(t.held_chunks(), vec![(1, 0, h0)]);
+        assert_eq!(t.held_from((0, 0), usize::MAX), vec![(1, 0, h0)]);
         // A chunk found damaged on disk is missing again.
         assert!(t.lost(1, 0));
         assert_eq!(t.held_bytes(), 0);
         assert!(!t.lost(1, 0));
         assert_eq!(t.missing(10), vec![(1, 0)]);
-        assert_eq!(t.held_chunks(), vec![]);
+        assert_eq!(t.held_from((0, 0), usize::MAX), vec![]);
         assert_eq!(t.hash_of(1, 4096), Some(h1));
         assert_eq!(t.digest(), None);
+    }
+
+    #[test]
+    fn held_chunks_are_read_back_in_batches_and_confirmed_ones_fold() {
+        const CS: u64 = 1024;
+        let chunks = 3 * PAGE + 5;
+        let size = chunks * CS;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 253) as u8).collect();
+        let hash_at = |idx: u64| {
+            let at = (idx * CS) as usize;
+            chunk_hash(&data[at..at + CS as usize], idx * CS, size)
+        };
+        let m = Manifest::from_entries(vec![dir(""), file("a", 10), file("f", size)]).unwrap();
+        let table = Arc::new(MemTable::default());
+        let mut t = Tracker::new(m, CS as u32).with_table(table.clone());
+        // A hash the caller put in the table itself, and hashes given to `held`.
+        let pos = t.table_pos(2, 0).unwrap();
+        table.write_at(pos, &hash_at(0)).unwrap();
+        assert!(t.held_in_table(2, 0));
+        for idx in 1..chunks {
+            assert!(t.held(2, idx * CS, hash_at(idx)));
+        }
+        assert_eq!(t.table_pos(2, 1), None, "not a chunk start");
+        assert_eq!(t.missing_chunks(), 1, "only file a's chunk");
+        // One chunk arrives with other bytes and replaces what was held (its page opens).
+        let mut changed = data.clone();
+        let at = ((PAGE + 3) * CS) as usize;
+        changed[at] ^= 1;
+        let other = chunk_hash(&changed[at..at + CS as usize], (PAGE + 3) * CS, size);
+        let c = with_hash(chunk(2, (PAGE + 3) * CS, CS as u32), other);
+        assert_eq!(t.admit(&c), Ok(Admit::Write));
+        t.verified(2, c.offset, other);
+        // The same bytes as held: nothing to do.
+        let c = with_hash(chunk(2, (PAGE + 4) * CS, CS as u32), hash_at(PAGE + 4));
+        assert_eq!(t.admit(&c), Ok(Admit::Skip));
+
+        // In batches of 10, from a cursor just past the last chunk seen.
+        let mut from = (0, 0);
+        let mut seen = Vec::new();
+        loop {
+            let batch = t.held_from(from, 10);
+            let Some(&(f, o, _)) = batch.last() else {
+                break;
+            };
+            assert!(batch.len() <= 10);
+            from = (f, o + 1);
+            seen.extend(batch);
+        }
+        let want: Vec<_> = (0..chunks)
+            .filter(|&i| i != PAGE + 3)
+            .map(|i| (2, i * CS, hash_at(i)))
+            .collect();
+        assert_eq!(seen, want);
+        assert_eq!(
+            t.held_from((2, 5 * CS + 1), 1),
+            vec![(2, 6 * CS, hash_at(6))]
+        );
+
+        // Confirmed, each page folds: the digest comes from folded pages.
+        for &(f, o, h) in &seen {
+            assert!(t.confirm(f, o, h));
+            assert!(!t.confirm(f, o, h), "confirmed twice");
+        }
+        assert!(t.held_from((0, 0), 1).is_empty());
+        assert!(t.is_folded(2, 0));
+        assert!(
+            !t.is_folded(2, 3 * PAGE),
+            "the last page is short of a full page"
+        );
+        assert_eq!(t.held_bytes(), size - CS);
+        let a = b"0123456789";
+        let c = with_hash(chunk(1, 0, 10), chunk_hash(a, 0, 10));
+        t.admit(&c).unwrap();
+        t.verified(1, 0, c.hash);
+        // File "f" is what was held, with the one chunk that replaced its own.
+        let want = crate::hash::tree_digest([
+            (1, blake3::hash(a).as_bytes()),
+            (2, blake3::hash(&changed).as_bytes()),
+        ]);
+        assert_eq!(t.digest(), Some(want));
     }
 
     #[test]
@@ -842,7 +1079,7 @@ mod tests {
                 prop_assert_eq!(t.bytes_done(), bytes);
                 prop_assert_eq!(t.held_bytes(), held_bytes);
                 prop_assert_eq!(t.files_done(), files_done);
-                prop_assert_eq!(t.held_chunks(), held);
+                prop_assert_eq!(t.held_from((0, 0), usize::MAX), held);
                 prop_assert_eq!(
                     t.missing(7),
                     missing.iter().take(7).copied().collect::<Vec<_>>()

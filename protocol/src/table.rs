@@ -1,0 +1,162 @@
+//! Per-chunk records kept outside the process's memory.
+//!
+//! What a node learns about each chunk before data flows (which chunks the targets already
+//! hold, with what hashes) grows with the dataset: kept in memory, a reseed of tens of TiB
+//! onto older copies would cost hundreds of MiB per agent. A [`Table`] keeps fixed-size
+//! records at a place computed from the chunk's index in the whole manifest
+//! ([`ChunkIndex`]), so a record is found with one read and never needs a map or a sort.
+//! Agents keep tables in unlinked files (the kernel's page cache holds what is hot, and a
+//! crash leaves nothing behind); tests keep them in memory ([`MemTable`]).
+
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::sync::Mutex;
+
+use crate::hash::chunk_count;
+use crate::manifest::{EntryKind, Manifest};
+
+/// Bytes at positions, as a file gives them. Bytes never written read as zeros.
+pub trait Table: Send + Sync + fmt::Debug {
+    /// Fills `out` with the bytes from `pos` on.
+    fn read_at(&self, pos: u64, out: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `pos`.
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()>;
+}
+
+/// A table in memory: for tests, and for callers with nowhere to put a file.
+#[derive(Debug, Default)]
+pub struct MemTable(Mutex<Vec<u8>>);
+
+impl Table for MemTable {
+    fn read_at(&self, pos: u64, out: &mut [u8]) -> io::Result<()> {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        out.fill(0);
+        let start = usize::try_from(pos).unwrap_or(usize::MAX).min(bytes.len());
+        let end = start.saturating_add(out.len()).min(bytes.len());
+        out[..end - start].copy_from_slice(&bytes[start..end]);
+        Ok(())
+    }
+
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        let mut bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let start = usize::try_from(pos).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let end = start + data.len();
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        bytes[start..end].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Each chunk's index in the whole manifest: the chunks of entry 0, then of entry 1, and so
+/// on (entries that are not files have none). Eight bytes per manifest entry.
+#[derive(Debug, Clone)]
+pub struct ChunkIndex {
+    chunk_size: u64,
+    /// The index of each entry's first chunk, and the total after the last.
+    first: Vec<u64>,
+}
+
+impl ChunkIndex {
+    pub fn new(manifest: &Manifest, chunk_size: u32) -> Self {
+        let mut first = Vec::with_capacity(manifest.entries.len() + 1);
+        let mut next = 0u64;
+        for e in &manifest.entries {
+            first.push(next);
+            if let EntryKind::File { size } = e.kind {
+                next = next.saturating_add(chunk_count(size, chunk_size));
+            }
+        }
+        first.push(next);
+        Self {
+            chunk_size: u64::from(chunk_size.max(1)),
+            first,
+        }
+    }
+
+    /// The index of the chunk of `file` at `offset`; `None` unless `offset` is the start of a
+    /// chunk of that file.
+    pub fn index(&self, file: u32, offset: u64) -> Option<u64> {
+        let range = self.chunks_of(file);
+        if offset % self.chunk_size != 0 {
+            return None;
+        }
+        let i = range.start.checked_add(offset / self.chunk_size)?;
+        (i < range.end).then_some(i)
+    }
+
+    /// The indices of `file`'s chunks (empty for an entry that is not a file, or none at all).
+    pub fn chunks_of(&self, file: u32) -> Range<u64> {
+        let f = file as usize;
+        match (self.first.get(f), self.first.get(f + 1)) {
+            (Some(&a), Some(&b)) => a..b,
+            _ => 0..0,
+        }
+    }
+
+    /// Chunks in the whole manifest.
+    pub fn total(&self) -> u64 {
+        self.first.last().copied().unwrap_or(0)
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::manifest::Entry;
+
+    fn entry(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+        }
+    }
+
+    #[test]
+    fn chunks_are_numbered_through_the_manifest_and_only_at_chunk_starts() {
+        let m = Manifest::from_entries(vec![
+            entry("", EntryKind::Dir),
+            entry("a", EntryKind::File { size: 10_000 }),
+            entry("d", EntryKind::Dir),
+            entry("d/e", EntryKind::File { size: 0 }),
+            entry("d/f", EntryKind::File { size: 4096 }),
+        ])
+        .unwrap();
+        let ix = ChunkIndex::new(&m, 4096);
+        assert_eq!(ix.total(), 4);
+        assert_eq!(ix.chunks_of(1), 0..3);
+        assert_eq!(ix.chunks_of(2), 3..3);
+        assert_eq!(ix.chunks_of(3), 3..3);
+        assert_eq!(ix.chunks_of(4), 3..4);
+        assert_eq!(ix.chunks_of(9), 0..0);
+        assert_eq!(ix.index(1, 0), Some(0));
+        assert_eq!(ix.index(1, 8192), Some(2));
+        assert_eq!(ix.index(1, 12288), None, "past the end of the file");
+        assert_eq!(ix.index(1, 100), None, "not a chunk start");
+        assert_eq!(ix.index(3, 0), None, "an empty file has no chunk");
+        assert_eq!(ix.index(4, 0), Some(3));
+        assert_eq!(ix.index(0, 0), None, "a directory has no chunk");
+        assert_eq!(ix.index(u32::MAX, 0), None);
+    }
+
+    #[test]
+    fn a_memory_table_reads_zeros_where_nothing_was_written() {
+        let t = MemTable::default();
+        t.write_at(4, &[1, 2]).unwrap();
+        let mut out = [9u8; 8];
+        t.read_at(2, &mut out).unwrap();
+        assert_eq!(out, [0, 0, 1, 2, 0, 0, 0, 0]);
+        t.read_at(1 << 40, &mut out).unwrap();
+        assert_eq!(out, [0; 8]);
+    }
+}
