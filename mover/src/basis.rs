@@ -23,8 +23,6 @@ use mover_protocol::Held;
 
 use crate::staging::{Staging, StagingError};
 
-/// Largest record file read back; a larger one is ignored (and the run starts over).
-const MAX_RECORD_BYTES: u64 = 1 << 30;
 /// Bytes in a record after its path.
 const RECORD_TAIL: usize = 8 + 8 + 4 + 32 + 4;
 
@@ -92,49 +90,53 @@ impl Record {
     }
 }
 
-/// Reads a record back: chunks by path. A missing file is an empty record; reading stops at
-/// the first record that is torn or fails its check.
-pub(crate) fn load(path: &Path) -> io::Result<HashMap<Vec<u8>, Vec<Recorded>>> {
-    let mut out: HashMap<Vec<u8>, Vec<Recorded>> = HashMap::new();
+/// Reads a record back one chunk at a time, in the order written, through one buffer
+/// whatever the record's size: `each` gets each chunk's path and what was recorded. A missing
+/// file is an empty record; reading stops at the first record that is torn or fails its check.
+pub(crate) fn read_record(path: &Path, mut each: impl FnMut(&[u8], Recorded)) -> io::Result<()> {
     let f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    if f.metadata()?.len() > MAX_RECORD_BYTES {
-        tracing::warn!(path = %path.display(), "record too large; starting over");
-        return Ok(out);
-    }
-    let mut buf = Vec::new();
-    f.take(MAX_RECORD_BYTES).read_to_end(&mut buf)?;
-    let mut rest = &buf[..];
-    while rest.len() >= 2 {
-        let plen = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
-        let total = 2 + plen + RECORD_TAIL;
-        if rest.len() < total {
-            break;
+    let mut r = io::BufReader::with_capacity(256 << 10, f);
+    let mut rec = Vec::new();
+    loop {
+        let mut len = [0u8; 2];
+        match r.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
         }
-        let (rec, tail) = rest.split_at(total);
-        let body = &rec[..total - 4];
-        if blake3::hash(body).as_bytes()[..4] != rec[total - 4..] {
+        let plen = usize::from(u16::from_be_bytes(len));
+        rec.clear();
+        rec.extend_from_slice(&len);
+        rec.resize(2 + plen + RECORD_TAIL, 0);
+        match r.read_exact(&mut rec[2..]) {
+            Ok(()) => {}
+            // Torn by a crash mid-append.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let total = rec.len();
+        if blake3::hash(&rec[..total - 4]).as_bytes()[..4] != rec[total - 4..] {
             tracing::warn!(path = %path.display(), "record damaged; using what came before");
-            break;
+            return Ok(());
         }
         let t = &rec[2 + plen..];
         let u64_at = |i: usize| u64::from_be_bytes(t[i..i + 8].try_into().unwrap_or([0; 8]));
         let mut hash = [0; 32];
         hash.copy_from_slice(&t[20..52]);
-        out.entry(rec[2..2 + plen].to_vec())
-            .or_default()
-            .push(Recorded {
+        each(
+            &rec[2..2 + plen],
+            Recorded {
                 file_size: u64_at(0),
                 offset: u64_at(8),
                 len: u32::from_be_bytes(t[16..20].try_into().unwrap_or([0; 4])),
                 hash,
-            });
-        rest = tail;
+            },
+        );
     }
-    Ok(out)
 }
 
 /// The record that goes with a staging directory.
@@ -148,20 +150,22 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// What an interrupted run left: its staging tree (moved aside) and its record.
+/// What an interrupted run left: its staging tree and its record, both moved aside.
 #[derive(Debug)]
 pub(crate) struct Leftover {
     pub tree: PathBuf,
-    pub chunks: HashMap<Vec<u8>, Vec<Recorded>>,
+    record: PathBuf,
 }
 
-/// Moves an interrupted run's staging tree at `staging_dir` aside so that a fresh one can be
-/// made, and reads its record. Returns `None` when there is nothing to resume from.
+/// Moves an interrupted run's staging tree at `staging_dir` and its record aside, so that a
+/// fresh one can be made. Returns `None` when there is nothing to resume from.
 pub(crate) fn set_aside(staging_dir: &Path) -> Result<Option<Leftover>, StagingError> {
     let prev = sibling(staging_dir, ".prev");
+    let prev_record = sibling(staging_dir, ".prev.record");
     let record = record_path(staging_dir);
     // A leftover of a leftover (a crash while resuming) is dropped; the newer one is kept.
     crate::staging::remove_tree_if_present(&prev)?;
+    let _ = std::fs::remove_file(&prev_record);
     match std::fs::symlink_metadata(staging_dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) | Err(_) => {
@@ -169,19 +173,98 @@ pub(crate) fn set_aside(staging_dir: &Path) -> Result<Option<Leftover>, StagingE
             return Ok(None);
         }
     }
-    let chunks = load(&record).unwrap_or_else(|e| {
-        tracing::warn!(path = %record.display(), error = %e, "cannot read record; starting over");
-        HashMap::new()
-    });
     std::fs::rename(staging_dir, &prev).map_err(|e| io_err("move aside", staging_dir, e))?;
-    let _ = std::fs::remove_file(&record);
-    Ok(Some(Leftover { tree: prev, chunks }))
+    if let Err(e) = std::fs::rename(&record, &prev_record) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %record.display(), error = %e, "cannot move the record aside; starting over");
+        }
+        let _ = std::fs::remove_file(&record);
+    }
+    Ok(Some(Leftover {
+        tree: prev,
+        record: prev_record,
+    }))
 }
 
-/// Removes a leftover tree once seeding is done with it.
+/// Removes a leftover tree and its record once seeding is done with them.
 pub(crate) fn discard(leftover: Leftover) {
     if let Err(e) = crate::staging::remove_tree_if_present(&leftover.tree) {
         tracing::warn!(path = %leftover.tree.display(), error = %e, "cannot remove old staging");
+    }
+    let _ = std::fs::remove_file(&leftover.record);
+}
+
+/// Bytes per chunk in the table of an interrupted run's record: a flag, the file's size
+/// then, and the chunk's hash.
+const RESUME_SLOT: usize = 1 + 8 + 32;
+
+/// An interrupted run's record, placed by the new manifest's chunk numbering: a
+/// [`RESUME_SLOT`] per chunk in a table, and a bit per manifest entry with any. Files whose
+/// chunk no longer fits (the file shrank, or the record names a path the manifest lacks) are
+/// left out.
+struct Resumable<'a> {
+    table: &'a dyn Table,
+    files: Bits,
+}
+
+impl<'a> Resumable<'a> {
+    /// Reads `leftover`'s record into `table` through one buffer.
+    fn read(
+        leftover: &Leftover,
+        staging: &Staging,
+        index: &ChunkIndex,
+        table: &'a dyn Table,
+    ) -> Result<Self, StagingError> {
+        let manifest = staging.manifest();
+        let mut files = Bits::with_len(manifest.entries.len() as u64);
+        let mut by_path: HashMap<&[u8], (u32, u64)> = HashMap::new();
+        let mut failed = None;
+        let mut slot = [0u8; RESUME_SLOT];
+        let read = read_record(&leftover.record, |path, r| {
+            if failed.is_some() {
+                return;
+            }
+            if by_path.is_empty() {
+                by_path = manifest
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| match e.kind {
+                        EntryKind::File { size } if size > 0 => {
+                            Some((e.path.as_slice(), (i as u32, size)))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+            }
+            let Some(&(file, size)) = by_path.get(path) else {
+                return;
+            };
+            let cs = index.chunk_size();
+            let fits = r.offset < size && u64::from(r.len) == (size - r.offset).min(cs);
+            let Some(i) = index.index(file, r.offset).filter(|_| fits) else {
+                return;
+            };
+            slot[0] = 1;
+            slot[1..9].copy_from_slice(&r.file_size.to_be_bytes());
+            slot[9..].copy_from_slice(&r.hash);
+            if let Err(e) = table.write_at(i * RESUME_SLOT as u64, &slot) {
+                failed = Some(e);
+                return;
+            }
+            files.set(u64::from(file));
+        });
+        if let Err(e) = read {
+            tracing::warn!(path = %leftover.record.display(), error = %e, "cannot read record; starting over");
+            return Ok(Self {
+                table,
+                files: Bits::default(),
+            });
+        }
+        if let Some(e) = failed {
+            return Err(io_err("keep the record of", &leftover.record, e));
+        }
+        Ok(Self { table, files })
     }
 }
 
@@ -294,13 +377,19 @@ impl Seeded {
 pub(crate) fn seed(
     staging: &Staging,
     chunk_size: u32,
-    leftover: Option<&Leftover>,
+    leftover: Option<(&Leftover, &dyn Table)>,
     old: Option<&Path>,
     record: &Record,
     table: std::sync::Arc<dyn Table>,
     threads: usize,
 ) -> Result<Seeded, StagingError> {
     let index = ChunkIndex::new(staging.manifest(), chunk_size);
+    // The interrupted run's record, read once into its own table (it lists chunks in the
+    // order they arrived, across files).
+    let resumable = leftover
+        .map(|(l, t)| Resumable::read(l, staging, &index, t).map(|r| (l, r)))
+        .transpose()?;
+    let leftover = resumable.as_ref();
     let files: Vec<(u32, u64)> = staging
         .manifest()
         .entries
@@ -394,7 +483,11 @@ struct FileSeed<'a> {
 }
 
 impl FileSeed<'_> {
-    fn run(&mut self, leftover: Option<&Leftover>, old: Option<&Path>) -> Result<(), StagingError> {
+    fn run(
+        &mut self,
+        leftover: Option<&(&Leftover, Resumable<'_>)>,
+        old: Option<&Path>,
+    ) -> Result<(), StagingError> {
         let path = self.staging.manifest().entries[self.file as usize]
             .path
             .clone();
@@ -402,11 +495,11 @@ impl FileSeed<'_> {
             .staging
             .entry_path_of(self.file)
             .ok_or_else(|| io_err("seed", Path::new(""), io::ErrorKind::NotFound.into()))?;
-        if let Some(l) = leftover {
-            if let Some(recorded) = l.chunks.get(&path) {
+        if let Some((l, resumable)) = leftover {
+            if resumable.files.get(u64::from(self.file)) {
                 if let Ok((dir, name, _)) = open_beneath(&l.tree, &path) {
                     self.staging.adopt(self.file, &dir, &name)?;
-                    self.check_resumed(&to, &path, recorded)?;
+                    self.check_resumed(&to, &path, resumable.table)?;
                 }
             }
         }
@@ -427,36 +520,43 @@ impl FileSeed<'_> {
     }
 
     /// Hashes each recorded chunk of an adopted file again: it is held only if its bytes are
-    /// still what was verified.
+    /// still what was verified. Reads the file's part of the record's table a block at a time.
     fn check_resumed(
         &mut self,
         to: &Path,
         path: &[u8],
-        recorded: &[Recorded],
+        recorded: &dyn Table,
     ) -> Result<(), StagingError> {
+        const BLOCK: u64 = 1024;
         let f = File::open(to).map_err(|e| io_err("open", to, e))?;
-        // In offset order, so that `held` comes out sorted; for an offset recorded twice the
-        // first record that still matches wins.
-        let mut order: Vec<&Recorded> = recorded.iter().collect();
-        order.sort_by_key(|r| r.offset);
-        for r in order {
-            let Some(len) = self.chunk_len(r.offset) else {
-                continue;
-            };
-            let idx = r.offset / u64::from(self.chunk_size);
-            if len != r.len as usize || self.held.get(idx) {
-                continue;
+        let chunks = chunk_count(self.size, self.chunk_size);
+        let mut slots = vec![0u8; BLOCK as usize * RESUME_SLOT];
+        for block in (0..chunks).step_by(BLOCK as usize) {
+            let n = (chunks - block).min(BLOCK) as usize;
+            let slots = &mut slots[..n * RESUME_SLOT];
+            recorded
+                .read_at((self.first + block) * RESUME_SLOT as u64, slots)
+                .map_err(|e| io_err("read the record of", to, e))?;
+            for (k, slot) in slots.chunks_exact(RESUME_SLOT).enumerate() {
+                if slot[0] != 1 {
+                    continue;
+                }
+                let offset = (block + k as u64) * u64::from(self.chunk_size);
+                let Some(len) = self.chunk_len(offset) else {
+                    continue;
+                };
+                let file_size = u64::from_be_bytes(slot[1..9].try_into().unwrap_or([0; 8]));
+                let buf = &mut self.buf[..len];
+                if f.read_exact_at(buf, offset).is_err() {
+                    continue;
+                }
+                let hash = chunk_hash(buf, offset, self.size);
+                if file_size == self.size && hash[..] != slot[9..] {
+                    self.damaged += 1;
+                    continue;
+                }
+                self.keep(path, offset, len, hash, to)?;
             }
-            let buf = &mut self.buf[..len];
-            if f.read_exact_at(buf, r.offset).is_err() {
-                continue;
-            }
-            let hash = chunk_hash(buf, r.offset, self.size);
-            if r.file_size == self.size && hash != r.hash {
-                self.damaged += 1;
-                continue;
-            }
-            self.keep(path, r.offset, len, hash, to)?;
         }
         Ok(())
     }
@@ -567,6 +667,13 @@ mod tests {
     use super::*;
     use mover_protocol::manifest::{Entry, Manifest};
     use std::sync::Arc;
+
+    /// A whole record, by path.
+    fn load(path: &Path) -> io::Result<HashMap<Vec<u8>, Vec<Recorded>>> {
+        let mut out: HashMap<Vec<u8>, Vec<Recorded>> = HashMap::new();
+        read_record(path, |p, r| out.entry(p.to_vec()).or_default().push(r))?;
+        Ok(out)
+    }
 
     fn rec(offset: u64, hash: u8) -> Recorded {
         Recorded {
@@ -721,17 +828,24 @@ mod tests {
         let staging = Staging::create(&state, &dest, "ds", m).unwrap();
         let record = Record::create(&record_path(&staging_dir)).unwrap();
         let table: Arc<dyn Table> = Arc::new(mover_protocol::table::MemTable::default());
+        let resume = mover_protocol::table::MemTable::default();
         let seeded = seed(
             &staging,
             CS,
-            Some(&leftover),
+            Some((&leftover, &resume)),
             Some(&dest),
             &record,
             table,
             2,
         )
         .unwrap();
+        let prev_record = sibling(&staging_dir, ".prev.record");
+        assert!(
+            prev_record.exists(),
+            "the record was moved aside with its tree"
+        );
         discard(leftover);
+        assert!(!prev_record.exists());
         assert_eq!((seeded.resumed, seeded.damaged), (1, 1));
         assert_eq!(
             seeded.reused, 3,

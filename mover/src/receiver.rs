@@ -940,10 +940,17 @@ fn prepare(
                 } else {
                     Arc::new(mover_protocol::table::MemTable::default())
                 };
+            // An interrupted run's record is read into a table of its own.
+            let resume = leftover.as_ref().map(|l| {
+                (
+                    l,
+                    crate::table::table_in(state_dir, "the interrupted run's record"),
+                )
+            });
             let seeded = basis::seed(
                 &staging,
                 chunk_size,
-                leftover.as_ref(),
+                resume.as_ref().map(|(l, t)| (*l, &**t)),
                 old,
                 &record,
                 table,
