@@ -66,7 +66,8 @@
 //! older copy of the dataset), by hash, in increasing (file, offset) order over as many
 //! messages as it takes (an entry out of that order is ignored: that chunk is then sent
 //! anyway). Relays pass these lists up as they come and the source folds them into
-//! [`have::HaveMerge`] rather than keeping them. After `Ready`, the parent opens one
+//! [`have::HaveMerge`] rather than keeping them: one record per chunk in a [`table::Table`],
+//! which agents keep in a file. After `Ready`, the parent opens one
 //! unidirectional **data stream** per connection, each starting with `Attach { transfer_id }`
 //! and followed by `Chunk` frames: the **main pass**. The source skips a chunk that every
 //! target holds with the hash it reads.
