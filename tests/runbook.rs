@@ -117,7 +117,16 @@ impl TwoSites {
             .unwrap_or_default()
             .contains("agent listening")
         {
-            assert!(Instant::now() < deadline, "agent {node} did not start");
+            if Instant::now() >= deadline {
+                let exited = self
+                    .agents
+                    .last_mut()
+                    .and_then(|(_, c)| c.try_wait().ok().flatten());
+                panic!(
+                    "agent {node} did not start within 20 s (exited: {exited:?}); its log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
