@@ -206,24 +206,10 @@ mod tests {
 
     /// A merge over files 1 to 4 of 64 chunks each, in memory.
     fn merge(targets: usize) -> HaveMerge {
-        use crate::manifest::{Entry, EntryKind, Manifest};
-        let entry = |path: &str, kind| Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
-            mtime_sec: 0,
-            mtime_nsec: 0,
-        };
-        let mut entries = vec![entry("", EntryKind::Dir)];
-        for f in 1..=4 {
-            entries.push(entry(
-                &format!("f{f}"),
-                EntryKind::File {
-                    size: 64 * u64::from(CS),
-                },
-            ));
-        }
-        let m = Manifest::from_entries(entries).unwrap();
+        use crate::manifest::tests::{dir, file};
+        let mut entries = vec![dir("")];
+        entries.extend((1..=4).map(|f| file(&format!("f{f}"), 64 * u64::from(CS))));
+        let m = crate::manifest::Manifest::from_entries(entries).unwrap();
         HaveMerge::new(
             targets,
             ChunkIndex::new(&m, CS),

@@ -110,26 +110,16 @@ impl ChunkIndex {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::manifest::Entry;
-
-    fn entry(path: &str, kind: EntryKind) -> Entry {
-        Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
-            mtime_sec: 0,
-            mtime_nsec: 0,
-        }
-    }
+    use crate::manifest::tests::{dir, file};
 
     #[test]
     fn chunks_are_numbered_through_the_manifest_and_only_at_chunk_starts() {
         let m = Manifest::from_entries(vec![
-            entry("", EntryKind::Dir),
-            entry("a", EntryKind::File { size: 10_000 }),
-            entry("d", EntryKind::Dir),
-            entry("d/e", EntryKind::File { size: 0 }),
-            entry("d/f", EntryKind::File { size: 4096 }),
+            dir(""),
+            file("a", 10_000),
+            dir("d"),
+            file("d/e", 0),
+            file("d/f", 4096),
         ])
         .unwrap();
         let ix = ChunkIndex::new(&m, 4096);

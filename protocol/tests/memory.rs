@@ -140,16 +140,7 @@ fn a_four_tib_reseed_onto_four_targets_keeps_the_source_s_merge_in_a_file() {
     let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
     const TARGETS: usize = 4;
     const CHUNKS: u64 = 1 << 20;
-    let mut entries = vec![entry("", EntryKind::Dir)];
-    for f in 1..=4 {
-        entries.push(entry(
-            &format!("ibdata{f}"),
-            EntryKind::File {
-                size: (CHUNKS / 4) * u64::from(CHUNK),
-            },
-        ));
-    }
-    let manifest = Manifest::from_entries(entries).unwrap();
+    let manifest = four_files(CHUNKS);
     let index = ChunkIndex::new(&manifest, CHUNK);
     let table = FileTable::new("reseed").unwrap();
     let base = LIVE.load(Ordering::Relaxed);
@@ -207,16 +198,7 @@ fn a_four_tib_reseed_onto_four_targets_keeps_the_source_s_merge_in_a_file() {
 fn a_four_tib_reseed_keeps_a_bit_per_held_chunk_on_the_target() {
     let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
     const CHUNKS: u64 = 1 << 20;
-    let mut entries = vec![entry("", EntryKind::Dir)];
-    for f in 1..=4 {
-        entries.push(entry(
-            &format!("ibdata{f}"),
-            EntryKind::File {
-                size: (CHUNKS / 4) * u64::from(CHUNK),
-            },
-        ));
-    }
-    let manifest = Manifest::from_entries(entries).unwrap();
+    let manifest = four_files(CHUNKS);
     let table = std::sync::Arc::new(FileTable::new("held").unwrap());
     let hash_of = |i: u64| {
         let mut hash = [0u8; 32];
@@ -273,6 +255,16 @@ fn a_four_tib_reseed_keeps_a_bit_per_held_chunk_on_the_target() {
         "{held} bytes for {CHUNKS} held chunks"
     );
     assert!(peak < 8 << 20, "the tracker peaked at {peak} bytes");
+}
+
+/// Four files of `chunks / 4` chunks each: 4 TiB for a million chunks.
+fn four_files(chunks: u64) -> Manifest {
+    let mut entries = vec![entry("", EntryKind::Dir)];
+    for f in 1..=4 {
+        let size = (chunks / 4) * u64::from(CHUNK);
+        entries.push(entry(&format!("ibdata{f}"), EntryKind::File { size }));
+    }
+    Manifest::from_entries(entries).expect("a valid manifest")
 }
 
 /// A table in a file that is removed when the test ends.
