@@ -81,11 +81,83 @@ enum Page {
     Folded([u8; 32]),
 }
 
+/// A file's pages: a file of one page (every small file) keeps its page in place, a larger
+/// one in a map. Only pages where chunks arrived (or are held) are kept.
+#[derive(Debug)]
+enum Pages {
+    One(Option<Page>),
+    Many(HashMap<u64, Page>),
+}
+
+impl Pages {
+    fn for_chunks(chunks: u64) -> Self {
+        if chunks <= PAGE {
+            Self::One(None)
+        } else {
+            Self::Many(HashMap::new())
+        }
+    }
+
+    fn get(&self, page: &u64) -> Option<&Page> {
+        match self {
+            Self::One(p) => p.as_ref().filter(|_| *page == 0),
+            Self::Many(m) => m.get(page),
+        }
+    }
+
+    fn get_mut(&mut self, page: &u64) -> Option<&mut Page> {
+        match self {
+            Self::One(p) => p.as_mut().filter(|_| *page == 0),
+            Self::Many(m) => m.get_mut(page),
+        }
+    }
+
+    fn insert(&mut self, page: u64, p: Page) {
+        match self {
+            Self::One(one) if page == 0 => *one = Some(p),
+            Self::One(_) => {}
+            Self::Many(m) => {
+                m.insert(page, p);
+            }
+        }
+    }
+
+    fn remove(&mut self, page: &u64) {
+        match self {
+            Self::One(p) if *page == 0 => *p = None,
+            Self::One(_) => {}
+            Self::Many(m) => {
+                m.remove(page);
+            }
+        }
+    }
+
+    /// Page `page` (page 0 for a file of one page), made with `make` if it is not kept yet.
+    fn get_or_insert_with(&mut self, page: u64, make: impl FnOnce() -> Page) -> &mut Page {
+        debug_assert!(page == 0 || matches!(self, Self::Many(_)));
+        match self {
+            Self::One(p) => p.get_or_insert_with(make),
+            Self::Many(m) => m.entry(page).or_insert_with(make),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::One(p) => usize::from(p.is_some()),
+            Self::Many(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A file's chunks, by page. Only pages where chunks arrived (or are held) take memory, so a
 /// manifest that declares a huge file costs nothing until its data really comes; and a page
-/// of a file larger than one page folds into one value once all its chunks are done, so
-/// that a fresh copy of any size keeps about 33 bytes per chunk under way (and per chunk
-/// held from before), and 32 bytes per 64 chunks done.
+/// folds into one value once all its chunks are done (a file of one page, into the file's
+/// root), so that a fresh copy of any size keeps about 33 bytes per chunk under way, 32 bytes
+/// per 64 chunks done, and no more than this struct for a small file done.
 #[derive(Debug)]
 struct FileTrack {
     size: u64,
@@ -93,7 +165,7 @@ struct FileTrack {
     /// The index of the file's first chunk in the whole manifest: where its held chunks'
     /// hashes are in the table.
     first: u64,
-    pages: HashMap<u64, Page>,
+    pages: Pages,
     /// Chunks neither done nor held.
     missing: u64,
 }
@@ -158,7 +230,7 @@ impl FileTrack {
             }
             _ => {}
         }
-        let p = self.pages.entry(page).or_insert_with(|| Page::Open {
+        let p = self.pages.get_or_insert_with(page, || Page::Open {
             slots: vec![Slot::Missing; len].into_boxed_slice(),
             open: len as u32,
         });
@@ -173,9 +245,9 @@ impl FileTrack {
             (true, false) => *open += 1,
             _ => {}
         }
-        // A file of one page keeps its chunks' hashes: its page would be the whole file,
-        // whose value is the root, not a subtree's.
-        if *open == 0 && self.chunks > PAGE {
+        // A page of a larger file folds into its subtree's value; the one page of a file of
+        // one page is the whole file, and folds into the file's root.
+        if *open == 0 {
             let hashes: Vec<[u8; 32]> = slots
                 .iter()
                 .filter_map(|s| match s {
@@ -183,7 +255,11 @@ impl FileTrack {
                     _ => None,
                 })
                 .collect();
-            *p = Page::Folded(subtree_cv(&hashes));
+            *p = Page::Folded(if self.chunks > PAGE {
+                subtree_cv(&hashes)
+            } else {
+                file_root(&hashes)
+            });
         } else if to == Slot::Missing && slots.iter().all(|s| *s == Slot::Missing) {
             self.pages.remove(&page);
         }
@@ -227,6 +303,9 @@ impl FileTrack {
         if self.chunks <= PAGE {
             if self.chunks == 0 {
                 return Some(file_root(&[]));
+            }
+            if let Some(Page::Folded(root)) = self.pages.get(&0) {
+                return Some(*root);
             }
             return Some(file_root(&self.page_hashes(table, 0)?));
         }
@@ -276,7 +355,7 @@ impl Tracker {
                         size,
                         chunks: n,
                         first,
-                        pages: HashMap::new(),
+                        pages: Pages::for_chunks(n),
                         missing: n,
                     })
                 }
@@ -916,18 +995,14 @@ mod tests {
                 assert!(t.is_complete(), "{chunks} chunks, tail {tail}");
                 let want = crate::hash::tree_digest([(1, blake3::hash(&data).as_bytes())]);
                 assert_eq!(t.digest(), Some(want), "{chunks} chunks, tail {tail}");
-                // Pages of a file of more than one page are folded unless they keep a chunk
-                // held from before (which the final read-back checks by its own hash).
+                // Pages are folded unless they keep a chunk held from before (which the final
+                // read-back checks by its own hash).
                 let f = tracked(&t, 1);
                 for page in 0..chunks.div_ceil(PAGE) {
                     let keeps_held = (page * PAGE..((page + 1) * PAGE).min(chunks))
                         .any(|idx| idx % 5 == 0 && idx != 5 && idx < held_below);
                     let folded = matches!(f.pages.get(&page), Some(Page::Folded(_)));
-                    assert_eq!(
-                        folded,
-                        chunks > PAGE && !keeps_held,
-                        "page {page} of {chunks} chunks"
-                    );
+                    assert_eq!(folded, !keeps_held, "page {page} of {chunks} chunks");
                 }
             }
         }
@@ -1015,13 +1090,10 @@ mod tests {
                 (size - idx as u64 * CS).min(CS)
             }
 
-            /// Folds what the tracker may fold: every page of a file larger than one page
-            /// whose chunks are all done.
+            /// Folds what the tracker may fold: every page whose chunks are all done (the
+            /// one page of a small file too).
             fn fold(&mut self) {
-                for (size, chunks) in self.files.iter_mut().flatten() {
-                    if size.div_ceil(CS) <= PAGE {
-                        continue;
-                    }
+                for (_, chunks) in self.files.iter_mut().flatten() {
                     for page in chunks.chunks_mut(PAGE as usize) {
                         if page.iter().all(|m| matches!(m, M::Done(_))) {
                             for m in page.iter_mut() {
