@@ -221,7 +221,11 @@ impl Manifest {
 pub struct ManifestBuilder {
     entries: Vec<Entry>,
     dirs: HashSet<Vec<u8>>,
-    others: HashSet<Vec<u8>>,
+    /// Every path that is not a directory, by 16 bytes of its BLAKE3 hash: only to refuse a
+    /// path named twice, so a copy of each path (most of a manifest's size) is not needed.
+    /// Two paths agree on these bytes by chance with probability 2^-128; that would refuse a
+    /// manifest, never accept a wrong one.
+    others: HashSet<u128>,
     total_bytes: u64,
     encoded_bytes: u64,
     max_entries: u64,
@@ -232,6 +236,12 @@ impl Default for ManifestBuilder {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn path_key(path: &[u8]) -> u128 {
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&blake3::hash(path).as_bytes()[..16]);
+    u128::from_le_bytes(k)
 }
 
 impl ManifestBuilder {
@@ -301,7 +311,8 @@ impl ManifestBuilder {
                 parent: display_path(parent),
             });
         }
-        if self.dirs.contains(&e.path) || self.others.contains(&e.path) {
+        let key = path_key(&e.path);
+        if self.dirs.contains(&e.path) || self.others.contains(&key) {
             return Err(ManifestError::Duplicate {
                 path: display_path(&e.path),
             });
@@ -326,7 +337,7 @@ impl ManifestBuilder {
         if e.is_dir() {
             self.dirs.insert(e.path.clone());
         } else {
-            self.others.insert(e.path.clone());
+            self.others.insert(key);
         }
         self.entries.push(e);
         Ok(())
