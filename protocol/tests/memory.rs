@@ -257,6 +257,74 @@ fn a_four_tib_reseed_keeps_a_bit_per_held_chunk_on_the_target() {
     assert!(peak < 8 << 20, "the tracker peaked at {peak} bytes");
 }
 
+/// What grows with the number of files rather than bytes: a million small files (a schema of
+/// 1,000 databases of 1,000 tables) received as a manifest in parts, then copied fresh. Every
+/// node keeps the manifest; a receiver also the tracker, a few fields per file. Before, a
+/// small file done kept its page in a hash map of its own (408 bytes a file in all, here),
+/// and the manifest's builder a copy of every path (175 at its peak).
+#[test]
+fn a_million_files_cost_a_few_hundred_bytes_each() {
+    let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    const DBS: u64 = 1000;
+    const TABLES: u64 = 1000;
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let mut b = mover_protocol::ManifestBuilder::new();
+    b.push(vec![entry("", EntryKind::Dir)]).unwrap();
+    let (mut entries, mut bytes) = (1u64, 0u64);
+    for db in 0..DBS {
+        let mut part = vec![entry(&format!("db{db:04}"), EntryKind::Dir)];
+        for t in 0..TABLES {
+            let size = 16384 + t * 16;
+            bytes += size;
+            part.push(entry(
+                &format!("db{db:04}/t{t:04}.ibd"),
+                EntryKind::File { size },
+            ));
+        }
+        entries += part.len() as u64;
+        b.push(part).unwrap();
+    }
+    let manifest = std::sync::Arc::new(b.finish(entries, bytes).unwrap());
+    let building = PEAK.load(Ordering::Relaxed) - base;
+    let kept = LIVE.load(Ordering::Relaxed) - base;
+    let files = DBS * TABLES;
+    let mut tracker = Tracker::new(manifest.clone(), CHUNK);
+    let with_tracker = LIVE.load(Ordering::Relaxed) - base;
+    for (i, e) in manifest.entries.iter().enumerate() {
+        if let EntryKind::File { size } = e.kind {
+            let c = Chunk {
+                file: i as u32,
+                offset: 0,
+                raw_len: size as u32,
+                encoding: Encoding::Raw,
+                hash: [7; 32],
+                payload: bytes::Bytes::new(),
+            };
+            assert_eq!(tracker.admit(&c), Ok(Admit::Write));
+            tracker.verified(c.file, 0, c.hash);
+        }
+    }
+    assert!(tracker.is_complete());
+    let done = LIVE.load(Ordering::Relaxed) - base;
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let per = |b: usize| b as f64 / files as f64;
+    println!(
+        "{files} files: the manifest keeps {kept} bytes ({:.0} per file) and peaked at \
+         {building} while it was built ({:.0}); with the tracker {with_tracker} ({:.0}); \
+         once every file is done {done} ({:.0}); peak {peak} ({:.0})",
+        per(kept),
+        per(building),
+        per(with_tracker),
+        per(done),
+        per(peak)
+    );
+    assert!(
+        per(peak) < 200.0,
+        "{peak} bytes at the peak for {files} files"
+    );
+}
+
 /// Four files of `chunks / 4` chunks each: 4 TiB for a million chunks.
 fn four_files(chunks: u64) -> Manifest {
     let mut entries = vec![entry("", EntryKind::Dir)];
