@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use mover_protocol::hash::{chunk_count, chunk_hash};
 use mover_protocol::manifest::EntryKind;
-use mover_protocol::table::{ChunkIndex, Table};
+use mover_protocol::table::{ChunkIndex, Hashes, Table};
 use mover_protocol::Held;
 
 use crate::staging::{Staging, StagingError};
@@ -217,15 +217,17 @@ impl<'a> Resumable<'a> {
     ) -> Result<Self, StagingError> {
         let manifest = staging.manifest();
         let mut files = Bits::with_len(manifest.entries.len() as u64);
-        let mut by_path: HashMap<&[u8], (u32, u64)> = HashMap::new();
+        // Each file's place and size by path, made with the first record (none for an empty
+        // one).
+        let mut by_path: Option<HashMap<&[u8], (u32, u64)>> = None;
         let mut failed = None;
         let mut slot = [0u8; RESUME_SLOT];
         let read = read_record(&leftover.record, |path, r| {
             if failed.is_some() {
                 return;
             }
-            if by_path.is_empty() {
-                by_path = manifest
+            let by_path = by_path.get_or_insert_with(|| {
+                manifest
                     .entries
                     .iter()
                     .enumerate()
@@ -235,8 +237,8 @@ impl<'a> Resumable<'a> {
                         }
                         _ => None,
                     })
-                    .collect();
-            }
+                    .collect()
+            });
             let Some(&(file, size)) = by_path.get(path) else {
                 return;
             };
@@ -330,11 +332,10 @@ impl Bits {
 #[derive(Debug)]
 pub(crate) struct Seeded {
     /// Per file, in manifest order, which chunks are held: a bit per chunk of the file. Their
-    /// hashes are in `table`, at the places `index` gives, so that on a reseed onto an older
-    /// copy (where nearly every chunk is held) the process keeps one bit per chunk.
+    /// hashes are in `hashes`, so that on a reseed onto an older copy (where nearly every
+    /// chunk is held) the process keeps one bit per chunk.
     pub files: Vec<(u32, Bits)>,
-    pub index: ChunkIndex,
-    pub table: std::sync::Arc<dyn Table>,
+    pub hashes: Hashes,
     /// Chunks kept from an interrupted run.
     pub resumed: u64,
     /// Chunks copied from an older copy of the dataset.
@@ -344,22 +345,19 @@ pub(crate) struct Seeded {
 }
 
 impl Seeded {
-    /// Every chunk held, by file and offset, with its hash read from the table (zeros when it
-    /// cannot be read: no chunk matches that, so the source sends the chunk).
+    /// Every chunk held, by file and offset, with its hash from `hashes`. A chunk whose hash
+    /// cannot be read back is left out: it is then not held, and the source sends it.
     pub fn held(&self) -> impl Iterator<Item = Held> + '_ {
-        let cs = self.index.chunk_size();
+        let cs = self.hashes.index().chunk_size();
         self.files.iter().flat_map(move |(file, bits)| {
-            let first = self.index.chunks_of(*file).start;
-            bits.iter().map(move |i| {
-                let mut hash = [0; 32];
-                if self.table.read_at((first + i) * 32, &mut hash).is_err() {
-                    hash = [0; 32];
-                }
-                Held {
+            bits.iter().filter_map(move |i| {
+                let offset = i * cs;
+                let hash = self.hashes.get(*file, offset)?;
+                Some(Held {
                     file: *file,
-                    offset: i * cs,
+                    offset,
                     hash,
-                }
+                })
             })
         })
     }
@@ -371,8 +369,8 @@ impl Seeded {
 }
 
 /// Fills a fresh staging area from what is already here, on `threads` threads, appending
-/// every chunk it keeps to `record` and its hash to `table` (32 bytes at the chunk's index in
-/// the manifest). Only staging errors (a full disk, a table that cannot be written) fail it; a
+/// every chunk it keeps to `record` and its hash to `table` (see [`Hashes`]). Only staging
+/// errors (a full disk, a table that cannot be written) fail it; a
 /// leftover or old file that cannot be read is simply not used.
 pub(crate) fn seed(
     staging: &Staging,
@@ -383,11 +381,12 @@ pub(crate) fn seed(
     table: std::sync::Arc<dyn Table>,
     threads: usize,
 ) -> Result<Seeded, StagingError> {
-    let index = ChunkIndex::new(staging.manifest(), chunk_size);
+    let hashes = Hashes::new(ChunkIndex::new(staging.manifest(), chunk_size), table);
+    let index = hashes.index();
     // The interrupted run's record, read once into its own table (it lists chunks in the
     // order they arrived, across files).
     let resumable = leftover
-        .map(|(l, t)| Resumable::read(l, staging, &index, t).map(|r| (l, r)))
+        .map(|(l, t)| Resumable::read(l, staging, index, t).map(|r| (l, r)))
         .transpose()?;
     let leftover = resumable.as_ref();
     let files: Vec<(u32, u64)> = staging
@@ -420,7 +419,7 @@ pub(crate) fn seed(
                         staging,
                         chunk_size,
                         record,
-                        table: &*table,
+                        hashes: &hashes,
                         first: index.chunks_of(file).start,
                         file,
                         size,
@@ -457,8 +456,7 @@ pub(crate) fn seed(
     files.sort_unstable_by_key(|&(file, _)| file);
     Ok(Seeded {
         files,
-        index,
-        table,
+        hashes,
         resumed: resumed.into_inner(),
         reused: reused.into_inner(),
         damaged: damaged.into_inner(),
@@ -470,8 +468,9 @@ struct FileSeed<'a> {
     staging: &'a Staging,
     chunk_size: u32,
     record: &'a Record,
-    table: &'a dyn Table,
-    /// The index of the file's first chunk in the manifest: where its hashes go in `table`.
+    hashes: &'a Hashes,
+    /// The index of the file's first chunk in the manifest: where its part of an interrupted
+    /// run's record is.
     first: u64,
     file: u32,
     size: u64,
@@ -610,11 +609,10 @@ impl FileSeed<'_> {
                 },
             )
             .map_err(|e| io_err("record", to, e))?;
-        let idx = offset / u64::from(self.chunk_size);
-        self.table
-            .write_at((self.first + idx) * 32, &hash)
+        self.hashes
+            .put(self.file, offset, &hash)
             .map_err(|e| io_err("keep the hash of", to, e))?;
-        self.held.set(idx);
+        self.held.set(offset / u64::from(self.chunk_size));
         Ok(())
     }
 }

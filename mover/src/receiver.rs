@@ -380,7 +380,7 @@ impl Receive<'_> {
         let (mut stage, own_failure) = match prepared {
             Ok((mut stage, seeded)) => {
                 // The tracker finds held chunks' hashes where seeding put them.
-                tracker = tracker.with_table(seeded.table.clone());
+                tracker = tracker.with_table(seeded.hashes.table());
                 // One message's worth at a time: the list can name every chunk.
                 let mut chunks = Vec::new();
                 let mut held = seeded.held().peekable();

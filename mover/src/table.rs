@@ -5,19 +5,37 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use mover_protocol::table::{MemTable, Table};
 
-/// A table in a file that has no name.
+/// A table in a file that has no name, in `dir`.
 #[derive(Debug)]
-pub(crate) struct FileTable(File);
+pub(crate) struct FileTable {
+    file: File,
+    dir: PathBuf,
+}
 
 impl FileTable {
     /// A new, empty table in `dir`.
     pub fn create_in(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        tempfile::tempfile_in(dir).map(Self)
+        Ok(Self {
+            file: tempfile::tempfile_in(dir)?,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// `e` with the directory named: the file has no name, and a full or failing disk there
+    /// is what the operator has to look at.
+    fn in_dir(&self, op: &str, e: io::Error) -> io::Error {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{op} the per-chunk table (an unnamed file in {}): {e}",
+                self.dir.display()
+            ),
+        )
     }
 }
 
@@ -25,11 +43,11 @@ impl Table for FileTable {
     fn read_at(&self, pos: u64, out: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
         while done < out.len() {
-            match self.0.read_at(&mut out[done..], pos + done as u64) {
+            match self.file.read_at(&mut out[done..], pos + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.in_dir("read", e)),
             }
         }
         // Past the end of the file: never written.
@@ -38,7 +56,9 @@ impl Table for FileTable {
     }
 
     fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write_all_at(data, pos)
+        self.file
+            .write_all_at(data, pos)
+            .map_err(|e| self.in_dir("write", e))
     }
 }
 

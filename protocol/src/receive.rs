@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::hash::{chunk_count, file_root, subtree_cv, tree_digest};
 use crate::manifest::{display_path, EntryKind, Manifest};
 use crate::message::Chunk;
-use crate::table::{MemTable, Table};
+use crate::table::{ChunkIndex, Hashes, MemTable, Table};
 
 /// A chunk that breaks the transfer's rules. The sender is broken or hostile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,9 +162,6 @@ impl Pages {
 struct FileTrack {
     size: u64,
     chunks: u64,
-    /// The index of the file's first chunk in the whole manifest: where its held chunks'
-    /// hashes are in the table.
-    first: u64,
     pages: Pages,
     /// Chunks neither done nor held.
     missing: u64,
@@ -265,15 +262,9 @@ impl FileTrack {
         }
     }
 
-    /// The hash of held chunk `idx`, from `table`; `None` if it cannot be read.
-    fn held_hash(&self, table: &dyn Table, idx: u64) -> Option<[u8; 32]> {
-        let mut h = [0u8; 32];
-        table.read_at((self.first + idx) * 32, &mut h).ok()?;
-        Some(h)
-    }
-
-    /// The hashes of page `page`'s chunks, if all are done or held.
-    fn page_hashes(&self, table: &dyn Table, page: u64) -> Option<Vec<[u8; 32]>> {
+    /// The hashes of page `page`'s chunks, if all are done or held (`held` gives a held
+    /// chunk's hash by its index in the file).
+    fn page_hashes(&self, held: &HeldOf<'_>, page: u64) -> Option<Vec<[u8; 32]>> {
         let len = self.page_len(page);
         match self.pages.get(&page)? {
             Page::Open { slots, .. } => slots
@@ -281,14 +272,14 @@ impl FileTrack {
                 .enumerate()
                 .map(|(at, s)| match s {
                     Slot::Done(h) => Some(*h),
-                    Slot::Held => self.held_hash(table, page * PAGE + at as u64),
+                    Slot::Held => held(page * PAGE + at as u64),
                     _ => None,
                 })
                 .collect(),
             Page::Held(mask) => (0..len)
                 .map(|at| {
                     (mask >> at & 1 == 1)
-                        .then(|| self.held_hash(table, page * PAGE + at as u64))
+                        .then(|| held(page * PAGE + at as u64))
                         .flatten()
                 })
                 .collect(),
@@ -296,7 +287,7 @@ impl FileTrack {
         }
     }
 
-    fn root(&self, table: &dyn Table) -> Option<[u8; 32]> {
+    fn root(&self, held: &HeldOf<'_>) -> Option<[u8; 32]> {
         if self.missing > 0 {
             return None;
         }
@@ -307,14 +298,14 @@ impl FileTrack {
             if let Some(Page::Folded(root)) = self.pages.get(&0) {
                 return Some(*root);
             }
-            return Some(file_root(&self.page_hashes(table, 0)?));
+            return Some(file_root(&self.page_hashes(held, 0)?));
         }
         // The file's tree over whole pages is the tree over its chunks: each page is a
         // subtree, and the left-balanced split over pages falls where it does over chunks.
         let pages: Option<Vec<[u8; 32]>> = (0..self.chunks.div_ceil(PAGE))
             .map(|p| match self.pages.get(&p)? {
                 Page::Folded(cv) => Some(*cv),
-                _ => Some(subtree_cv(&self.page_hashes(table, p)?)),
+                _ => Some(subtree_cv(&self.page_hashes(held, p)?)),
             })
             .collect();
         Some(file_root(&pages?))
@@ -333,9 +324,12 @@ pub struct Tracker {
     bytes_done: u64,
     files_done: u64,
     held_bytes: u64,
-    /// Held chunks' hashes, 32 bytes at each chunk's index in the manifest.
-    table: Arc<dyn Table>,
+    /// Held chunks' hashes.
+    hashes: Hashes,
 }
+
+/// A held chunk's hash by its index in its file.
+type HeldOf<'a> = dyn Fn(u64) -> Option<[u8; 32]> + 'a;
 
 impl Tracker {
     pub fn new(manifest: impl Into<Arc<Manifest>>, chunk_size: u32) -> Self {
@@ -348,13 +342,11 @@ impl Tracker {
             .map(|e| match e.kind {
                 EntryKind::File { size } => {
                     let n = chunk_count(size, chunk_size);
-                    let first = missing_chunks;
                     missing_chunks += n;
                     files_done += u64::from(n == 0);
                     Some(FileTrack {
                         size,
                         chunks: n,
-                        first,
                         pages: Pages::for_chunks(n),
                         missing: n,
                     })
@@ -362,6 +354,10 @@ impl Tracker {
                 _ => None,
             })
             .collect();
+        let hashes = Hashes::new(
+            ChunkIndex::new(&manifest, chunk_size),
+            Arc::new(MemTable::default()),
+        );
         Self {
             chunk_size,
             files,
@@ -370,15 +366,21 @@ impl Tracker {
             bytes_done: 0,
             files_done,
             held_bytes: 0,
-            table: Arc::new(MemTable::default()),
+            hashes,
         }
     }
 
     /// Keeps held chunks' hashes in `table` (which must read as zeros, or hold the hashes of
     /// chunks then given to [`Tracker::held_in_table`]) rather than in memory.
     pub fn with_table(mut self, table: Arc<dyn Table>) -> Self {
-        self.table = table;
+        self.hashes = Hashes::new(self.hashes.index().clone(), table);
         self
+    }
+
+    /// A held chunk of `file`'s hash, by the chunk's index in the file.
+    fn held_of(&self, file: u32) -> impl Fn(u64) -> Option<[u8; 32]> + '_ {
+        let cs = u64::from(self.chunk_size);
+        move |idx| self.hashes.get(file, idx * cs)
     }
 
     fn path(&self, file: u32) -> String {
@@ -431,7 +433,7 @@ impl Tracker {
                 })
             }
             Slot::Done(h) if h == c.hash => return Ok(Admit::Skip),
-            Slot::Held if track.held_hash(&*self.table, idx) == Some(c.hash) => {
+            Slot::Held if self.hashes.get(c.file, c.offset) == Some(c.hash) => {
                 return Ok(Admit::Skip)
             }
             // Done, and its hash no longer kept: taken to be the same bytes sent again for
@@ -465,10 +467,7 @@ impl Tracker {
     /// Records a chunk that was already in place before the transfer, with the hash of its
     /// bytes. Only a missing chunk can become held, and only if its hash can be kept.
     pub fn held(&mut self, file: u32, offset: u64, hash: [u8; 32]) -> bool {
-        let Some(pos) = self.table_pos(file, offset) else {
-            return false;
-        };
-        if !self.is_missing(file, offset) || self.table.write_at(pos, &hash).is_err() {
+        if !self.is_missing(file, offset) || self.hashes.put(file, offset, &hash).is_err() {
             return false;
         }
         self.held_in_table(file, offset)
@@ -482,13 +481,6 @@ impl Tracker {
             self.held_bytes += u64::from(self.chunk_len(file, offset).unwrap_or(0));
         }
         held
-    }
-
-    /// Where the table keeps the hash of the chunk of `file` at `offset`, if that is a chunk.
-    pub fn table_pos(&self, file: u32, offset: u64) -> Option<u64> {
-        self.chunk_len(file, offset)?;
-        let t = self.files.get(file as usize)?.as_ref()?;
-        Some((t.first + offset / u64::from(self.chunk_size)) * 32)
     }
 
     fn is_missing(&self, file: u32, offset: u64) -> bool {
@@ -584,7 +576,7 @@ impl Tracker {
         let idx = offset / u64::from(self.chunk_size);
         match t.slot(idx) {
             Slot::Done(h) => Some(h),
-            Slot::Held => t.held_hash(&*self.table, idx),
+            Slot::Held => self.hashes.get(file, offset),
             _ => None,
         }
     }
@@ -632,7 +624,7 @@ impl Tracker {
                     if out.len() >= max {
                         return out;
                     }
-                    let hash = t.held_hash(&*self.table, idx).unwrap_or([0; 32]);
+                    let hash = self.hashes.get(i as u32, idx * cs).unwrap_or([0; 32]);
                     out.push((i as u32, idx * cs, hash));
                 }
             }
@@ -699,7 +691,7 @@ impl Tracker {
             .iter()
             .enumerate()
             .filter_map(|(i, f)| Some((i as u32, f.as_ref()?)))
-            .map(|(i, f)| Some((i, f.root(&*self.table)?)))
+            .map(|(i, f)| Some((i, f.root(&self.held_of(i))?)))
             .collect();
         let roots = roots?;
         Some(tree_digest(roots.iter().map(|(i, r)| (*i, r))))
@@ -815,15 +807,16 @@ mod tests {
         };
         let m = Manifest::from_entries(vec![dir(""), file("a", 10), file("f", size)]).unwrap();
         let table = Arc::new(MemTable::default());
-        let mut t = Tracker::new(m, CS as u32).with_table(table.clone());
+        let mut t = Tracker::new(m.clone(), CS as u32).with_table(table.clone());
         // A hash the caller put in the table itself, and hashes given to `held`.
-        let pos = t.table_pos(2, 0).unwrap();
-        table.write_at(pos, &hash_at(0)).unwrap();
+        Hashes::new(ChunkIndex::new(&m, CS as u32), table)
+            .put(2, 0, &hash_at(0))
+            .unwrap();
         assert!(t.held_in_table(2, 0));
         for idx in 1..chunks {
             assert!(t.held(2, idx * CS, hash_at(idx)));
         }
-        assert_eq!(t.table_pos(2, 1), None, "not a chunk start");
+        assert!(!t.held(2, 1, hash_at(1)), "not a chunk start");
         assert_eq!(t.missing_chunks(), 1, "only file a's chunk");
         // One chunk arrives with other bytes and replaces what was held (its page opens).
         let mut changed = data.clone();

@@ -11,7 +11,7 @@
 use std::fmt;
 use std::io;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::hash::chunk_count;
 use crate::manifest::{EntryKind, Manifest};
@@ -106,6 +106,48 @@ impl ChunkIndex {
     }
 }
 
+/// Chunks' full hashes by place: 32 bytes at each chunk's index in the manifest. What a
+/// receiver keeps for the chunks it holds from before a transfer.
+#[derive(Debug, Clone)]
+pub struct Hashes {
+    index: ChunkIndex,
+    table: Arc<dyn Table>,
+}
+
+impl Hashes {
+    pub fn new(index: ChunkIndex, table: Arc<dyn Table>) -> Self {
+        Self { index, table }
+    }
+
+    pub fn index(&self) -> &ChunkIndex {
+        &self.index
+    }
+
+    pub fn table(&self) -> Arc<dyn Table> {
+        self.table.clone()
+    }
+
+    /// Keeps the hash of the chunk of `file` at `offset`.
+    pub fn put(&self, file: u32, offset: u64, hash: &[u8; 32]) -> io::Result<()> {
+        let i = self.index.index(file, offset).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("file {file} has no chunk at offset {offset}"),
+            )
+        })?;
+        self.table.write_at(i * 32, hash)
+    }
+
+    /// The hash kept for the chunk of `file` at `offset`; `None` if that is not a chunk or
+    /// the table cannot be read.
+    pub fn get(&self, file: u32, offset: u64) -> Option<[u8; 32]> {
+        let i = self.index.index(file, offset)?;
+        let mut h = [0u8; 32];
+        self.table.read_at(i * 32, &mut h).ok()?;
+        Some(h)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -137,6 +179,24 @@ mod tests {
         assert_eq!(ix.index(4, 0), Some(3));
         assert_eq!(ix.index(0, 0), None, "a directory has no chunk");
         assert_eq!(ix.index(u32::MAX, 0), None);
+    }
+
+    #[test]
+    fn hashes_go_to_their_chunk_s_place_and_only_chunks_have_one() {
+        let m = Manifest::from_entries(vec![dir(""), file("a", 10_000), file("b", 4096)]).unwrap();
+        let table = Arc::new(MemTable::default());
+        let h = Hashes::new(ChunkIndex::new(&m, 4096), table.clone());
+        h.put(2, 0, &[7; 32]).unwrap();
+        h.put(1, 4096, &[5; 32]).unwrap();
+        assert_eq!(h.get(2, 0), Some([7; 32]));
+        assert_eq!(h.get(1, 4096), Some([5; 32]));
+        assert_eq!(h.get(1, 0), Some([0; 32]), "never written");
+        let mut at = [0u8; 32];
+        table.read_at(3 * 32, &mut at).unwrap();
+        assert_eq!(at, [7; 32], "b's chunk follows a's three");
+        assert!(h.put(1, 100, &[1; 32]).is_err(), "not a chunk start");
+        assert!(h.put(0, 0, &[1; 32]).is_err(), "a directory");
+        assert_eq!(h.get(1, 3 * 4096), None, "past the end of the file");
     }
 
     #[test]
