@@ -12,11 +12,23 @@
 //! be alive at once (QUIC holds each frame until it is acknowledged), and a chunk-sized
 //! allocation for each would cost a `mmap` and a `munmap` per small file once the pool ran
 //! dry, or the memory of a chunk per file if they came from the heap.
+//!
+//! Larger requests get a buffer of their size rounded up to a sixteenth of the capacity,
+//! not always a whole chunk's: a compressed frame (often half a chunk) or a batch of small
+//! files waits in QUIC's send buffer until acknowledged, and a chunk-sized buffer under each
+//! kept the source at twice the memory its windows hold. [`Pool::fit`] moves data written
+//! into a larger buffer (a compression's output) into one of its size.
+//!
+//! Idle buffers are kept for reuse, at most `keep` of a kind, and those larger than
+//! [`SMALL`] are freed once idle for [`IDLE_FOR`]: a transfer's phases need different
+//! buffers, and what one phase left idle would otherwise count to the end.
 
 use std::alloc::Layout;
+use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -34,14 +46,83 @@ const CLASSES: usize = (SMALL / ALIGN).trailing_zeros() as usize + 1;
 /// Idle small buffers a pool keeps per size class (at most 16 MiB in all).
 const SMALL_KEEP: usize = 64;
 
-/// Buffers of `capacity` bytes, at most `keep` of them kept while idle, and small ones (when
-/// `capacity` is larger than [`SMALL`]) for requests that fit one.
+/// Buffers larger than [`SMALL`] come in sizes of this many steps up to the capacity.
+const STEPS: usize = 16;
+
+/// Buffers of `capacity` bytes and of sizes between [`SMALL`] and that, at most `keep` of
+/// each kept while idle, and small ones (when `capacity` is larger than [`SMALL`]) for
+/// requests that fit one.
 #[derive(Debug)]
 pub struct Pool {
     capacity: usize,
     keep: usize,
-    free: Mutex<Vec<Block>>,
-    small: [Mutex<Vec<Block>>; CLASSES],
+    /// Idle buffers of the full capacity.
+    free: Mutex<Idle>,
+    /// Idle buffers larger than [`SMALL`] and smaller than the capacity, of many sizes.
+    medium: Mutex<Idle>,
+    small: [Mutex<Idle>; CLASSES],
+}
+
+/// How long a buffer may stay idle before it is freed. What a transfer has in use changes
+/// with its phase (raw chunks fill QUIC's windows with whole-chunk buffers until automatic
+/// compression starts, small files come last): buffers that served one phase and not the
+/// next would otherwise be kept to the end, idle, and count in the agent's memory.
+const IDLE_FOR: Duration = Duration::from_secs(2);
+
+/// One kind of idle buffer, the one returned last at the back: taken first (its memory is
+/// the warmest), while those at the front are freed once idle for [`IDLE_FOR`].
+#[derive(Debug)]
+struct Idle {
+    blocks: VecDeque<(Block, Instant)>,
+    /// Whether buffers idle for [`IDLE_FOR`] are freed.
+    trims: bool,
+}
+
+impl Idle {
+    fn pop(&mut self, now: Instant) -> Option<Block> {
+        self.trim(now);
+        self.blocks.pop_back().map(|(b, _)| b)
+    }
+
+    /// The most recently returned buffer whose capacity `fits`.
+    fn take_where(&mut self, now: Instant, fits: impl Fn(usize) -> bool) -> Option<Block> {
+        self.trim(now);
+        let i = self.blocks.iter().rposition(|(b, _)| fits(b.capacity()))?;
+        self.blocks.remove(i).map(|(b, _)| b)
+    }
+
+    fn push(&mut self, block: Block, keep: usize, now: Instant) {
+        self.trim(now);
+        if self.blocks.len() < keep {
+            self.blocks.push_back((block, now));
+        }
+    }
+
+    fn new(trims: bool) -> Self {
+        Self {
+            blocks: VecDeque::new(),
+            trims,
+        }
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self.trims
+            && self
+                .blocks
+                .front()
+                .is_some_and(|(_, since)| now.saturating_duration_since(*since) > IDLE_FOR)
+        {
+            self.blocks.pop_front();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+fn lock(idle: &Mutex<Idle>) -> std::sync::MutexGuard<'_, Idle> {
+    idle.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Pool {
@@ -50,8 +131,9 @@ impl Pool {
         Arc::new(Self {
             capacity,
             keep,
-            free: Mutex::new(Vec::new()),
-            small: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            free: Mutex::new(Idle::new(true)),
+            medium: Mutex::new(Idle::new(true)),
+            small: std::array::from_fn(|_| Mutex::new(Idle::new(false))),
         })
     }
 
@@ -85,20 +167,56 @@ impl Pool {
         self.lend(block, len)
     }
 
+    /// Moves `buf`'s bytes into a buffer of the size a request of their length gets, when
+    /// that is smaller than `buf`'s: for data that will wait a while (a frame until QUIC has
+    /// it acknowledged) in a buffer that was taken larger than what was written into it.
+    pub fn fit(self: &Arc<Self>, buf: PoolBuf) -> PoolBuf {
+        let len = buf.len();
+        let size = self
+            .class(len)
+            .map_or_else(|| self.step_size(len), |c| ALIGN << c);
+        if len > self.capacity || buf.capacity() <= size {
+            return buf;
+        }
+        let mut fitted = self.take_for_overwrite(len);
+        fitted.copy_from_slice(&buf);
+        fitted
+    }
+
+    /// A sixteenth of the capacity, in whole [`ALIGN`] units.
+    fn step(&self) -> usize {
+        (self.capacity / STEPS).next_multiple_of(ALIGN).max(ALIGN)
+    }
+
+    /// The size of a new buffer for `len` bytes, above [`SMALL`]: `len` rounded up to a
+    /// [`Pool::step`], at most the capacity. A pool whose capacity is [`SMALL`] or less has
+    /// buffers of its capacity only.
+    fn step_size(&self, len: usize) -> usize {
+        if self.capacity <= SMALL {
+            return self.capacity;
+        }
+        len.next_multiple_of(self.step()).min(self.capacity)
+    }
+
     fn block(&self, len: usize) -> Block {
+        let now = Instant::now();
         if let Some(class) = self.class(len) {
-            let reused = self.small[class]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop();
+            let reused = lock(&self.small[class]).pop(now);
             return reused.unwrap_or_else(|| Block::new(ALIGN << class));
         }
-        let reused = if len <= self.capacity {
-            self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()
-        } else {
-            None
-        };
-        reused.unwrap_or_else(|| Block::new(len.max(self.capacity)))
+        if len > self.capacity {
+            return Block::new(len);
+        }
+        let size = self.step_size(len);
+        if size == self.capacity {
+            let reused = lock(&self.free).pop(now);
+            return reused.unwrap_or_else(|| Block::new(size));
+        }
+        // An idle buffer that holds `len` bytes, if it is no more than a step larger than a
+        // new one would be.
+        let most = size + self.step();
+        let reused = lock(&self.medium).take_where(now, |cap| (len..=most).contains(&cap));
+        reused.unwrap_or_else(|| Block::new(size))
     }
 
     fn lend(self: &Arc<Self>, block: Block, len: usize) -> PoolBuf {
@@ -111,28 +229,35 @@ impl Pool {
 
     fn put(&self, block: Block) {
         let cap = block.capacity();
-        let (free, keep) = if cap == self.capacity {
+        let (idle, keep) = if cap == self.capacity {
             (&self.free, self.keep)
+        } else if SMALL < cap && cap < self.capacity {
+            (&self.medium, self.keep)
         } else {
             match self.class(cap) {
                 Some(class) if ALIGN << class == cap => (&self.small[class], SMALL_KEEP),
                 _ => return,
             }
         };
-        let mut free = free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < keep {
-            free.push(block);
+        lock(idle).push(block, keep, Instant::now());
+    }
+
+    /// Frees every buffer larger than [`SMALL`] idle since before `now - IDLE_FOR` (which
+    /// taking and returning buffers also does, for the kind they are of). Small ones stay:
+    /// at most 16 MiB of them are kept, and thousands come and go each second.
+    pub fn trim(&self, now: Instant) {
+        for idle in [&self.free, &self.medium].into_iter().chain(&self.small) {
+            lock(idle).trim(now);
         }
     }
 
     /// Idle buffers held now, small ones included.
     pub fn idle(&self) -> usize {
-        let small: usize = self
-            .small
-            .iter()
-            .map(|f| f.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum();
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).len() + small
+        [&self.free, &self.medium]
+            .into_iter()
+            .chain(&self.small)
+            .map(|idle| lock(idle).len())
+            .sum()
     }
 }
 
@@ -220,6 +345,11 @@ pub struct PoolBuf {
 }
 
 impl PoolBuf {
+    /// The most bytes the buffer can hold (see [`PoolBuf::resize`]).
+    pub fn capacity(&self) -> usize {
+        self.block.as_ref().map_or(0, Block::capacity)
+    }
+
     /// Shortens the buffer to `len` bytes (no effect if it is not longer).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -373,11 +503,9 @@ mod tests {
         // Each comes back to its own class: these reuse three of them and allocate one.
         let a = pool.take(10);
         let b = pool.take(SMALL);
-        let mut c = pool.take(1 << 20);
+        let c = pool.take(SMALL + 100);
         let d = pool.take(SMALL / 2);
         assert_eq!(pool.idle(), 1, "the 8 KiB buffer is left");
-        c.resize(4 << 20);
-        assert_eq!(c.len(), 4 << 20);
         drop((a, b, c, d));
         assert_eq!(pool.idle(), 5);
         // Many small buffers at once, then back: no more than SMALL_KEEP stay per class.
@@ -389,6 +517,89 @@ mod tests {
         let mut one = plain.take(10);
         one.resize(1 << 30);
         assert_eq!(one.len(), SMALL);
+    }
+
+    #[test]
+    fn larger_requests_get_buffers_in_sixteenths_of_the_capacity() {
+        let cap = 4 << 20;
+        let step = cap / STEPS;
+        let pool = Pool::new(cap, 4);
+        let mut a = pool.take_for_overwrite(2 * step + 1);
+        a.resize(usize::MAX);
+        assert_eq!((a.capacity(), a.len()), (3 * step, 3 * step));
+        let half = pool.take(cap / 2);
+        assert_eq!(half.capacity(), cap / 2);
+        assert_eq!(
+            pool.take(cap - 1).capacity(),
+            cap,
+            "the last step is the capacity"
+        );
+        drop((a, half));
+        assert_eq!(pool.idle(), 3);
+        // An idle buffer is reused for a request up to a step smaller than it is made for,
+        // not for one that would leave most of it unused.
+        let b = pool.take(cap / 2 - step + 1);
+        assert_eq!(b.capacity(), cap / 2);
+        let c = pool.take(step);
+        assert_eq!(
+            c.capacity(),
+            step,
+            "a new buffer, not the idle one of three steps"
+        );
+        assert_eq!(pool.idle(), 2);
+        drop((b, c));
+        assert_eq!(pool.idle(), 4);
+    }
+
+    #[test]
+    fn fit_moves_what_was_written_into_a_buffer_of_its_size() {
+        let cap = 4 << 20;
+        let pool = Pool::new(cap, 4);
+        let mut big = pool.take_for_overwrite(cap);
+        for (i, x) in big.iter_mut().enumerate() {
+            *x = i as u8;
+        }
+        let want: Vec<u8> = big[..300_000].to_vec();
+        big.truncate(300_000);
+        let fitted = pool.fit(big);
+        assert_eq!(&fitted[..], &want[..]);
+        assert_eq!(fitted.capacity(), 2 * cap / STEPS);
+        assert_eq!(pool.idle(), 1, "the chunk-sized buffer went back at once");
+        // Already of its size: kept as it is, not copied.
+        let at = fitted.as_ptr();
+        let same = pool.fit(fitted);
+        assert_eq!(same.as_ptr(), at);
+        // Small enough for a small class.
+        let mut small = same;
+        small.truncate(5000);
+        let small = pool.fit(small);
+        assert_eq!((small.capacity(), &small[..]), (2 * ALIGN, &want[..5000]));
+    }
+
+    #[test]
+    fn buffers_idle_for_long_are_freed_the_oldest_first() {
+        let pool = Pool::new(4 << 20, 8);
+        let bufs = [pool.take(4 << 20), pool.take(1 << 20), pool.take(100)];
+        drop(bufs);
+        assert_eq!(pool.idle(), 3);
+        pool.trim(Instant::now());
+        assert_eq!(pool.idle(), 3, "just returned");
+        pool.trim(Instant::now() + IDLE_FOR + Duration::from_millis(1));
+        assert_eq!(pool.idle(), 1, "large ones are freed, small ones stay");
+
+        let t0 = Instant::now();
+        let mut idle = Idle::new(true);
+        idle.push(Block::new(ALIGN), 8, t0);
+        idle.push(Block::new(2 * ALIGN), 8, t0 + IDLE_FOR / 2);
+        idle.push(Block::new(3 * ALIGN), 8, t0 + IDLE_FOR);
+        let later = t0 + IDLE_FOR + IDLE_FOR / 4;
+        assert_eq!(idle.pop(later).map(|b| b.capacity()), Some(3 * ALIGN));
+        assert_eq!(idle.len(), 1, "the oldest went, the newest was taken");
+        assert_eq!(
+            idle.take_where(later, |c| c == ALIGN).map(|b| b.capacity()),
+            None
+        );
+        assert_eq!(idle.pop(later).map(|b| b.capacity()), Some(2 * ALIGN));
     }
 
     #[test]
