@@ -233,7 +233,7 @@ impl<'a> Resumable<'a> {
                     .enumerate()
                     .filter_map(|(i, e)| match e.kind {
                         EntryKind::File { size } if size > 0 => {
-                            Some((e.path.as_slice(), (i as u32, size)))
+                            Some((&e.path[..], (i as u32, size)))
                         }
                         _ => None,
                     })
@@ -764,7 +764,7 @@ mod tests {
 
     fn file_entry(path: &str, size: u64) -> Entry {
         Entry {
-            path: path.as_bytes().to_vec(),
+            path: path.as_bytes().to_vec().into(),
             kind: EntryKind::File { size },
             mode: 0o644,
             mtime_sec: 0,
@@ -783,7 +783,7 @@ mod tests {
         let size = 3 * u64::from(CS);
         let new: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         let root = Entry {
-            path: Vec::new(),
+            path: Vec::new().into(),
             kind: EntryKind::Dir,
             mode: 0o755,
             mtime_sec: 0,

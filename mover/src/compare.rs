@@ -23,13 +23,12 @@ pub fn compare_trees(a: &Path, b: &Path) -> Result<Vec<String>, io::Error> {
     let ma = scan(a).map_err(into_io)?.manifest;
     let mb = scan(b).map_err(into_io)?.manifest;
     let (an, bn) = (a.display(), b.display());
-    let by_path: HashMap<&[u8], &Entry> =
-        mb.entries.iter().map(|e| (e.path.as_slice(), e)).collect();
+    let by_path: HashMap<&[u8], &Entry> = mb.entries.iter().map(|e| (&e.path[..], e)).collect();
 
     let mut diffs = Vec::new();
     for ea in &ma.entries {
         let name = show(&ea.path);
-        let Some(eb) = by_path.get(ea.path.as_slice()) else {
+        let Some(eb) = by_path.get(&ea.path[..]) else {
             diffs.push(format!("{name}: missing from {bn}"));
             continue;
         };
@@ -75,9 +74,9 @@ pub fn compare_trees(a: &Path, b: &Path) -> Result<Vec<String>, io::Error> {
         }
     }
 
-    let in_a: HashMap<&[u8], ()> = ma.entries.iter().map(|e| (e.path.as_slice(), ())).collect();
+    let in_a: HashMap<&[u8], ()> = ma.entries.iter().map(|e| (&e.path[..], ())).collect();
     for eb in &mb.entries {
-        if !in_a.contains_key(eb.path.as_slice()) {
+        if !in_a.contains_key(&eb.path[..]) {
             diffs.push(format!("{}: only in {bn}", show(&eb.path)));
         }
     }

@@ -1127,7 +1127,7 @@ impl Writer {
             .iter()
             .map(|(file, r)| {
                 let path = &self.staging.manifest().entries[*file as usize].path;
-                (path.as_slice(), *r)
+                (&path[..], *r)
             })
             .collect();
         let recorded = if records.is_empty() {

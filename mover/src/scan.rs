@@ -103,7 +103,13 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
                 .map_err(|e| ScanError::from_io(&abs, e))?
                 .into_os_string()
                 .into_vec();
-            entries.push(entry(child_rel, EntryKind::Symlink { target }, &meta));
+            entries.push(entry(
+                child_rel,
+                EntryKind::Symlink {
+                    target: target.into(),
+                },
+                &meta,
+            ));
         } else {
             skipped.push(abs);
         }
@@ -138,7 +144,7 @@ fn sorted_children(dir: &Path) -> Result<Vec<Vec<u8>>, ScanError> {
 
 fn entry(path: Vec<u8>, kind: EntryKind, meta: &Metadata) -> Entry {
     Entry {
-        path,
+        path: path.into(),
         kind,
         mode: meta.mode() & 0o7777,
         mtime_sec: meta.mtime(),
@@ -247,7 +253,7 @@ pub(crate) mod tests {
     }
 
     fn find<'a>(m: &'a Manifest, p: &[u8]) -> &'a Entry {
-        m.entries.iter().find(|e| e.path == p).unwrap()
+        m.entries.iter().find(|e| &e.path[..] == p).unwrap()
     }
 
     #[test]
@@ -260,7 +266,7 @@ pub(crate) mod tests {
         assert_eq!(s.skipped, vec![fifo]);
 
         let m = &s.manifest;
-        let paths: Vec<&[u8]> = m.entries.iter().map(|e| e.path.as_slice()).collect();
+        let paths: Vec<&[u8]> = m.entries.iter().map(|e| &e.path[..]).collect();
         let expected: Vec<&[u8]> = vec![
             b"",
             b"a",
@@ -298,13 +304,13 @@ pub(crate) mod tests {
         assert_eq!(
             find(m, b"to-etc").kind,
             EntryKind::Symlink {
-                target: b"/etc".to_vec()
+                target: b"/etc".to_vec().into()
             }
         );
         assert_eq!(
             find(m, b"a/dangling").kind,
             EntryKind::Symlink {
-                target: b"no/such/target".to_vec()
+                target: b"no/such/target".to_vec().into()
             }
         );
         assert_eq!(find(m, b"to-etc").mtime_nsec, 123_456_789);

@@ -1123,7 +1123,7 @@ mod tests {
 
     fn manifest() -> Manifest {
         let e = |path: &str, kind| Entry {
-            path: path.as_bytes().to_vec(),
+            path: path.as_bytes().to_vec().into(),
             kind,
             mode: 0o755,
             mtime_sec: 0,

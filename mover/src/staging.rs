@@ -847,7 +847,7 @@ impl Staging {
             if let Err(err) = std::os::unix::fs::symlink(OsStr::from_bytes(target), &path) {
                 // A finalize that is run again finds its own links already in place.
                 let same = err.kind() == io::ErrorKind::AlreadyExists
-                    && fs::read_link(&path).is_ok_and(|t| t.as_os_str().as_bytes() == target);
+                    && fs::read_link(&path).is_ok_and(|t| t.as_os_str().as_bytes() == &target[..]);
                 if !same {
                     return Err(StagingError::io("create symlink", &path, err));
                 }
@@ -1393,7 +1393,11 @@ mod tests {
         // Files exist at their final size before any write.
         assert_eq!(
             fs::metadata(s.path().join("big")).unwrap().len(),
-            m.entries.iter().find(|e| e.path == b"big").unwrap().size()
+            m.entries
+                .iter()
+                .find(|e| &e.path[..] == b"big")
+                .unwrap()
+                .size()
         );
         copy_files(&src, &s, &m);
         s.finalize().unwrap();
@@ -1484,7 +1488,7 @@ mod tests {
         let data: Vec<u8> = (0..2 * CS + 5000).map(|i| (i * 7 % 251) as u8).collect();
         fs::write(src.join("f"), &data).unwrap();
         let m = Arc::new(scan(&src).unwrap().manifest);
-        let f = m.entries.iter().position(|e| e.path == b"f").unwrap() as u32;
+        let f = m.entries.iter().position(|e| &e.path[..] == b"f").unwrap() as u32;
         let state = tmp.path().join("state");
         fs::create_dir(&state).unwrap();
         let direct_here = direct_works_in(tmp.path());
@@ -1559,7 +1563,7 @@ mod tests {
             let i = m
                 .entries
                 .iter()
-                .position(|e| e.path == name.as_bytes())
+                .position(|e| &e.path[..] == name.as_bytes())
                 .unwrap();
             s.writes_whole(i as u32)
         };
@@ -1597,7 +1601,7 @@ mod tests {
         let idx = |name: &str| {
             m.entries
                 .iter()
-                .position(|e| e.path == name.as_bytes())
+                .position(|e| &e.path[..] == name.as_bytes())
                 .unwrap()
         };
         let (deep, big) = (idx("a/b/c/deep.txt") as u32, idx("big") as u32);
@@ -1667,7 +1671,11 @@ mod tests {
         let (_src, m) = source(tmp.path());
         let dest = tmp.path().join("dest");
         let s = Staging::create(tmp.path(), &dest, "w", m.clone()).unwrap();
-        let big = m.entries.iter().position(|e| e.path == b"big").unwrap() as u32;
+        let big = m
+            .entries
+            .iter()
+            .position(|e| &e.path[..] == b"big")
+            .unwrap() as u32;
         let size = m.entries[big as usize].size();
 
         let err = s.write_at(m.entries.len() as u32, 0, b"x").unwrap_err();

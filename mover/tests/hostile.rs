@@ -45,7 +45,12 @@ async fn manifest_through_a_symlink_is_refused() {
     let link = entry(
         "l",
         EntryKind::Symlink {
-            target: outside.path().as_os_str().as_encoded_bytes().to_vec(),
+            target: outside
+                .path()
+                .as_os_str()
+                .as_encoded_bytes()
+                .to_vec()
+                .into(),
         },
     );
     let reason = send_manifest(vec![dir(""), link, file("l/planted", 5)]).await;

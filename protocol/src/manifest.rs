@@ -36,15 +36,16 @@ pub enum EntryKind {
     },
     /// A symbolic link, kept as a link: its target is never followed.
     Symlink {
-        target: Vec<u8>,
+        target: Box<[u8]>,
     },
 }
 
 /// One entry of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// Relative path bytes, `/`-separated; empty for the root directory.
-    pub path: Vec<u8>,
+    /// Relative path bytes, `/`-separated; empty for the root directory. Boxed rather than a
+    /// `Vec`: every node keeps one entry per file, and a `Vec`'s capacity costs 8 bytes each.
+    pub path: Box<[u8]>,
     pub kind: EntryKind,
     /// Permission bits (`st_mode & 0o7777`).
     pub mode: u32,
@@ -83,14 +84,14 @@ impl Entry {
     }
 
     pub(crate) fn decode(buf: &mut impl Buf) -> Result<Self, DecodeError> {
-        let path = get_bytes16(buf, MAX_PATH_LEN, "entry path")?;
+        let path = get_bytes16(buf, MAX_PATH_LEN, "entry path")?.into_boxed_slice();
         let kind = match get_u8(buf, "entry kind")? {
             0 => EntryKind::Dir,
             1 => EntryKind::File {
                 size: get_u64(buf, "file size")?,
             },
             2 => EntryKind::Symlink {
-                target: get_bytes16(buf, MAX_PATH_LEN, "symlink target")?,
+                target: get_bytes16(buf, MAX_PATH_LEN, "symlink target")?.into_boxed_slice(),
             },
             k => {
                 return Err(DecodeError::Invalid {
@@ -312,7 +313,7 @@ impl ManifestBuilder {
             });
         }
         let key = path_key(&e.path);
-        if self.dirs.contains(&e.path) || self.others.contains(&key) {
+        if self.dirs.contains(&e.path[..]) || self.others.contains(&key) {
             return Err(ManifestError::Duplicate {
                 path: display_path(&e.path),
             });
@@ -335,7 +336,7 @@ impl ManifestBuilder {
                     })?;
         }
         if e.is_dir() {
-            self.dirs.insert(e.path.clone());
+            self.dirs.insert(e.path.to_vec());
         } else {
             self.others.insert(key);
         }
@@ -374,7 +375,7 @@ pub(crate) mod tests {
 
     pub(crate) fn dir(p: &str) -> Entry {
         Entry {
-            path: p.as_bytes().to_vec(),
+            path: p.as_bytes().to_vec().into(),
             kind: EntryKind::Dir,
             mode: 0o755,
             mtime_sec: 1,
@@ -393,7 +394,7 @@ pub(crate) mod tests {
     fn link(p: &str, t: &str) -> Entry {
         Entry {
             kind: EntryKind::Symlink {
-                target: t.as_bytes().to_vec(),
+                target: t.as_bytes().to_vec().into(),
             },
             ..dir(p)
         }
@@ -489,7 +490,9 @@ pub(crate) mod tests {
         let long = "x".repeat(MAX_NAME_LEN);
         let target = vec![b'/'; MAX_PATH_LEN];
         let big = Entry {
-            kind: EntryKind::Symlink { target },
+            kind: EntryKind::Symlink {
+                target: target.into(),
+            },
             ..dir(&long)
         };
         let root = dir("");
@@ -499,7 +502,7 @@ pub(crate) mod tests {
         let mut n = 0;
         let err = loop {
             let e = Entry {
-                path: format!("{n}{}", &long[1..]).into_bytes(),
+                path: format!("{n}{}", &long[1..]).into_bytes().into(),
                 ..big.clone()
             };
             match b.push(vec![e]) {

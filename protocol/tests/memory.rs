@@ -42,7 +42,7 @@ const CHUNK: u32 = 4 << 20;
 
 fn entry(path: &str, kind: EntryKind) -> Entry {
     Entry {
-        path: path.as_bytes().to_vec(),
+        path: path.as_bytes().to_vec().into(),
         kind,
         mode: 0o644,
         mtime_sec: 1,

@@ -181,11 +181,13 @@ fn entry() -> impl Strategy<Value = Entry> {
     let kind = prop_oneof![
         Just(EntryKind::Dir),
         any::<u64>().prop_map(|size| EntryKind::File { size }),
-        path_bytes().prop_map(|target| EntryKind::Symlink { target }),
+        path_bytes().prop_map(|target| EntryKind::Symlink {
+            target: target.into()
+        }),
     ];
     (path_bytes(), kind, any::<u32>(), any::<i64>(), any::<u32>()).prop_map(
         |(path, kind, mode, mtime_sec, mtime_nsec)| Entry {
-            path,
+            path: path.into(),
             kind,
             mode,
             mtime_sec,
@@ -1124,7 +1126,7 @@ fn hostile_kind() -> impl Strategy<Value = EntryKind> {
         2 => (0u64..1 << 20).prop_map(|size| EntryKind::File { size }),
         2 => prop_oneof![Just(MAX_FILE_SIZE + 1), any::<u64>()]
             .prop_map(|size| EntryKind::File { size }),
-        1 => vec(any::<u8>(), 0..16).prop_map(|target| EntryKind::Symlink { target }),
+        1 => vec(any::<u8>(), 0..16).prop_map(|target| EntryKind::Symlink { target: target.into() }),
     ]
 }
 
@@ -1133,7 +1135,7 @@ fn valid_kind() -> impl Strategy<Value = EntryKind> {
         4 => Just(EntryKind::Dir),
         3 => (0u64..1 << 20).prop_map(|size| EntryKind::File { size }),
         1 => Just(EntryKind::File { size: MAX_FILE_SIZE }),
-        1 => vec(any::<u8>(), 0..16).prop_map(|target| EntryKind::Symlink { target }),
+        1 => vec(any::<u8>(), 0..16).prop_map(|target| EntryKind::Symlink { target: target.into() }),
     ]
 }
 
@@ -1157,7 +1159,7 @@ fn tree() -> impl Strategy<Value = Vec<Entry>> {
                 dirs.push(path.clone());
             }
             entries.push(Entry {
-                path,
+                path: path.into(),
                 kind,
                 ..root()
             });
@@ -1168,7 +1170,7 @@ fn tree() -> impl Strategy<Value = Vec<Entry>> {
 
 fn root() -> Entry {
     Entry {
-        path: Vec::new(),
+        path: Vec::new().into(),
         kind: EntryKind::Dir,
         mode: 0o755,
         mtime_sec: 0,
@@ -1220,11 +1222,17 @@ fn mutate(entries: &mut Vec<Entry>, m: Mutation) {
             let mut comps: Vec<Vec<u8>> = path.split(|&b| b == b'/').map(<[u8]>::to_vec).collect();
             let at = c.index(comps.len() + 1);
             comps.insert(at, bad);
-            *path = comps.join(&b'/');
+            *path = comps.join(&b'/').into();
         }
-        Mutation::Absolute(e) => entries[e.index(n)].path.insert(0, b'/'),
-        Mutation::Trailing(e) => entries[e.index(n)].path.push(b'/'),
-        Mutation::Bytes(e, b) => entries[e.index(n)].path = b,
+        Mutation::Absolute(e) => {
+            let path = &mut entries[e.index(n)].path;
+            *path = [&b"/"[..], path].concat().into();
+        }
+        Mutation::Trailing(e) => {
+            let path = &mut entries[e.index(n)].path;
+            *path = [&path[..], b"/"].concat().into();
+        }
+        Mutation::Bytes(e, b) => entries[e.index(n)].path = b.into(),
         Mutation::Kind(e, k) => entries[e.index(n)].kind = k,
         Mutation::Swap(a, b) => entries.swap(a.index(n), b.index(n)),
         Mutation::Duplicate(e) => {
@@ -1292,7 +1300,7 @@ fn manifest_refuses_paths_at_the_length_bounds() {
     let err = Manifest::from_entries(vec![
         root(),
         Entry {
-            path: long_name.into_bytes(),
+            path: long_name.into_bytes().into(),
             ..root()
         },
     ]);
@@ -1301,7 +1309,7 @@ fn manifest_refuses_paths_at_the_length_bounds() {
     assert!(Manifest::from_entries(vec![
         root(),
         Entry {
-            path: ok_name,
+            path: ok_name.into(),
             ..root()
         }
     ])
@@ -1316,7 +1324,7 @@ fn manifest_refuses_paths_at_the_length_bounds() {
         }
         path.extend_from_slice(&[b'd'; 200]);
         entries.push(Entry {
-            path: path.clone(),
+            path: path.clone().into(),
             ..root()
         });
     }
@@ -1326,7 +1334,7 @@ fn manifest_refuses_paths_at_the_length_bounds() {
     let mut over = last.clone();
     over.push(b'f');
     let at_bound = Entry {
-        path: last,
+        path: last.into(),
         kind: EntryKind::File { size: 1 },
         ..root()
     };
@@ -1334,7 +1342,7 @@ fn manifest_refuses_paths_at_the_length_bounds() {
     ok.push(at_bound);
     assert!(Manifest::from_entries(ok).is_ok());
     entries.push(Entry {
-        path: over,
+        path: over.into(),
         kind: EntryKind::File { size: 1 },
         ..root()
     });
@@ -1361,7 +1369,7 @@ fn manifest_whose_sizes_overflow_u64_is_refused_without_panicking() {
     let files = (u64::MAX / MAX_FILE_SIZE + 1) as usize;
     let mut entries = vec![root()];
     entries.extend((0..files).map(|i| Entry {
-        path: format!("f{i}").into_bytes(),
+        path: format!("f{i}").into_bytes().into(),
         kind: EntryKind::File {
             size: MAX_FILE_SIZE,
         },
@@ -1436,7 +1444,7 @@ fn tracker_for_a_petabyte_file() {
     let entries = vec![
         root(),
         Entry {
-            path: b"huge".to_vec(),
+            path: b"huge".to_vec().into(),
             kind: EntryKind::File {
                 size: MAX_FILE_SIZE,
             },

@@ -347,7 +347,7 @@ pub async fn outcome_of(recv: &mut quinn::RecvStream, node: &str) -> Outcome {
 
 pub fn entry(path: &str, kind: EntryKind) -> Entry {
     Entry {
-        path: path.as_bytes().to_vec(),
+        path: path.as_bytes().to_vec().into(),
         kind,
         mode: 0o644,
         mtime_sec: 0,
