@@ -122,7 +122,7 @@ async fn run_inner(
     };
     // Children's events pass through a router that keeps the needs and the reports for the
     // repair rounds and hands the rest to the controller.
-    let rounds = Arc::new(Rounds::new(&plan, &manifest, start.chunk_size));
+    let rounds = Arc::new(Rounds::new(&plan, manifest.clone(), start.chunk_size));
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let router = tokio::spawn(route(ev_rx, up.clone(), rounds.clone()));
     // What the targets hold is folded in as each list comes, into a table in a file: see
@@ -289,9 +289,9 @@ async fn run_inner(
 struct Rounds {
     state: Mutex<RoundState>,
     changed: Notify,
-    /// Each file's size, by manifest index (`None` for other entries), and the chunk size:
-    /// what a need may name.
-    sizes: Vec<Option<u64>>,
+    /// The manifest (each file's size, by manifest index) and the chunk size: what a need
+    /// may name.
+    manifest: Arc<Manifest>,
     chunk_size: u64,
 }
 
@@ -303,13 +303,9 @@ struct RoundState {
 }
 
 impl Rounds {
-    fn new(plan: &Plan, manifest: &Manifest, chunk_size: u32) -> Self {
+    fn new(plan: &Plan, manifest: Arc<Manifest>, chunk_size: u32) -> Self {
         Self {
-            sizes: manifest
-                .entries
-                .iter()
-                .map(|e| matches!(e.kind, EntryKind::File { .. }).then(|| e.size()))
-                .collect(),
+            manifest,
             chunk_size: u64::from(chunk_size),
             state: Mutex::new(RoundState {
                 targets: plan.targets().iter().map(|t| t.name.clone()).collect(),
@@ -330,10 +326,13 @@ impl Rounds {
             let mut s = self.lock();
             // Only chunks of the manifest: what is kept stays bounded by it.
             s.needs.extend(chunks.into_iter().filter(|&(file, offset)| {
-                self.sizes
+                self.manifest
+                    .entries
                     .get(file as usize)
-                    .copied()
-                    .flatten()
+                    .and_then(|e| match e.kind {
+                        EntryKind::File { size } => Some(size),
+                        _ => None,
+                    })
                     .is_some_and(|size| offset % self.chunk_size == 0 && offset < size)
             }));
             if done {
@@ -1138,7 +1137,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_round_waits_for_every_live_target_and_keeps_only_real_chunks() {
-        let r = Arc::new(Rounds::new(&plan(&["a", "b", "c"]), &manifest(), 4096));
+        let r = Arc::new(Rounds::new(
+            &plan(&["a", "b", "c"]),
+            Arc::new(manifest()),
+            4096,
+        ));
         // Chunks the manifest does not have are dropped: a file id past the end, the root
         // directory, an offset off a chunk boundary or past the end.
         r.need(
