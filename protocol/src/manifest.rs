@@ -206,12 +206,19 @@ impl Manifest {
             .count() as u64
     }
 
-    /// Validates a complete list of entries (what a sender scanned, or a test built).
+    /// Validates a complete list of entries (what a sender scanned, or a test built), in
+    /// place: they are not copied into a second list.
     pub fn from_entries(entries: Vec<Entry>) -> Result<Self, ManifestError> {
         let mut b = ManifestBuilder::new();
-        b.push(entries)?;
-        let (n, bytes) = (b.entries.len() as u64, b.total_bytes);
-        b.finish(n, bytes)
+        b.check_count(entries.len())?;
+        for e in &entries {
+            b.check(e)?;
+        }
+        if entries.is_empty() {
+            return Err(ManifestError::NoRoot);
+        }
+        b.check_unique(&entries)?;
+        Ok(Manifest { entries })
     }
 }
 
@@ -222,11 +229,13 @@ impl Manifest {
 pub struct ManifestBuilder {
     entries: Vec<Entry>,
     dirs: HashSet<Vec<u8>>,
-    /// Every path that is not a directory, by 16 bytes of its BLAKE3 hash: only to refuse a
-    /// path named twice, so a copy of each path (most of a manifest's size) is not needed.
-    /// Two paths agree on these bytes by chance with probability 2^-128; that would refuse a
-    /// manifest, never accept a wrong one.
-    others: HashSet<u128>,
+    /// Every path but the root's, by 8 bytes of its BLAKE3 hash, in the order they came: only
+    /// to refuse a path named twice (see [`ManifestBuilder::check_unique`]), so neither a copy
+    /// of each path (most of a manifest's size) nor a hash set (over 50 bytes an entry while
+    /// it grows) is needed.
+    keys: Vec<u64>,
+    /// Entries checked so far (those of `entries`, or of a list checked in place).
+    checked: u64,
     total_bytes: u64,
     encoded_bytes: u64,
     max_entries: u64,
@@ -239,10 +248,10 @@ impl Default for ManifestBuilder {
     }
 }
 
-fn path_key(path: &[u8]) -> u128 {
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&blake3::hash(path).as_bytes()[..16]);
-    u128::from_le_bytes(k)
+fn path_key(path: &[u8]) -> u64 {
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&blake3::hash(path).as_bytes()[..8]);
+    u64::from_le_bytes(k)
 }
 
 impl ManifestBuilder {
@@ -255,7 +264,8 @@ impl ManifestBuilder {
         Self {
             entries: Vec::new(),
             dirs: HashSet::new(),
-            others: HashSet::new(),
+            keys: Vec::new(),
+            checked: 0,
             total_bytes: 0,
             encoded_bytes: 0,
             max_entries,
@@ -272,7 +282,17 @@ impl ManifestBuilder {
     }
 
     pub fn push(&mut self, part: Vec<Entry>) -> Result<(), ManifestError> {
-        let total = self.entries.len() as u64 + part.len() as u64;
+        self.check_count(part.len())?;
+        for e in part {
+            self.check(&e)?;
+            self.entries.push(e);
+        }
+        Ok(())
+    }
+
+    /// Refuses a part of `len` entries that would take the manifest past its entry bound.
+    fn check_count(&self, len: usize) -> Result<(), ManifestError> {
+        let total = self.checked + len as u64;
         if total > self.max_entries {
             return Err(ManifestError::TooLarge {
                 what: "entry count",
@@ -280,13 +300,11 @@ impl ManifestBuilder {
                 max: self.max_entries,
             });
         }
-        for e in part {
-            self.push_one(e)?;
-        }
         Ok(())
     }
 
-    fn push_one(&mut self, e: Entry) -> Result<(), ManifestError> {
+    /// Checks one entry, the next of the manifest, and counts it.
+    fn check(&mut self, e: &Entry) -> Result<(), ManifestError> {
         let encoded = self.encoded_bytes + e.encoded_len() as u64;
         if encoded > self.max_encoded_bytes {
             return Err(ManifestError::TooLarge {
@@ -296,12 +314,12 @@ impl ManifestBuilder {
             });
         }
         self.encoded_bytes = encoded;
-        if self.entries.is_empty() {
+        if self.checked == 0 {
             if !e.path.is_empty() || !e.is_dir() {
                 return Err(ManifestError::NoRoot);
             }
             self.dirs.insert(Vec::new());
-            self.entries.push(e);
+            self.checked = 1;
             return Ok(());
         }
         check_path(&e.path)?;
@@ -312,8 +330,9 @@ impl ManifestBuilder {
                 parent: display_path(parent),
             });
         }
-        let key = path_key(&e.path);
-        if self.dirs.contains(&e.path[..]) || self.others.contains(&key) {
+        // A path named before as a directory is refused here; any other repeat, once the
+        // whole list is in (`check_unique`).
+        if self.dirs.contains(&e.path[..]) {
             return Err(ManifestError::Duplicate {
                 path: display_path(&e.path),
             });
@@ -337,10 +356,9 @@ impl ManifestBuilder {
         }
         if e.is_dir() {
             self.dirs.insert(e.path.to_vec());
-        } else {
-            self.others.insert(key);
         }
-        self.entries.push(e);
+        self.keys.push(path_key(&e.path));
+        self.checked += 1;
         Ok(())
     }
 
@@ -363,9 +381,39 @@ impl ManifestBuilder {
                 actual: self.total_bytes,
             });
         }
-        Ok(Manifest {
-            entries: self.entries,
-        })
+        let mut b = self;
+        let entries = std::mem::take(&mut b.entries);
+        b.check_unique(&entries)?;
+        Ok(Manifest { entries })
+    }
+
+    /// Refuses a path that `entries` (the list checked) names twice: sorts the paths' keys
+    /// and, where two agree, compares the paths themselves (two different paths agree on 8
+    /// bytes of their hashes by chance with probability 2^-64; that costs a scan of the list,
+    /// never a wrong refusal).
+    fn check_unique(&mut self, entries: &[Entry]) -> Result<(), ManifestError> {
+        self.keys.sort_unstable();
+        let mut at = 0;
+        while at + 1 < self.keys.len() {
+            let key = self.keys[at];
+            let run = self.keys[at..].iter().take_while(|k| **k == key).count();
+            if run > 1 {
+                let mut named: Vec<&[u8]> = entries
+                    .iter()
+                    .skip(1)
+                    .filter(|e| path_key(&e.path) == key)
+                    .map(|e| &e.path[..])
+                    .collect();
+                named.sort_unstable();
+                if let Some(w) = named.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(ManifestError::Duplicate {
+                        path: display_path(w[0]),
+                    });
+                }
+            }
+            at += run;
+        }
+        Ok(())
     }
 }
 
@@ -449,6 +497,25 @@ pub(crate) mod tests {
         assert_eq!(err, ManifestError::NoRoot);
         let err = Manifest::from_entries(vec![dir(""), dir("")]).unwrap_err();
         assert!(matches!(err, ManifestError::BadPath { .. }));
+    }
+
+    #[test]
+    fn a_path_named_twice_in_two_parts_is_refused_when_the_manifest_closes() {
+        let mut b = ManifestBuilder::new();
+        b.push(vec![dir(""), dir("d"), file("d/x", 1)]).unwrap();
+        b.push(vec![file("y", 1), file("d/x", 2)]).unwrap();
+        let err = b.finish(5, 4).unwrap_err();
+        assert_eq!(err, ManifestError::Duplicate { path: "d/x".into() });
+        // Two different paths whose keys agree (forced here; 2^-64 by chance) are compared
+        // as paths, and pass.
+        let entries = vec![dir(""), file("a", 1), file("b", 1)];
+        let mut b = ManifestBuilder::new();
+        b.keys = vec![path_key(b"a"); 2];
+        b.check_unique(&entries).unwrap();
+        let mut b = ManifestBuilder::new();
+        b.keys = vec![path_key(b"a"); 2];
+        let err = b.check_unique(&[dir(""), file("a", 1), file("a", 1)]);
+        assert!(matches!(err, Err(ManifestError::Duplicate { .. })));
     }
 
     #[test]
