@@ -128,12 +128,27 @@ pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
 /// Digest over a whole transfer's file roots, in manifest order, so two hops can compare what
 /// they hold with one value.
 pub fn tree_digest<'a>(roots: impl IntoIterator<Item = (u32, &'a [u8; 32])>) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
+    let mut d = TreeDigest::default();
     for (file, root) in roots {
-        h.update(&file.to_be_bytes());
-        h.update(root);
+        d.add(file, root);
     }
-    *h.finalize().as_bytes()
+    d.finish()
+}
+
+/// [`tree_digest`] fed one file at a time, in manifest order, so that a root need not be kept
+/// once it is in.
+#[derive(Debug, Clone, Default)]
+pub struct TreeDigest(blake3::Hasher);
+
+impl TreeDigest {
+    pub fn add(&mut self, file: u32, root: &[u8; 32]) {
+        self.0.update(&file.to_be_bytes());
+        self.0.update(root);
+    }
+
+    pub fn finish(&self) -> [u8; 32] {
+        *self.0.finalize().as_bytes()
+    }
 }
 
 #[cfg(test)]

@@ -12,10 +12,10 @@
 //! reseed onto an older copy nearly every chunk is held, and the tracker keeps one bit for
 //! each until the final read-back confirms it (then its page folds like any other).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::hash::{chunk_count, file_root, subtree_cv, tree_digest};
+use crate::hash::{chunk_count, file_root, subtree_cv, TreeDigest};
 use crate::manifest::{display_path, EntryKind, Manifest};
 use crate::message::Chunk;
 use crate::table::{ChunkIndex, Hashes, MemTable, Table};
@@ -168,8 +168,8 @@ struct FileTrack {
     folded: u64,
 }
 
-/// What a tracker keeps for one manifest entry: 40 bytes, and a [`FileTrack`] only while a
-/// file has chunks under way or held. A million small files copied cost 40 MB here, where a
+/// What a tracker keeps for one manifest entry: 16 bytes, and a [`FileTrack`] only while a
+/// file has chunks under way or held. A million small files copied cost 16 MB here, where a
 /// track for each cost 80.
 #[derive(Debug)]
 enum FileState {
@@ -178,9 +178,20 @@ enum FileState {
     /// A file none of whose chunks has arrived, is under way or is held.
     Untouched,
     Busy(Box<FileTrack>),
-    /// A file whose every chunk is done and every page folded: its root, which nothing can
-    /// change any more.
-    Done([u8; 32]),
+    /// A file whose every chunk is done and every page folded, so nothing of it can change
+    /// any more: its root is in the tracker's [`Roots`].
+    Done,
+}
+
+/// Done files' roots, on their way into the transfer's tree digest: fed in manifest order as
+/// soon as every file before them is done, and kept only until then.
+#[derive(Debug, Default)]
+struct Roots {
+    /// Every entry before this one is a file whose root is in `digest`, or not a file.
+    next: u32,
+    digest: TreeDigest,
+    /// Roots of files done past `next`.
+    waiting: BTreeMap<u32, [u8; 32]>,
 }
 
 impl FileTrack {
@@ -373,6 +384,7 @@ pub struct Tracker {
     held_bytes: u64,
     /// Held chunks' hashes.
     hashes: Hashes,
+    roots: Roots,
 }
 
 /// A held chunk's hash by its index in its file.
@@ -392,7 +404,7 @@ impl Tracker {
                     missing_chunks += n;
                     files_done += u64::from(n == 0);
                     if n == 0 {
-                        FileState::Done(file_root(&[]))
+                        FileState::Done
                     } else {
                         FileState::Untouched
                     }
@@ -404,7 +416,7 @@ impl Tracker {
             ChunkIndex::new(&manifest, chunk_size),
             Arc::new(MemTable::default()),
         );
-        Self {
+        let mut t = Self {
             chunk_size,
             files,
             manifest,
@@ -413,6 +425,37 @@ impl Tracker {
             files_done,
             held_bytes: 0,
             hashes,
+            roots: Roots::default(),
+        };
+        t.feed_roots();
+        t
+    }
+
+    /// The root of a file that is done: an empty file's, or the one waiting in `roots`.
+    fn done_root(&self, file: u32) -> Option<[u8; 32]> {
+        if self.size_of(file)? == 0 {
+            return Some(file_root(&[]));
+        }
+        self.roots.waiting.get(&file).copied()
+    }
+
+    /// Feeds the roots of the done files from `roots.next` on into the digest, up to the
+    /// first file that is not done.
+    fn feed_roots(&mut self) {
+        loop {
+            let next = self.roots.next;
+            match self.files.get(next as usize) {
+                Some(FileState::NotFile) => {}
+                Some(FileState::Done) => {
+                    let Some(root) = self.done_root(next) else {
+                        return;
+                    };
+                    self.roots.waiting.remove(&next);
+                    self.roots.digest.add(next, &root);
+                }
+                _ => return,
+            }
+            self.roots.next += 1;
         }
     }
 
@@ -447,7 +490,7 @@ impl Tracker {
             FileState::NotFile => None,
             FileState::Untouched => Some(Slot::Missing),
             FileState::Busy(t) => Some(t.slot(idx)),
-            FileState::Done(_) => Some(Slot::Folded),
+            FileState::Done => Some(Slot::Folded),
         }
     }
 
@@ -473,7 +516,9 @@ impl Tracker {
         };
         let FileState::Busy(t) = state else { return };
         if let Some(root) = t.folded_root() {
-            *state = FileState::Done(root);
+            *state = FileState::Done;
+            self.roots.waiting.insert(file, root);
+            self.feed_roots();
         } else if t.pages.is_empty() && t.missing == t.chunks {
             *state = FileState::Untouched;
         }
@@ -740,7 +785,7 @@ impl Tracker {
                     }
                     continue;
                 }
-                FileState::NotFile | FileState::Done(_) => continue,
+                FileState::NotFile | FileState::Done => continue,
             };
             if t.missing == 0 {
                 continue;
@@ -790,22 +835,20 @@ impl Tracker {
         if !self.is_complete() {
             return None;
         }
-        let roots: Option<Vec<(u32, [u8; 32])>> = self
-            .files
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| !matches!(f, FileState::NotFile))
-            .map(|(i, f)| {
-                let i = i as u32;
-                match f {
-                    FileState::Done(root) => Some((i, *root)),
-                    FileState::Busy(t) => Some((i, t.root(&self.held_of(i))?)),
-                    FileState::NotFile | FileState::Untouched => None,
-                }
-            })
-            .collect();
-        let roots = roots?;
-        Some(tree_digest(roots.iter().map(|(i, r)| (*i, r))))
+        // The roots fed so far, then those of the files past them: done ones waiting, and
+        // complete ones that still hold chunks from before (not read back).
+        let mut digest = self.roots.digest.clone();
+        for (i, f) in self.files.iter().enumerate().skip(self.roots.next as usize) {
+            let i = i as u32;
+            let root = match f {
+                FileState::NotFile => continue,
+                FileState::Done => self.done_root(i)?,
+                FileState::Busy(t) => t.root(&self.held_of(i))?,
+                FileState::Untouched => return None,
+            };
+            digest.add(i, &root);
+        }
+        Some(digest.finish())
     }
 }
 
@@ -1058,7 +1101,9 @@ mod tests {
         assert_eq!(t.missing(2), vec![(1, 0), (2, 0)]);
         t.admit(&a).unwrap();
         t.verified(1, 0, a.hash);
-        assert!(matches!(t.files[1], FileState::Done(r) if r == file_root(&[a.hash])));
+        assert!(matches!(t.files[1], FileState::Done));
+        assert_eq!(t.roots.next, 2, "its root went into the digest at once");
+        assert!(t.roots.waiting.is_empty());
         assert_eq!(t.admit(&a), Ok(Admit::Skip), "sent again for another node");
         assert!(!t.lost(1, 0), "a folded chunk cannot be lost");
         assert_eq!((t.files_done(), t.hash_of(1, 0)), (1, None));
@@ -1072,11 +1117,45 @@ mod tests {
         assert!(matches!(t.files[2], FileState::Busy(_)));
         assert_eq!(t.held_from((0, 0), 10), vec![(2, 0, [2; 32])]);
         assert!(t.confirm(2, 0, [2; 32]));
-        assert!(matches!(t.files[2], FileState::Done(_)));
+        assert!(matches!(t.files[2], FileState::Done));
         assert!(t.held_from((0, 0), 10).is_empty());
-        let want = tree_digest([
+        let want = crate::hash::tree_digest([
             (1, &file_root(&[[1; 32]])),
             (2, &file_root(&[[2; 32], [3; 32]])),
+        ]);
+        assert_eq!(t.digest(), Some(want));
+    }
+
+    #[test]
+    fn roots_wait_only_for_the_files_before_them() {
+        let m = Manifest::from_entries(vec![
+            dir(""),
+            file("a", 10),
+            file("empty", 0),
+            dir("d"),
+            file("d/b", 20),
+            file("d/c", 30),
+        ])
+        .unwrap();
+        let mut t = Tracker::new(m, 4096);
+        assert_eq!(t.roots.next, 1, "the root directory is passed at once");
+        let done = |t: &mut Tracker, file: u32, len: u32, h: u8| {
+            let c = with_hash(chunk(file, 0, len), [h; 32]);
+            assert_eq!(t.admit(&c), Ok(Admit::Write));
+            t.verified(file, 0, c.hash);
+        };
+        done(&mut t, 5, 30, 3);
+        done(&mut t, 4, 20, 2);
+        assert_eq!((t.roots.next, t.roots.waiting.len()), (1, 2));
+        assert_eq!(t.digest(), None);
+        done(&mut t, 1, 10, 1);
+        assert_eq!(t.roots.next, 6, "every root went in, the empty file's too");
+        assert!(t.roots.waiting.is_empty());
+        let want = crate::hash::tree_digest([
+            (1, &file_root(&[[1; 32]])),
+            (2, &file_root(&[])),
+            (4, &file_root(&[[2; 32]])),
+            (5, &file_root(&[[3; 32]])),
         ]);
         assert_eq!(t.digest(), Some(want));
     }
@@ -1148,7 +1227,7 @@ mod tests {
                 // A file all of whose pages folded keeps its root alone.
                 let f = match &t.files[1] {
                     FileState::Busy(f) => Some(f),
-                    FileState::Done(_) => None,
+                    FileState::Done => None,
                     other => panic!("{other:?}"),
                 };
                 for page in 0..chunks.div_ceil(PAGE) {
