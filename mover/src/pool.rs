@@ -172,15 +172,19 @@ impl Pool {
     /// it acknowledged) in a buffer that was taken larger than what was written into it.
     pub fn fit(self: &Arc<Self>, buf: PoolBuf) -> PoolBuf {
         let len = buf.len();
-        let size = self
-            .class(len)
-            .map_or_else(|| self.step_size(len), |c| ALIGN << c);
-        if len > self.capacity || buf.capacity() <= size {
+        if len > self.capacity || buf.capacity() <= self.size_for(len) {
             return buf;
         }
         let mut fitted = self.take_for_overwrite(len);
         fitted.copy_from_slice(&buf);
         fitted
+    }
+
+    /// The size of the buffer a request of `len` bytes (at most the capacity) gets: its small
+    /// class, or `len` rounded up to a step.
+    fn size_for(&self, len: usize) -> usize {
+        self.class(len)
+            .map_or_else(|| self.step_size(len), |c| ALIGN << c)
     }
 
     /// A sixteenth of the capacity, in whole [`ALIGN`] units.
@@ -200,14 +204,14 @@ impl Pool {
 
     fn block(&self, len: usize) -> Block {
         let now = Instant::now();
-        if let Some(class) = self.class(len) {
-            let reused = lock(&self.small[class]).pop(now);
-            return reused.unwrap_or_else(|| Block::new(ALIGN << class));
-        }
         if len > self.capacity {
             return Block::new(len);
         }
-        let size = self.step_size(len);
+        let size = self.size_for(len);
+        if let Some(class) = self.class(len) {
+            let reused = lock(&self.small[class]).pop(now);
+            return reused.unwrap_or_else(|| Block::new(size));
+        }
         if size == self.capacity {
             let reused = lock(&self.free).pop(now);
             return reused.unwrap_or_else(|| Block::new(size));
@@ -240,15 +244,6 @@ impl Pool {
             }
         };
         lock(idle).push(block, keep, Instant::now());
-    }
-
-    /// Frees every buffer larger than [`SMALL`] idle since before `now - IDLE_FOR` (which
-    /// taking and returning buffers also does, for the kind they are of). Small ones stay:
-    /// at most 16 MiB of them are kept, and thousands come and go each second.
-    pub fn trim(&self, now: Instant) {
-        for idle in [&self.free, &self.medium].into_iter().chain(&self.small) {
-            lock(idle).trim(now);
-        }
     }
 
     /// Idle buffers held now, small ones included.
@@ -578,13 +573,19 @@ mod tests {
 
     #[test]
     fn buffers_idle_for_long_are_freed_the_oldest_first() {
+        // Taking and returning buffers trims each kind as it goes; this does all at once.
+        let trim = |pool: &Pool, now: Instant| {
+            for idle in [&pool.free, &pool.medium].into_iter().chain(&pool.small) {
+                lock(idle).trim(now);
+            }
+        };
         let pool = Pool::new(4 << 20, 8);
         let bufs = [pool.take(4 << 20), pool.take(1 << 20), pool.take(100)];
         drop(bufs);
         assert_eq!(pool.idle(), 3);
-        pool.trim(Instant::now());
+        trim(&pool, Instant::now());
         assert_eq!(pool.idle(), 3, "just returned");
-        pool.trim(Instant::now() + IDLE_FOR + Duration::from_millis(1));
+        trim(&pool, Instant::now() + IDLE_FOR + Duration::from_millis(1));
         assert_eq!(pool.idle(), 1, "large ones are freed, small ones stay");
 
         let t0 = Instant::now();

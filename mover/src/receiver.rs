@@ -28,9 +28,7 @@ use bytes::Bytes;
 use mover_protocol::hash::chunk_hash;
 use mover_protocol::manifest::{display_path, ManifestBuilder};
 use mover_protocol::message::{MAX_LIST_ENTRIES, MAX_ROUNDS};
-use mover_protocol::{
-    max_frame_len, Admit, Chunk, EntryKind, Manifest, Message, Open, Outcome, Tracker,
-};
+use mover_protocol::{max_frame_len, Admit, Chunk, Manifest, Message, Open, Outcome, Tracker};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
@@ -1463,10 +1461,7 @@ impl DataJob {
             .as_ref()
             .filter(|w| w.ctx.cfg.staging_verify == StagingVerify::Memory)
             .map(|w| w.staging.manifest());
-        let file_size = |file: u32| match manifest?.entries.get(file as usize)?.kind {
-            EntryKind::File { size } => Some(size),
-            _ => None,
-        };
+        let file_size = |file: u32| manifest?.entries.get(file as usize)?.file_size();
         loop {
             let relaying = children.iter().any(Option::is_some);
             let size_here = |file: u32| file_size(file).filter(|_| !relaying);

@@ -329,10 +329,7 @@ impl Rounds {
                 self.manifest
                     .entries
                     .get(file as usize)
-                    .and_then(|e| match e.kind {
-                        EntryKind::File { size } => Some(size),
-                        _ => None,
-                    })
+                    .and_then(mover_protocol::Entry::file_size)
                     .is_some_and(|size| offset % self.chunk_size == 0 && offset < size)
             }));
             if done {

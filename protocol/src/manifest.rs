@@ -61,6 +61,14 @@ impl Entry {
         }
     }
 
+    /// The size of a file; `None` for a directory or a symlink.
+    pub fn file_size(&self) -> Option<u64> {
+        match self.kind {
+            EntryKind::File { size } => Some(size),
+            _ => None,
+        }
+    }
+
     pub fn is_dir(&self) -> bool {
         matches!(self.kind, EntryKind::Dir)
     }
@@ -363,7 +371,7 @@ impl ManifestBuilder {
     }
 
     /// Closes the manifest, checking the sender's declared totals against what arrived.
-    pub fn finish(self, entries: u64, total_bytes: u64) -> Result<Manifest, ManifestError> {
+    pub fn finish(mut self, entries: u64, total_bytes: u64) -> Result<Manifest, ManifestError> {
         if self.entries.is_empty() {
             return Err(ManifestError::NoRoot);
         }
@@ -381,9 +389,8 @@ impl ManifestBuilder {
                 actual: self.total_bytes,
             });
         }
-        let mut b = self;
-        let entries = std::mem::take(&mut b.entries);
-        b.check_unique(&entries)?;
+        let entries = std::mem::take(&mut self.entries);
+        self.check_unique(&entries)?;
         Ok(Manifest { entries })
     }
 

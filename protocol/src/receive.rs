@@ -6,7 +6,8 @@
 //! Chunks a receiver already had before the transfer (from an interrupted run, or an older
 //! copy) are *held*: they count as present, and a chunk that arrives for a held slot with
 //! another hash replaces it. The tracker knows what is still missing (to ask for again), when
-//! every file is complete, and each file's root hash.
+//! every file is complete, and the digest over every file's root hash (each root goes into it
+//! as soon as the files before it are done, and is not kept).
 //!
 //! A held chunk's hash lives in a [`Table`] (an agent's is a file), not in the tracker: on a
 //! reseed onto an older copy nearly every chunk is held, and the tracker keeps one bit for
@@ -204,25 +205,11 @@ impl FileTrack {
         }
     }
 
-    /// The file's root once every page is folded (so every chunk done).
+    /// The file's root once every page is folded (so every chunk done, none held).
     fn folded_root(&self) -> Option<[u8; 32]> {
-        if self.folded < self.chunks.div_ceil(PAGE) {
-            return None;
-        }
-        if self.chunks <= PAGE {
-            // The one page of a file of one page folds into the file's root.
-            return match self.pages.get(&0)? {
-                Page::Folded(root) => Some(*root),
-                _ => None,
-            };
-        }
-        let cvs: Option<Vec<[u8; 32]>> = (0..self.chunks.div_ceil(PAGE))
-            .map(|p| match self.pages.get(&p)? {
-                Page::Folded(cv) => Some(*cv),
-                _ => None,
-            })
-            .collect();
-        Some(file_root(&cvs?))
+        (self.folded == self.chunks.div_ceil(PAGE))
+            .then(|| self.root(&|_| None))
+            .flatten()
     }
 
     fn slot(&self, idx: u64) -> Slot {
@@ -478,10 +465,7 @@ impl Tracker {
 
     /// The size of `file`, if it is a file.
     fn size_of(&self, file: u32) -> Option<u64> {
-        match self.manifest.entries.get(file as usize)?.kind {
-            EntryKind::File { size } => Some(size),
-            _ => None,
-        }
+        self.manifest.entries.get(file as usize)?.file_size()
     }
 
     /// The slot of chunk `idx` of `file`, if it is a file.
