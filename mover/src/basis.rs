@@ -6,7 +6,6 @@
 //! Files of an interrupted run are moved into the new staging area (no copy); chunks of an old
 //! copy are copied in as they are hashed (the old copy stays untouched until the commit).
 
-use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -17,7 +16,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use mover_protocol::hash::{chunk_count, chunk_hash};
-use mover_protocol::manifest::EntryKind;
 use mover_protocol::table::{ChunkIndex, Hashes, Table};
 use mover_protocol::Held;
 
@@ -207,6 +205,9 @@ struct Resumable<'a> {
     files: Bits,
 }
 
+/// A file's index in the manifest, and its size.
+type FilePlace = (u32, u64);
+
 impl<'a> Resumable<'a> {
     /// Reads `leftover`'s record into `table` through one buffer.
     fn read(
@@ -216,30 +217,38 @@ impl<'a> Resumable<'a> {
         table: &'a dyn Table,
     ) -> Result<Self, StagingError> {
         let manifest = staging.manifest();
-        let mut files = Bits::with_len(manifest.entries.len() as u64);
-        // Each file's place and size by path, made with the first record (none for an empty
-        // one).
-        let mut by_path: Option<HashMap<&[u8], (u32, u64)>> = None;
+        let mut files = Bits::with_len(manifest.len() as u64);
+        // Each file's place and size, found by path in the manifest (in the scan's order, so
+        // by a binary search); the record lists a file's chunks one after another, so the
+        // last one found is kept.
+        let mut last: Option<(Box<[u8]>, Option<FilePlace>)> = None;
         let mut failed = None;
         let mut slot = [0u8; RESUME_SLOT];
         let read = read_record(&leftover.record, |path, r| {
             if failed.is_some() {
                 return;
             }
-            let by_path = by_path.get_or_insert_with(|| {
-                manifest
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, e)| match e.kind {
-                        EntryKind::File { size } if size > 0 => {
-                            Some((&e.path[..], (i as u32, size)))
+            let found = match &last {
+                Some((p, found)) if &p[..] == path => *found,
+                _ => {
+                    let found = manifest.position(path).and_then(|at| {
+                        let Some(i) = at else { return Ok(None) };
+                        let size = manifest.file_size(i)?;
+                        Ok(size.filter(|s| *s > 0).map(|s| (i as u32, s)))
+                    });
+                    match found {
+                        Ok(found) => {
+                            last = Some((path.into(), found));
+                            found
                         }
-                        _ => None,
-                    })
-                    .collect()
-            });
-            let Some(&(file, size)) = by_path.get(path) else {
+                        Err(e) => {
+                            failed = Some(StagingError::from(e));
+                            return;
+                        }
+                    }
+                }
+            };
+            let Some((file, size)) = found else {
                 return;
             };
             let cs = index.chunk_size();
@@ -251,7 +260,7 @@ impl<'a> Resumable<'a> {
             slot[1..9].copy_from_slice(&r.file_size.to_be_bytes());
             slot[9..].copy_from_slice(&r.hash);
             if let Err(e) = table.write_at(i * RESUME_SLOT as u64, &slot) {
-                failed = Some(e);
+                failed = Some(io_err("keep the record of", &leftover.record, e));
                 return;
             }
             files.set(u64::from(file));
@@ -264,7 +273,7 @@ impl<'a> Resumable<'a> {
             });
         }
         if let Some(e) = failed {
-            return Err(io_err("keep the record of", &leftover.record, e));
+            return Err(e);
         }
         Ok(Self { table, files })
     }
@@ -381,7 +390,7 @@ pub(crate) fn seed(
     table: std::sync::Arc<dyn Table>,
     threads: usize,
 ) -> Result<Seeded, StagingError> {
-    let hashes = Hashes::new(ChunkIndex::new(staging.manifest(), chunk_size), table);
+    let hashes = Hashes::new(ChunkIndex::new(staging.manifest(), chunk_size)?, table);
     let index = hashes.index();
     // The interrupted run's record, read once into its own table (it lists chunks in the
     // order they arrived, across files).
@@ -389,16 +398,8 @@ pub(crate) fn seed(
         .map(|(l, t)| Resumable::read(l, staging, index, t).map(|r| (l, r)))
         .transpose()?;
     let leftover = resumable.as_ref();
-    let files: Vec<(u32, u64)> = staging
-        .manifest()
-        .entries
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| match e.kind {
-            EntryKind::File { size } if size > 0 => Some((i as u32, size)),
-            _ => None,
-        })
-        .collect();
+    // Threads take the manifest's entries in turn, by index.
+    let manifest = staging.manifest();
     let next = AtomicUsize::new(0);
     let held = Mutex::new(Vec::new());
     let (resumed, reused, damaged) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
@@ -409,8 +410,19 @@ pub(crate) fn seed(
                 let mut buf = vec![0u8; chunk_size as usize];
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(file, size)) = files.get(i) else {
+                    if i >= manifest.len() {
                         return;
+                    }
+                    let (file, size) = match manifest.file_size(i) {
+                        Ok(Some(size)) if size > 0 => (i as u32, size),
+                        Ok(_) => continue,
+                        Err(e) => {
+                            failure
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e.into());
+                            return;
+                        }
                     };
                     if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
                         return;
@@ -487,9 +499,7 @@ impl FileSeed<'_> {
         leftover: Option<&(&Leftover, Resumable<'_>)>,
         old: Option<&Path>,
     ) -> Result<(), StagingError> {
-        let path = self.staging.manifest().entries[self.file as usize]
-            .path
-            .clone();
+        let path = self.staging.manifest().get(self.file as usize)?.path;
         let to = self
             .staging
             .entry_path_of(self.file)
@@ -663,7 +673,8 @@ fn openat(dir: &File, name: &[u8], flags: libc::c_int) -> io::Result<File> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use mover_protocol::manifest::{Entry, Manifest};
+    use mover_protocol::manifest::{Entry, EntryKind, Manifest};
+    use std::collections::HashMap;
     use std::sync::Arc;
 
     /// A whole record, by path.

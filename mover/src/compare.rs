@@ -20,13 +20,21 @@ use crate::scan::{scan, source_path, ScanError};
 /// file contents (blake3), sizes, permission bits, mtimes (to the nanosecond) and symlink
 /// targets, the roots' own mode and mtime included.
 pub fn compare_trees(a: &Path, b: &Path) -> Result<Vec<String>, io::Error> {
-    let ma = scan(a).map_err(into_io)?.manifest;
-    let mb = scan(b).map_err(into_io)?.manifest;
+    let ma = scan(a)
+        .map_err(into_io)?
+        .manifest
+        .to_vec()
+        .map_err(io::Error::other)?;
+    let mb = scan(b)
+        .map_err(into_io)?
+        .manifest
+        .to_vec()
+        .map_err(io::Error::other)?;
     let (an, bn) = (a.display(), b.display());
-    let by_path: HashMap<&[u8], &Entry> = mb.entries.iter().map(|e| (&e.path[..], e)).collect();
+    let by_path: HashMap<&[u8], &Entry> = mb.iter().map(|e| (&e.path[..], e)).collect();
 
     let mut diffs = Vec::new();
-    for ea in &ma.entries {
+    for ea in &ma {
         let name = show(&ea.path);
         let Some(eb) = by_path.get(&ea.path[..]) else {
             diffs.push(format!("{name}: missing from {bn}"));
@@ -74,8 +82,8 @@ pub fn compare_trees(a: &Path, b: &Path) -> Result<Vec<String>, io::Error> {
         }
     }
 
-    let in_a: HashMap<&[u8], ()> = ma.entries.iter().map(|e| (&e.path[..], ())).collect();
-    for eb in &mb.entries {
+    let in_a: HashMap<&[u8], ()> = ma.iter().map(|e| (&e.path[..], ())).collect();
+    for eb in &mb {
         if !in_a.contains_key(&eb.path[..]) {
             diffs.push(format!("{}: only in {bn}", show(&eb.path)));
         }

@@ -26,6 +26,9 @@ pub enum LinkError {
     Net(#[from] crate::net::NetError),
     #[error("timed out after {secs} s waiting for {what}")]
     Timeout { what: &'static str, secs: u64 },
+    /// This node's own manifest could not be read back from its table.
+    #[error("{0}")]
+    Manifest(#[from] ManifestError),
 }
 
 impl LinkError {
@@ -33,9 +36,11 @@ impl LinkError {
     /// the protocol.
     pub fn retryable(&self) -> bool {
         match self {
-            Self::Closed | Self::Decode(_) | Self::Unexpected { .. } | Self::ClosedStream(_) => {
-                false
-            }
+            Self::Closed
+            | Self::Decode(_)
+            | Self::Unexpected { .. }
+            | Self::ClosedStream(_)
+            | Self::Manifest(_) => false,
             Self::Net(e) => e.is_retryable(),
             Self::Connection(_) | Self::Write(_) | Self::Read(_) | Self::Timeout { .. } => true,
         }

@@ -135,11 +135,10 @@ impl Downlink {
         let node_name = node.name.as_str();
         // What the subtree may claim to hold is bounded by the manifest: every chunk, once
         // per node.
-        let chunks: u64 = manifest
-            .entries
-            .iter()
-            .map(|e| mover_protocol::hash::chunk_count(e.size(), open.chunk_size))
-            .sum();
+        let mut chunks = 0u64;
+        for e in manifest.iter() {
+            chunks += mover_protocol::hash::chunk_count(e?.size(), open.chunk_size);
+        }
         let max_held = (chunks + 1).saturating_mul(subtree.len() as u64);
         let mut held = 0u64;
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
@@ -241,7 +240,8 @@ impl Downlink {
 pub(crate) async fn send_manifest(send: &mut SendStream, m: &Manifest) -> Result<(), LinkError> {
     let mut part = Vec::new();
     let mut bytes = 0;
-    for e in &m.entries {
+    for e in m.iter() {
+        let e = e?;
         let len = e.encoded_len();
         if !part.is_empty()
             && (bytes + len > MANIFEST_PART_BYTES
@@ -251,7 +251,7 @@ pub(crate) async fn send_manifest(send: &mut SendStream, m: &Manifest) -> Result
             bytes = 0;
         }
         bytes += len;
-        part.push(e.clone());
+        part.push(e);
     }
     if !part.is_empty() {
         write_message(send, &Message::ManifestPart(part)).await?;
@@ -259,7 +259,7 @@ pub(crate) async fn send_manifest(send: &mut SendStream, m: &Manifest) -> Result
     write_message(
         send,
         &Message::ManifestEnd {
-            entries: m.entries.len() as u64,
+            entries: m.len() as u64,
             total_bytes: m.total_bytes(),
         },
     )

@@ -341,7 +341,8 @@ impl Receive<'_> {
         }
 
         // The manifest, checked entry by entry as it arrives.
-        let manifest = tokio::time::timeout(MANIFEST_TIMEOUT, read_manifest(&mut ctl))
+        let table = Arc::from(crate::table::table_in(&ctx.cfg.state_dir, "the manifest"));
+        let manifest = tokio::time::timeout(MANIFEST_TIMEOUT, read_manifest(&mut ctl, table))
             .await
             .map_err(|_| LinkError::Timeout {
                 what: "the manifest",
@@ -374,7 +375,7 @@ impl Receive<'_> {
             .await
             .map_err(|e| TransferError::Internal(e.to_string()))?,
         };
-        let mut tracker = Tracker::new(manifest.clone(), self.open.chunk_size);
+        let mut tracker = Tracker::new(manifest.clone(), self.open.chunk_size)?;
         let (mut stage, own_failure) = match prepared {
             Ok((mut stage, seeded)) => {
                 // The tracker finds held chunks' hashes where seeding put them.
@@ -878,8 +879,12 @@ impl Receive<'_> {
     }
 }
 
-async fn read_manifest(ctl: &mut Control) -> Result<Manifest, TransferError> {
-    let mut builder = ManifestBuilder::new();
+/// Reads the manifest from the parent into `table`.
+async fn read_manifest(
+    ctl: &mut Control,
+    table: Arc<dyn mover_protocol::table::Table>,
+) -> Result<Manifest, TransferError> {
+    let mut builder = ManifestBuilder::in_table(table);
     loop {
         match next_control(ctl).await? {
             Message::ManifestPart(entries) => builder.push(entries)?,
@@ -1121,12 +1126,14 @@ impl Writer {
                 Err(e) => failure = Some(e),
             }
         }
-        let records: Vec<(&[u8], Recorded)> = landed
+        let mut paths = Vec::with_capacity(landed.len());
+        for (file, _) in &landed {
+            paths.push(self.staging.manifest().get(*file as usize)?.path);
+        }
+        let records: Vec<(&[u8], Recorded)> = paths
             .iter()
-            .map(|(file, r)| {
-                let path = &self.staging.manifest().entries[*file as usize].path;
-                (&path[..], *r)
-            })
+            .zip(&landed)
+            .map(|(path, (_, r))| (&path[..], *r))
             .collect();
         let recorded = if records.is_empty() {
             Ok(())
@@ -1164,7 +1171,7 @@ impl Writer {
             // Damaged "in transit": before anything was hashed.
             hashed = None;
         }
-        let entry = &self.staging.manifest().entries[chunk.file as usize];
+        let entry = self.staging.manifest().get(chunk.file as usize)?;
         let size = entry.size();
         let decoded = crate::chunk::decompress(&chunk, &self.pool);
         let raw = match decoded {
@@ -1294,7 +1301,7 @@ impl Writer {
     /// A batch at a time, in file order: a chunk that matches is done like one received, so
     /// the tracker folds its page and forgets its hash as the check goes.
     fn check_staging(&self, threads: usize) -> u64 {
-        let cs = self.staging.manifest().entries.len();
+        let cs = self.staging.manifest().len();
         let mut from = (0u32, 0u64);
         let mut lost_count = 0;
         loop {
@@ -1346,7 +1353,10 @@ impl Writer {
         let Some(len) = len else {
             return false;
         };
-        let size = self.staging.manifest().entries[file as usize].size();
+        let size = (self.staging.manifest().file_size(file as usize))
+            .ok()
+            .flatten()
+            .unwrap_or(0);
         let read = self
             .staging
             .read_back(&*self.ctx.disk, &self.pool, file, offset, len as usize);
@@ -1461,7 +1471,7 @@ impl DataJob {
             .as_ref()
             .filter(|w| w.ctx.cfg.staging_verify == StagingVerify::Memory)
             .map(|w| w.staging.manifest());
-        let file_size = |file: u32| manifest?.entries.get(file as usize)?.file_size();
+        let file_size = |file: u32| manifest?.file_size(file as usize).ok().flatten();
         loop {
             let relaying = children.iter().any(Option::is_some);
             let size_here = |file: u32| file_size(file).filter(|_| !relaying);

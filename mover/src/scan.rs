@@ -17,7 +17,10 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use mover_protocol::manifest::{Entry, EntryKind, Manifest, ManifestError};
+use std::sync::Arc;
+
+use mover_protocol::manifest::{Entry, EntryKind, Manifest, ManifestBuilder, ManifestError};
+use mover_protocol::table::{MemTable, Table};
 
 /// What a scan found.
 #[derive(Debug, Clone)]
@@ -61,8 +64,15 @@ impl ScanError {
     }
 }
 
-/// Scans the directory `root` into a validated manifest.
+/// Scans the directory `root` into a validated manifest kept in memory (for tests and tools
+/// that look at small trees).
 pub fn scan(root: &Path) -> Result<Scan, ScanError> {
+    scan_in(root, Arc::new(MemTable::default()))
+}
+
+/// Scans the directory `root` into a validated manifest kept in `table`: each entry is
+/// checked and stored as it is found, so the process holds only the walk's open directories.
+pub fn scan_in(root: &Path, table: Arc<dyn Table>) -> Result<Scan, ScanError> {
     let meta = fs::symlink_metadata(root).map_err(|e| ScanError::from_io(root, e))?;
     if !meta.is_dir() {
         return Err(ScanError::NotADirectory {
@@ -70,7 +80,15 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
             found: describe_non_dir(&meta),
         });
     }
-    let mut entries = vec![entry(Vec::new(), EntryKind::Dir, &meta)];
+    let refused = |source| ScanError::Manifest {
+        root: root.to_path_buf(),
+        source,
+    };
+    let mut entries = ManifestBuilder::in_table(table);
+    entries
+        .add(entry(Vec::new(), EntryKind::Dir, &meta))
+        .map_err(refused)?;
+    let mut total_bytes = 0u64;
     let mut skipped = Vec::new();
 
     // One frame per open directory: its path, its manifest path, and its children still to
@@ -92,33 +110,38 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
         let meta = fs::symlink_metadata(&abs).map_err(|e| ScanError::from_io(&abs, e))?;
         let ft = meta.file_type();
         if ft.is_dir() {
-            entries.push(entry(child_rel.clone(), EntryKind::Dir, &meta));
+            entries
+                .add(entry(child_rel.clone(), EntryKind::Dir, &meta))
+                .map_err(refused)?;
             let grandchildren = sorted_children(&abs)?;
             stack.push((abs, child_rel, grandchildren));
         } else if ft.is_file() {
             let kind = EntryKind::File { size: meta.len() };
-            entries.push(entry(child_rel, kind, &meta));
+            total_bytes = total_bytes.saturating_add(meta.len());
+            entries
+                .add(entry(child_rel, kind, &meta))
+                .map_err(refused)?;
         } else if ft.is_symlink() {
             let target = fs::read_link(&abs)
                 .map_err(|e| ScanError::from_io(&abs, e))?
                 .into_os_string()
                 .into_vec();
-            entries.push(entry(
-                child_rel,
-                EntryKind::Symlink {
-                    target: target.into(),
-                },
-                &meta,
-            ));
+            entries
+                .add(entry(
+                    child_rel,
+                    EntryKind::Symlink {
+                        target: target.into(),
+                    },
+                    &meta,
+                ))
+                .map_err(refused)?;
         } else {
             skipped.push(abs);
         }
     }
 
-    let manifest = Manifest::from_entries(entries).map_err(|source| ScanError::Manifest {
-        root: root.to_path_buf(),
-        source,
-    })?;
+    let count = entries.len() as u64;
+    let manifest: Manifest = entries.finish(count, total_bytes).map_err(refused)?;
     Ok(Scan { manifest, skipped })
 }
 
@@ -252,8 +275,11 @@ pub(crate) mod tests {
         fifo
     }
 
-    fn find<'a>(m: &'a Manifest, p: &[u8]) -> &'a Entry {
-        m.entries.iter().find(|e| &e.path[..] == p).unwrap()
+    fn find(m: &Manifest, p: &[u8]) -> Entry {
+        m.iter()
+            .map(Result::unwrap)
+            .find(|e| &e.path[..] == p)
+            .unwrap()
     }
 
     #[test]
@@ -266,7 +292,8 @@ pub(crate) mod tests {
         assert_eq!(s.skipped, vec![fifo]);
 
         let m = &s.manifest;
-        let paths: Vec<&[u8]> = m.entries.iter().map(|e| &e.path[..]).collect();
+        let entries = m.to_vec().unwrap();
+        let paths: Vec<&[u8]> = entries.iter().map(|e| &e.path[..]).collect();
         let expected: Vec<&[u8]> = vec![
             b"",
             b"a",
@@ -286,7 +313,7 @@ pub(crate) mod tests {
         ];
         assert_eq!(paths, expected);
 
-        let root_e = &m.entries[0];
+        let root_e = &m.get(0).unwrap();
         assert_eq!(
             (root_e.mode, root_e.mtime_sec, root_e.mtime_nsec),
             (0o750, 1_600_000_000, 999_999_999)
@@ -317,7 +344,7 @@ pub(crate) mod tests {
         assert_eq!(find(m, b"a/bad\xff\xfename").mtime_sec, 1_400_000_000);
 
         assert_eq!(source_path(&root, root_e), root);
-        assert_eq!(source_path(&root, find(m, b"a/b/c")), root.join("a/b/c"));
+        assert_eq!(source_path(&root, &find(m, b"a/b/c")), root.join("a/b/c"));
         // Scanning twice gives the same manifest.
         assert_eq!(scan(&root).unwrap().manifest, s.manifest);
     }
@@ -346,8 +373,8 @@ pub(crate) mod tests {
     fn scans_an_empty_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let s = scan(tmp.path()).unwrap();
-        assert_eq!(s.manifest.entries.len(), 1);
-        assert!(s.manifest.entries[0].path.is_empty());
+        assert_eq!(s.manifest.len(), 1);
+        assert!(s.manifest.get(0).unwrap().path.is_empty());
         assert!(s.skipped.is_empty());
     }
 }

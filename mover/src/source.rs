@@ -98,7 +98,8 @@ async fn run_inner(
     root: PathBuf,
 ) -> Result<(), TransferError> {
     let scan_root = root.clone();
-    let scan = tokio::task::spawn_blocking(move || crate::scan::scan(&scan_root))
+    let table = Arc::from(crate::table::table_in(&ctx.cfg.state_dir, "the manifest"));
+    let scan = tokio::task::spawn_blocking(move || crate::scan::scan_in(&scan_root, table))
         .await
         .map_err(|e| TransferError::Internal(e.to_string()))??;
     for p in &scan.skipped {
@@ -107,7 +108,7 @@ async fn run_inner(
     let manifest = Arc::new(scan.manifest);
     let _ = up
         .send(Message::ManifestEnd {
-            entries: manifest.entries.len() as u64,
+            entries: manifest.len() as u64,
             total_bytes: manifest.total_bytes(),
         })
         .await;
@@ -130,7 +131,7 @@ async fn run_inner(
     let (have_tx, mut have_rx) = mpsc::channel::<Message>(16);
     let (targets, index) = (
         plan.nodes().len() - 1,
-        ChunkIndex::new(&manifest, start.chunk_size),
+        ChunkIndex::new(&manifest, start.chunk_size)?,
     );
     let state_dir = ctx.cfg.state_dir.clone();
     let merging = tokio::task::spawn_blocking(move || {
@@ -327,9 +328,9 @@ impl Rounds {
             // Only chunks of the manifest: what is kept stays bounded by it.
             s.needs.extend(chunks.into_iter().filter(|&(file, offset)| {
                 self.manifest
-                    .entries
-                    .get(file as usize)
-                    .and_then(mover_protocol::Entry::file_size)
+                    .file_size(file as usize)
+                    .ok()
+                    .flatten()
                     .is_some_and(|size| offset % self.chunk_size == 0 && offset < size)
             }));
             if done {
@@ -442,9 +443,9 @@ async fn repair(
                     let Some(len) = len.filter(|_| want.is_some() || folded) else {
                         continue;
                     };
-                    let entry = &manifest.entries[file as usize];
+                    let entry = manifest.get(file as usize)?;
                     let job = ReadJob {
-                        path: crate::scan::source_path(&root, entry),
+                        path: crate::scan::source_path(&root, &entry),
                         file,
                         offset,
                         size: entry.size(),
@@ -655,7 +656,10 @@ async fn stream_chunks(
         crate::chunk::buffer_capacity(start.chunk_size),
         2 * depth + 4 * n,
     );
-    let tracker = Arc::new(Mutex::new(Tracker::new(manifest.clone(), start.chunk_size)));
+    let tracker = Arc::new(Mutex::new(Tracker::new(
+        manifest.clone(),
+        start.chunk_size,
+    )?));
     let (err_tx, mut err_rx) = mpsc::channel::<TransferError>(1);
     let mut chunks = 0u64;
     let mut bytes = 0u64;
@@ -686,11 +690,12 @@ async fn stream_chunks(
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
     let batch_limit = BATCH_BYTES.min(start.chunk_size as usize);
-    for (id, e) in manifest.entries.iter().enumerate() {
+    for (id, e) in manifest.iter().enumerate() {
+        let e = e?;
         let EntryKind::File { size } = e.kind else {
             continue;
         };
-        let path = crate::scan::source_path(root, e);
+        let path = crate::scan::source_path(root, &e);
         let mut offset = 0;
         while offset < size {
             if let Ok(err) = err_rx.try_recv() {

@@ -18,12 +18,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use filetime::FileTime;
-use mover_protocol::manifest::{display_path, Entry, EntryKind, Manifest};
+use mover_protocol::manifest::{display_path, Entry, EntryKind, Manifest, ManifestError};
 
 use crate::disk::{Disk, SourceCache};
 use crate::pool::{Pool, PoolBuf, ALIGN};
@@ -59,6 +59,8 @@ pub enum StagingError {
     NoSpace { path: PathBuf },
     #[error("write file {file}: the manifest has {count} entries")]
     UnknownFile { file: u32, count: usize },
+    #[error("{0}")]
+    Manifest(#[from] ManifestError),
     #[error("write file {file} ({path}): that entry is not a regular file")]
     NotAFile { file: u32, path: String },
     #[error(
@@ -147,7 +149,7 @@ pub struct Staging {
     /// which makes each in one go; 0 when none are.
     whole_max: u64,
     /// Which of those `write_whole` has made, by manifest index.
-    whole_done: Vec<AtomicBool>,
+    whole_done: Vec<AtomicU64>,
     /// Whether chunk writes and read-backs bypass the page cache: one of `DIRECT_*`.
     direct: AtomicU8,
 }
@@ -311,10 +313,17 @@ impl Creator {
         let thread = std::thread::Builder::new()
             .name("mover-create".into())
             .spawn(move || {
-                for (i, e) in manifest.entries.iter().enumerate().skip(1) {
+                for (i, e) in manifest.iter().enumerate().skip(1) {
                     if s.cancel.load(Ordering::Relaxed) {
                         break;
                     }
+                    let e = match e {
+                        Ok(e) => e,
+                        Err(err) => {
+                            s.lock().failed = Some((dir.clone(), io::Error::other(err)));
+                            break;
+                        }
+                    };
                     if let EntryKind::File { size } = e.kind {
                         if size > 0 && size <= whole_max {
                             continue;
@@ -412,10 +421,8 @@ impl Staging {
         }
         let whole_max = deferred.unwrap_or(0);
         let whole_done = if whole_max > 0 {
-            manifest
-                .entries
-                .iter()
-                .map(|_| AtomicBool::new(false))
+            (0..manifest.len().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
                 .collect()
         } else {
             Vec::new()
@@ -505,7 +512,7 @@ impl Staging {
 
     /// The path of entry `file` inside the staging tree.
     pub fn entry_path_of(&self, file: u32) -> Option<PathBuf> {
-        Some(self.entry_path(self.manifest.entries.get(file as usize)?))
+        Some(self.entry_path(&self.manifest.get(file as usize).ok()?))
     }
 
     /// Moves an already open regular file, `name` in directory `from_dir`, into place as file
@@ -513,14 +520,14 @@ impl Staging {
     /// What it holds is kept: a resumed transfer checks it chunk by chunk.
     pub fn adopt(&self, file: u32, from_dir: &File, name: &CString) -> Result<(), StagingError> {
         self.created(None)?;
-        let entry = &self.manifest.entries[file as usize];
+        let entry = self.entry(file)?;
         let EntryKind::File { size } = entry.kind else {
             return Err(StagingError::NotAFile {
                 file,
                 path: display_path(&entry.path),
             });
         };
-        let to = self.entry_path(entry);
+        let to = self.entry_path(&entry);
         let to_c = cstring(&to).map_err(|e| StagingError::io("adopt", &to, e))?;
         // SAFETY: both descriptors and both strings live for the call.
         let r = unsafe {
@@ -628,7 +635,7 @@ impl Staging {
     ) -> Result<(), StagingError> {
         let entry = self.file_entry(file, offset, data.len())?;
         self.created(Some(file as usize))?;
-        let path = self.entry_path(entry);
+        let path = self.entry_path(&entry);
         let head = self.direct_head(offset, data.len());
         if head > 0 {
             match self.write_direct(disk, pool, &path, offset, &data, head) {
@@ -698,7 +705,7 @@ impl Staging {
         len: usize,
     ) -> Result<PoolBuf, StagingError> {
         let entry = self.file_entry(file, offset, len)?;
-        let path = self.entry_path(entry);
+        let path = self.entry_path(&entry);
         let head = if self.writes_whole(file) {
             0
         } else {
@@ -753,9 +760,11 @@ impl Staging {
     /// Whether file `file` is left to [`Staging::write_whole`] (see
     /// [`Staging::create_deferred`]).
     pub fn writes_whole(&self, file: u32) -> bool {
-        self.manifest.entries.get(file as usize).is_some_and(
-            |e| matches!(e.kind, EntryKind::File { size } if size > 0 && size <= self.whole_max),
-        )
+        self.whole_max > 0
+            && self
+                .manifest
+                .file_size(file as usize)
+                .is_ok_and(|s| s.is_some_and(|size| size > 0 && size <= self.whole_max))
     }
 
     /// Makes file `file`, one that [`Staging::writes_whole`], with all of its data, then its
@@ -773,7 +782,7 @@ impl Staging {
                 size: entry.size(),
             });
         }
-        let path = self.entry_path(entry);
+        let path = self.entry_path(&entry);
         let made = match &self.creator {
             Some(c) => c.shared.make(&path, false),
             None => Err(io::Error::from(io::ErrorKind::Unsupported)),
@@ -781,21 +790,16 @@ impl Staging {
         let f = made.map_err(|e| StagingError::io("create file", &path, e))?;
         f.write_all_at(data, 0)
             .map_err(|e| StagingError::io("write", &path, e))?;
-        set_mode_and_mtime_of(&f, entry, &path)?;
-        self.whole_done[file as usize].store(true, Ordering::Release);
+        set_mode_and_mtime_of(&f, &entry, &path)?;
+        if let Some(w) = self.whole_done.get(file as usize / 64) {
+            w.fetch_or(1 << (file % 64), Ordering::Release);
+        }
         Ok(WholeFile { file: f, path })
     }
 
     /// Checks that file `file` is a regular file and that `len` bytes at `offset` fit it.
-    fn file_entry(&self, file: u32, offset: u64, len: usize) -> Result<&Entry, StagingError> {
-        let entry = self
-            .manifest
-            .entries
-            .get(file as usize)
-            .ok_or(StagingError::UnknownFile {
-                file,
-                count: self.manifest.entries.len(),
-            })?;
+    fn file_entry(&self, file: u32, offset: u64, len: usize) -> Result<Entry, StagingError> {
+        let entry = self.entry(file)?;
         let EntryKind::File { size } = entry.kind else {
             return Err(StagingError::NotAFile {
                 file,
@@ -824,7 +828,7 @@ impl Staging {
     ) -> Result<(File, PathBuf), StagingError> {
         let entry = self.file_entry(file, offset, len)?;
         self.created(Some(file as usize))?;
-        let path = self.entry_path(entry);
+        let path = self.entry_path(&entry);
         // Opened per call: chunks are MiBs, so the open is cheap next to the write, and
         // thousands of files never hold thousands of descriptors.
         let f =
@@ -838,12 +842,12 @@ impl Staging {
         self.created(None)?;
         // Ownership is not carried in the manifest yet, so even as root every entry stays
         // owned by this process's user: a known gap.
-        let entries = &self.manifest.entries;
-        for e in entries {
+        for e in self.manifest.iter() {
+            let e = e?;
             let EntryKind::Symlink { target } = &e.kind else {
                 continue;
             };
-            let path = self.entry_path(e);
+            let path = self.entry_path(&e);
             if let Err(err) = std::os::unix::fs::symlink(OsStr::from_bytes(target), &path) {
                 // A finalize that is run again finds its own links already in place.
                 let same = err.kind() == io::ErrorKind::AlreadyExists
@@ -852,32 +856,40 @@ impl Staging {
                     return Err(StagingError::io("create symlink", &path, err));
                 }
             }
-            let t = mtime(e);
+            let t = mtime(&e);
             // Linux has no symlink permissions, so only the time is set. The manifest has no
             // atime; the mtime stands in for it.
             filetime::set_symlink_file_times(&path, t, t)
                 .map_err(|err| StagingError::io("set the times of", &path, err))?;
         }
-        for (i, e) in entries.iter().enumerate() {
+        for (i, e) in self.manifest.iter().enumerate() {
+            let e = e?;
             if !matches!(e.kind, EntryKind::File { .. }) {
                 continue;
             }
             if self.writes_whole(i as u32) {
                 // Made whole, mode and mtime included, by `write_whole`.
-                if !self.whole_done[i].load(Ordering::Acquire) {
+                let done = self
+                    .whole_done
+                    .get(i / 64)
+                    .is_some_and(|w| w.load(Ordering::Acquire) >> (i % 64) & 1 == 1);
+                if !done {
                     return Err(StagingError::NeverWritten {
-                        path: self.entry_path(e),
+                        path: self.entry_path(&e),
                     });
                 }
                 continue;
             }
-            self.set_mode_and_mtime(e, 0)?;
+            self.set_mode_and_mtime(&e, 0)?;
         }
         // Directories last, children before parents (the reverse of the manifest's order):
         // creating entries moves a directory's mtime, and a 0555 parent must not be set
-        // before its children are done.
-        for e in entries.iter().rev().filter(|e| e.is_dir()) {
-            self.set_mode_and_mtime(e, libc::O_DIRECTORY)?;
+        // before its children are done. Read back to front a block at a time.
+        for i in (0..self.manifest.len()).rev() {
+            let e = self.manifest.get(i)?;
+            if e.is_dir() {
+                self.set_mode_and_mtime(&e, libc::O_DIRECTORY)?;
+            }
         }
 
         self.sync()?;
@@ -918,7 +930,7 @@ impl Staging {
         // Moving a directory to another parent rewrites its `..`, which needs write
         // permission on it; a 0555 root gets u+w for the move only.
         let moves_across = !same_inode(&dest_parent, &staging_parent);
-        let new_root_mode = self.manifest.entries.first().map_or(0o755, |e| e.mode);
+        let new_root_mode = self.manifest.with(0, |e| e.mode).unwrap_or(0o755);
 
         let replaced_existing = match fs::symlink_metadata(&self.dest) {
             Ok(m) if m.is_dir() => true,
@@ -1004,6 +1016,17 @@ impl Staging {
         }
     }
 
+    /// Entry `file` of the manifest.
+    fn entry(&self, file: u32) -> Result<Entry, StagingError> {
+        match self.manifest.get(file as usize) {
+            Err(ManifestError::NoEntry { .. }) => Err(StagingError::UnknownFile {
+                file,
+                count: self.manifest.len(),
+            }),
+            got => Ok(got?),
+        }
+    }
+
     fn entry_path(&self, e: &Entry) -> PathBuf {
         if e.path.is_empty() {
             self.dir.clone()
@@ -1024,8 +1047,9 @@ impl Staging {
     /// Makes every directory of the manifest, and with `files` every file (not the
     /// symlinks: they come last).
     fn populate(&self, files: bool) -> Result<(), StagingError> {
-        for e in self.manifest.entries.iter().skip(1) {
-            let path = self.entry_path(e);
+        for e in self.manifest.iter().skip(1) {
+            let e = e?;
+            let path = self.entry_path(&e);
             match e.kind {
                 EntryKind::Dir => DirBuilder::new()
                     .mode(0o700)
@@ -1323,7 +1347,7 @@ mod tests {
     fn copy_files(src: &Path, s: &Staging, m: &Manifest) {
         const CHUNK: usize = 1024 * 1024 + 7;
         let mut jobs = Vec::new();
-        for (id, e) in m.entries.iter().enumerate() {
+        for (id, e) in m.to_vec().unwrap().iter().enumerate() {
             if let EntryKind::File { .. } = e.kind {
                 let data = fs::read(source_path(src, e)).unwrap();
                 let mut off = 0;
@@ -1360,7 +1384,8 @@ mod tests {
         scan(root)
             .unwrap()
             .manifest
-            .entries
+            .to_vec()
+            .unwrap()
             .into_iter()
             .map(|e| {
                 let h = matches!(e.kind, EntryKind::File { .. })
@@ -1393,7 +1418,8 @@ mod tests {
         // Files exist at their final size before any write.
         assert_eq!(
             fs::metadata(s.path().join("big")).unwrap().len(),
-            m.entries
+            m.to_vec()
+                .unwrap()
                 .iter()
                 .find(|e| &e.path[..] == b"big")
                 .unwrap()
@@ -1488,7 +1514,12 @@ mod tests {
         let data: Vec<u8> = (0..2 * CS + 5000).map(|i| (i * 7 % 251) as u8).collect();
         fs::write(src.join("f"), &data).unwrap();
         let m = Arc::new(scan(&src).unwrap().manifest);
-        let f = m.entries.iter().position(|e| &e.path[..] == b"f").unwrap() as u32;
+        let f = m
+            .to_vec()
+            .unwrap()
+            .iter()
+            .position(|e| &e.path[..] == b"f")
+            .unwrap() as u32;
         let state = tmp.path().join("state");
         fs::create_dir(&state).unwrap();
         let direct_here = direct_works_in(tmp.path());
@@ -1561,7 +1592,8 @@ mod tests {
         assert!(s.path().join("a").is_dir());
         let whole = |name: &str| {
             let i = m
-                .entries
+                .to_vec()
+                .unwrap()
                 .iter()
                 .position(|e| &e.path[..] == name.as_bytes())
                 .unwrap();
@@ -1569,8 +1601,8 @@ mod tests {
         };
         assert!(whole("a/with space") && whole("ro/readonly"));
         assert!(!whole("big") && !whole("empty") && !whole("a"));
-        let mut files: Vec<_> = m
-            .entries
+        let entries = m.to_vec().unwrap();
+        let mut files: Vec<_> = entries
             .iter()
             .enumerate()
             .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
@@ -1599,7 +1631,8 @@ mod tests {
         let dest = tmp.path().join("fresh");
         let s = Staging::create_deferred(&state, &dest, "whole", m.clone(), 200_000).unwrap();
         let idx = |name: &str| {
-            m.entries
+            m.to_vec()
+                .unwrap()
                 .iter()
                 .position(|e| &e.path[..] == name.as_bytes())
                 .unwrap()
@@ -1614,7 +1647,7 @@ mod tests {
         assert!(matches!(err, StagingError::OutOfRange { .. }), "{err}");
         assert!(!s.path().join("a/b/c/deep.txt").exists());
         // Everything else arrives; deep.txt never does, so the tree is not finalized.
-        for (i, e) in m.entries.iter().enumerate() {
+        for (i, e) in m.to_vec().unwrap().iter().enumerate() {
             if matches!(e.kind, EntryKind::File { .. }) && i as u32 != deep {
                 write_file(&s, &src, i, e);
             }
@@ -1672,13 +1705,14 @@ mod tests {
         let dest = tmp.path().join("dest");
         let s = Staging::create(tmp.path(), &dest, "w", m.clone()).unwrap();
         let big = m
-            .entries
+            .to_vec()
+            .unwrap()
             .iter()
             .position(|e| &e.path[..] == b"big")
             .unwrap() as u32;
-        let size = m.entries[big as usize].size();
+        let size = m.get(big as usize).unwrap().size();
 
-        let err = s.write_at(m.entries.len() as u32, 0, b"x").unwrap_err();
+        let err = s.write_at(m.len() as u32, 0, b"x").unwrap_err();
         assert!(matches!(err, StagingError::UnknownFile { .. }), "{err}");
         let err = s.write_at(0, 0, b"x").unwrap_err();
         assert!(matches!(err, StagingError::NotAFile { .. }), "{err}");

@@ -1,6 +1,7 @@
-//! Per-chunk tables ([`mover_protocol::table::Table`]) in unlinked files under the agent's
-//! state directory: the page cache holds what is hot, the process keeps none of it, and
-//! nothing is left behind when the process ends however it ends.
+//! Tables ([`mover_protocol::table::Table`]: per-chunk records, and the manifest's entries) in
+//! unlinked files under the agent's state directory: the page cache holds what is hot, the
+//! process keeps none of it, and nothing is left behind when the process ends however it
+//! ends.
 
 use std::fs::File;
 use std::io;
@@ -14,15 +15,17 @@ use mover_protocol::table::{MemTable, Table};
 pub(crate) struct FileTable {
     file: File,
     dir: PathBuf,
+    what: &'static str,
 }
 
 impl FileTable {
-    /// A new, empty table in `dir`.
-    pub fn create_in(dir: &Path) -> io::Result<Self> {
+    /// A new, empty table in `dir`, for `what` (named in errors).
+    pub fn create_in(dir: &Path, what: &'static str) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         Ok(Self {
             file: tempfile::tempfile_in(dir)?,
             dir: dir.to_owned(),
+            what,
         })
     }
 
@@ -32,7 +35,8 @@ impl FileTable {
         io::Error::new(
             e.kind(),
             format!(
-                "{op} the per-chunk table (an unnamed file in {}): {e}",
+                "{op} the table of {} (an unnamed file in {}): {e}",
+                self.what,
                 self.dir.display()
             ),
         )
@@ -65,7 +69,7 @@ impl Table for FileTable {
 /// A table in `dir`, or in memory (with a warning naming what failed) when no file can be
 /// made there: `what` says what the table is for.
 pub(crate) fn table_in(dir: &Path, what: &'static str) -> Box<dyn Table> {
-    match FileTable::create_in(dir) {
+    match FileTable::create_in(dir, what) {
         Ok(t) => Box::new(t),
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, what,
@@ -83,7 +87,7 @@ mod tests {
     #[test]
     fn a_file_table_reads_zeros_past_what_was_written_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
-        let t = FileTable::create_in(&dir.path().join("state")).unwrap();
+        let t = FileTable::create_in(&dir.path().join("state"), "a test").unwrap();
         t.write_at(10, &[1, 2, 3]).unwrap();
         let mut out = [9u8; 8];
         t.read_at(8, &mut out).unwrap();

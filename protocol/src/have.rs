@@ -212,7 +212,7 @@ mod tests {
         let m = crate::manifest::Manifest::from_entries(entries).unwrap();
         HaveMerge::new(
             targets,
-            ChunkIndex::new(&m, CS),
+            ChunkIndex::new(&m, CS).unwrap(),
             Box::<crate::table::MemTable>::default(),
         )
     }

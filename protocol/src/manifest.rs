@@ -1,17 +1,23 @@
 //! The manifest: what a dataset's tree holds, and the rules that confine it.
 //!
-//! A manifest is a list of entries, parents before children. Entry 0 is the dataset's root
-//! directory (empty path). Every other path is relative, `/`-separated, with no empty, `.` or
-//! `..` component, and its parent must be a directory listed earlier. That one rule keeps every
-//! write inside the staging area: no absolute path, no climbing out, and no path that passes
-//! through a symlink or a file, because only listed directories can be parents.
-//! A file's id in chunk frames is its index in the manifest.
+//! A manifest is a list of entries in the scan's order: depth-first, a directory before its
+//! contents, names in byte order. Entry 0 is the dataset's root directory (empty path). Every
+//! other path is relative, `/`-separated, with no empty, `.` or `..` component, and its parent
+//! must be a directory listed earlier. That one rule keeps every write inside the staging
+//! area: no absolute path, no climbing out, and no path that passes through a symlink or a
+//! file, because only listed directories can be parents. The order makes every check need
+//! only the chain of directories above the last entry, and lets the entries live outside the
+//! process (see [`Manifest`]). A file's id in chunk frames is its index in the manifest.
 
-use std::collections::HashSet;
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut};
 
 use crate::codec::{get_bytes16, get_i64, get_u32, get_u64, get_u8, put_bytes16, DecodeError};
+use crate::table::{MemTable, Table};
 
 /// Longest path, in bytes, that a manifest may hold (Linux's PATH_MAX).
 pub const MAX_PATH_LEN: usize = 4096;
@@ -137,6 +143,12 @@ pub enum ManifestError {
     NoParent { path: String, parent: String },
     #[error("accept manifest: path {path:?} is listed twice")]
     Duplicate { path: String },
+    #[error("accept manifest: path {path:?} comes after {after:?}; entries must be in the scan's order (depth-first, a directory before its contents, names in byte order)")]
+    OutOfOrder { path: String, after: String },
+    #[error("manifest has no entry {index} (it has {len})")]
+    NoEntry { index: u64, len: u64 },
+    #[error("manifest store: {why}")]
+    Store { why: String },
     #[error("accept manifest: the first entry must be the root directory (empty path)")]
     NoRoot,
     #[error("accept manifest: {what} is {value} but at most {max} is allowed")]
@@ -196,58 +208,279 @@ fn parent_of(p: &[u8]) -> &[u8] {
 }
 
 /// A manifest that passed every check: safe to create in a staging area.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Its entries are kept encoded in a [`Table`] (an unnamed file for an agent, memory for a
+/// test) in blocks of [`BLOCK`] entries; the process keeps one offset per block and a few
+/// decoded blocks, so a manifest of millions of files costs almost nothing in memory. Cloning
+/// is cheap and shares the entries. Reading an entry can fail only if the table cannot be
+/// read (a failing disk under the agent's state directory).
+#[derive(Clone)]
 pub struct Manifest {
-    pub entries: Vec<Entry>,
+    stored: Arc<Stored>,
+}
+
+/// Entries per stored block: one offset kept in memory for each.
+pub const BLOCK: usize = 64;
+/// Decoded blocks kept for lookups by index (each about 5 KiB).
+const CACHED_BLOCKS: usize = 16;
+
+struct Stored {
+    table: Arc<dyn Table>,
+    /// Where each block starts in the table, and where the last one ends.
+    starts: Vec<u64>,
+    len: u64,
+    total_bytes: u64,
+    file_count: u64,
+    /// Recently read blocks, most recent first.
+    cache: Mutex<VecDeque<(usize, Arc<[Entry]>)>>,
+}
+
+impl fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Manifest")
+            .field("entries", &self.stored.len)
+            .field("files", &self.stored.file_count)
+            .field("bytes", &self.stored.total_bytes)
+            .finish()
+    }
+}
+
+/// Two manifests are equal when they list the same entries (one that cannot be read equals
+/// nothing).
+impl PartialEq for Manifest {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len()
+            && self.iter().zip(other.iter()).all(|(a, b)| match (a, b) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            })
+    }
 }
 
 impl Manifest {
+    /// Validates a complete list of entries (what a test built), kept in memory.
+    pub fn from_entries(entries: Vec<Entry>) -> Result<Self, ManifestError> {
+        Self::from_entries_in(entries, Arc::new(MemTable::default()))
+    }
+
+    /// Validates a complete list of entries, kept in `table`.
+    pub fn from_entries_in(
+        entries: Vec<Entry>,
+        table: Arc<dyn Table>,
+    ) -> Result<Self, ManifestError> {
+        let mut b = ManifestBuilder::in_table(table);
+        b.push(entries)?;
+        let (len, bytes) = (b.checked, b.total_bytes);
+        b.finish(len, bytes)
+    }
+
+    /// Number of entries, the root included.
+    pub fn len(&self) -> usize {
+        self.stored.len as usize
+    }
+
+    /// Never true for a manifest that passed the checks (it has a root); for symmetry.
+    pub fn is_empty(&self) -> bool {
+        self.stored.len == 0
+    }
+
     /// Total bytes of all files.
     pub fn total_bytes(&self) -> u64 {
-        self.entries.iter().map(Entry::size).sum()
+        self.stored.total_bytes
     }
 
     pub fn file_count(&self) -> u64 {
-        self.entries
-            .iter()
-            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
-            .count() as u64
+        self.stored.file_count
     }
 
-    /// Validates a complete list of entries (what a sender scanned, or a test built), in
-    /// place: they are not copied into a second list.
-    pub fn from_entries(entries: Vec<Entry>) -> Result<Self, ManifestError> {
-        let mut b = ManifestBuilder::new();
-        b.check_count(entries.len())?;
-        for e in &entries {
-            b.check(e)?;
+    /// Entry `i`.
+    pub fn get(&self, i: usize) -> Result<Entry, ManifestError> {
+        self.with(i, Entry::clone)
+    }
+
+    /// `f` of entry `i`, without copying the entry.
+    pub fn with<R>(&self, i: usize, f: impl FnOnce(&Entry) -> R) -> Result<R, ManifestError> {
+        let (block, at) = self.block_of(i)?;
+        Ok(f(&block[at]))
+    }
+
+    /// The size of entry `i` if it is a file; `None` for a directory, a symlink, or an index
+    /// past the end.
+    pub fn file_size(&self, i: usize) -> Result<Option<u64>, ManifestError> {
+        if i >= self.len() {
+            return Ok(None);
         }
-        if entries.is_empty() {
-            return Err(ManifestError::NoRoot);
+        self.with(i, Entry::file_size)
+    }
+
+    /// The decoded block holding entry `i`, and `i`'s place in it.
+    pub fn block_of(&self, i: usize) -> Result<(Arc<[Entry]>, usize), ManifestError> {
+        if i >= self.len() {
+            return Err(ManifestError::NoEntry {
+                index: i as u64,
+                len: self.stored.len,
+            });
         }
-        b.check_unique(&entries)?;
-        Ok(Manifest { entries })
+        let b = i / BLOCK;
+        let s = &self.stored;
+        {
+            let mut cache = s.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pos) = cache.iter().position(|(n, _)| *n == b) {
+                let hit = cache.remove(pos).map(|(_, e)| e);
+                if let Some(entries) = hit {
+                    cache.push_front((b, entries.clone()));
+                    return Ok((entries, i % BLOCK));
+                }
+            }
+        }
+        let entries: Arc<[Entry]> = s.read_block(b)?.into();
+        let mut cache = s.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.push_front((b, entries.clone()));
+        cache.truncate(CACHED_BLOCKS);
+        Ok((entries, i % BLOCK))
+    }
+
+    /// The index of the entry at `path`, if there is one: a binary search, since entries are
+    /// in the scan's order.
+    pub fn position(&self, path: &[u8]) -> Result<Option<usize>, ManifestError> {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.with(mid, |e| scan_order(&e.path, path))? {
+                Ordering::Less => lo = mid + 1,
+                Ordering::Greater => hi = mid,
+                Ordering::Equal => return Ok(Some(mid)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every entry in order, read block by block (the lookup cache is left alone).
+    pub fn iter(&self) -> Entries {
+        Entries {
+            stored: self.stored.clone(),
+            next_block: 0,
+            current: Vec::new().into_iter(),
+            failed: false,
+        }
+    }
+
+    /// Every entry, in memory: for tests and small manifests only.
+    pub fn to_vec(&self) -> Result<Vec<Entry>, ManifestError> {
+        self.iter().collect()
     }
 }
 
-/// Accumulates manifest parts as they arrive, checking each entry once, with bounded memory:
-/// a part that would take the manifest past [`MAX_ENTRIES`] entries, or an entry that would
-/// take it past [`MAX_MANIFEST_BYTES`], is refused before it is stored.
-#[derive(Debug)]
+impl Stored {
+    fn read_block(&self, b: usize) -> Result<Vec<Entry>, ManifestError> {
+        let (Some(&start), Some(&end)) = (self.starts.get(b), self.starts.get(b + 1)) else {
+            return Err(ManifestError::NoEntry {
+                index: (b * BLOCK) as u64,
+                len: self.len,
+            });
+        };
+        let count = (self.len as usize - b * BLOCK).min(BLOCK);
+        // A block holds at most BLOCK entries of bounded size (checked when stored).
+        let mut bytes = vec![0u8; (end - start) as usize];
+        self.table
+            .read_at(start, &mut bytes)
+            .map_err(|e| ManifestError::Store {
+                why: format!("read entries {}..: {e}", b * BLOCK),
+            })?;
+        let mut buf = &bytes[..];
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            out.push(Entry::decode(&mut buf).map_err(|e| ManifestError::Store {
+                why: format!("entries {}.. read back damaged: {e}", b * BLOCK),
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+/// The entries of a [`Manifest`] in order; see [`Manifest::iter`]. After an error it ends.
+pub struct Entries {
+    stored: Arc<Stored>,
+    next_block: usize,
+    current: std::vec::IntoIter<Entry>,
+    failed: bool,
+}
+
+impl Iterator for Entries {
+    type Item = Result<Entry, ManifestError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.current.next() {
+                return Some(Ok(e));
+            }
+            if self.failed || self.next_block * BLOCK >= self.stored.len as usize {
+                return None;
+            }
+            match self.stored.read_block(self.next_block) {
+                Ok(v) => {
+                    self.next_block += 1;
+                    self.current = v.into_iter();
+                }
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Orders paths as the scan lists them: depth-first, a directory before what it holds,
+/// names in byte order. Comparing bytes with `/` taken as the lowest byte gives exactly that
+/// (no name holds `/` or NUL).
+fn scan_order(a: &[u8], b: &[u8]) -> Ordering {
+    let key = |c: &u8| if *c == b'/' { 0 } else { *c };
+    a.iter().map(key).cmp(b.iter().map(key))
+}
+
+/// Whether `dir` is `path` or one of the directories above it.
+fn holds(dir: &[u8], path: &[u8]) -> bool {
+    dir.is_empty() || path == dir || (path.starts_with(dir) && path.get(dir.len()) == Some(&b'/'))
+}
+
+/// Accumulates manifest parts as they arrive, checking each entry once and storing it in its
+/// table, with bounded memory: a part that would take the manifest past [`MAX_ENTRIES`]
+/// entries, or an entry that would take it past [`MAX_MANIFEST_BYTES`], is refused before it
+/// is stored.
+///
+/// Entries must come in the scan's order (see [`scan_order`]): then a path named twice is
+/// two equal neighbours, and an entry's parent, if listed, is one of the directories open
+/// above the entry before it, so the checks keep only that chain in memory.
 pub struct ManifestBuilder {
-    entries: Vec<Entry>,
-    dirs: HashSet<Vec<u8>>,
-    /// Every path but the root's, by 8 bytes of its BLAKE3 hash, in the order they came: only
-    /// to refuse a path named twice (see [`ManifestBuilder::check_unique`]), so neither a copy
-    /// of each path (most of a manifest's size) nor a hash set (over 50 bytes an entry while
-    /// it grows) is needed.
-    keys: Vec<u64>,
-    /// Entries checked so far (those of `entries`, or of a list checked in place).
+    table: Arc<dyn Table>,
+    /// Where each stored block starts.
+    starts: Vec<u64>,
+    /// The block being filled, encoded.
+    block: Vec<u8>,
+    in_block: usize,
+    /// Bytes stored in the table so far.
+    stored: u64,
+    /// The directories holding the last entry (the root first), each with its path.
+    open: Vec<Box<[u8]>>,
+    /// The last entry's path.
+    last: Box<[u8]>,
+    /// Entries checked and stored so far.
     checked: u64,
     total_bytes: u64,
+    file_count: u64,
     encoded_bytes: u64,
     max_entries: u64,
     max_encoded_bytes: u64,
+}
+
+impl fmt::Debug for ManifestBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManifestBuilder")
+            .field("entries", &self.checked)
+            .field("bytes", &self.total_bytes)
+            .finish()
+    }
 }
 
 impl Default for ManifestBuilder {
@@ -256,25 +489,30 @@ impl Default for ManifestBuilder {
     }
 }
 
-fn path_key(path: &[u8]) -> u64 {
-    let mut k = [0u8; 8];
-    k.copy_from_slice(&blake3::hash(path).as_bytes()[..8]);
-    u64::from_le_bytes(k)
-}
-
 impl ManifestBuilder {
+    /// A builder that keeps the manifest in memory.
     pub fn new() -> Self {
-        Self::with_limits(MAX_ENTRIES, MAX_MANIFEST_BYTES)
+        Self::in_table(Arc::new(MemTable::default()))
+    }
+
+    /// A builder that keeps the manifest in `table`.
+    pub fn in_table(table: Arc<dyn Table>) -> Self {
+        Self::with_limits(table, MAX_ENTRIES, MAX_MANIFEST_BYTES)
     }
 
     /// A builder with the given bounds (smaller ones let tests reach them).
-    fn with_limits(max_entries: u64, max_encoded_bytes: u64) -> Self {
+    fn with_limits(table: Arc<dyn Table>, max_entries: u64, max_encoded_bytes: u64) -> Self {
         Self {
-            entries: Vec::new(),
-            dirs: HashSet::new(),
-            keys: Vec::new(),
+            table,
+            starts: vec![0],
+            block: Vec::new(),
+            in_block: 0,
+            stored: 0,
+            open: Vec::new(),
+            last: Box::default(),
             checked: 0,
             total_bytes: 0,
+            file_count: 0,
             encoded_bytes: 0,
             max_entries,
             max_encoded_bytes,
@@ -282,19 +520,49 @@ impl ManifestBuilder {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.checked as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.checked == 0
     }
 
+    /// Checks and stores a part of the manifest.
     pub fn push(&mut self, part: Vec<Entry>) -> Result<(), ManifestError> {
         self.check_count(part.len())?;
         for e in part {
-            self.check(&e)?;
-            self.entries.push(e);
+            self.add(e)?;
         }
+        Ok(())
+    }
+
+    /// Checks and stores the next entry.
+    pub fn add(&mut self, e: Entry) -> Result<(), ManifestError> {
+        self.check_count(1)?;
+        self.check(&e)?;
+        e.encode(&mut self.block);
+        self.in_block += 1;
+        if self.in_block == BLOCK {
+            self.flush()?;
+        }
+        self.last = e.path;
+        Ok(())
+    }
+
+    /// Writes the block being filled to the table.
+    fn flush(&mut self) -> Result<(), ManifestError> {
+        if self.in_block == 0 {
+            return Ok(());
+        }
+        self.table
+            .write_at(self.stored, &self.block)
+            .map_err(|e| ManifestError::Store {
+                why: format!("store entries: {e}"),
+            })?;
+        self.stored += self.block.len() as u64;
+        self.starts.push(self.stored);
+        self.block.clear();
+        self.in_block = 0;
         Ok(())
     }
 
@@ -326,23 +594,33 @@ impl ManifestBuilder {
             if !e.path.is_empty() || !e.is_dir() {
                 return Err(ManifestError::NoRoot);
             }
-            self.dirs.insert(Vec::new());
+            self.open.push(Box::default());
             self.checked = 1;
             return Ok(());
         }
         check_path(&e.path)?;
+        match scan_order(&self.last, &e.path) {
+            Ordering::Less => {}
+            Ordering::Equal => {
+                return Err(ManifestError::Duplicate {
+                    path: display_path(&e.path),
+                })
+            }
+            Ordering::Greater => {
+                return Err(ManifestError::OutOfOrder {
+                    path: display_path(&e.path),
+                    after: display_path(&self.last),
+                })
+            }
+        }
         let parent = parent_of(&e.path);
-        if !self.dirs.contains(parent) {
+        while self.open.last().is_some_and(|d| !holds(d, parent)) {
+            self.open.pop();
+        }
+        if self.open.last().map(|d| &d[..]) != Some(parent) {
             return Err(ManifestError::NoParent {
                 path: display_path(&e.path),
                 parent: display_path(parent),
-            });
-        }
-        // A path named before as a directory is refused here; any other repeat, once the
-        // whole list is in (`check_unique`).
-        if self.dirs.contains(&e.path[..]) {
-            return Err(ManifestError::Duplicate {
-                path: display_path(&e.path),
             });
         }
         if let EntryKind::File { size } = e.kind {
@@ -361,25 +639,25 @@ impl ManifestBuilder {
                         value: u64::MAX,
                         max: u64::MAX,
                     })?;
+            self.file_count += 1;
         }
         if e.is_dir() {
-            self.dirs.insert(e.path.to_vec());
+            self.open.push(e.path.clone());
         }
-        self.keys.push(path_key(&e.path));
         self.checked += 1;
         Ok(())
     }
 
     /// Closes the manifest, checking the sender's declared totals against what arrived.
     pub fn finish(mut self, entries: u64, total_bytes: u64) -> Result<Manifest, ManifestError> {
-        if self.entries.is_empty() {
+        if self.checked == 0 {
             return Err(ManifestError::NoRoot);
         }
-        if entries != self.entries.len() as u64 {
+        if entries != self.checked {
             return Err(ManifestError::CountMismatch {
                 what: "entries",
                 declared: entries,
-                actual: self.entries.len() as u64,
+                actual: self.checked,
             });
         }
         if total_bytes != self.total_bytes {
@@ -389,38 +667,17 @@ impl ManifestBuilder {
                 actual: self.total_bytes,
             });
         }
-        let entries = std::mem::take(&mut self.entries);
-        self.check_unique(&entries)?;
-        Ok(Manifest { entries })
-    }
-
-    /// Refuses a path that `entries` (the list checked) names twice: sorts the paths' keys
-    /// and, where two agree, compares the paths themselves (two different paths agree on 8
-    /// bytes of their hashes by chance with probability 2^-64; that costs a scan of the list,
-    /// never a wrong refusal).
-    fn check_unique(&mut self, entries: &[Entry]) -> Result<(), ManifestError> {
-        self.keys.sort_unstable();
-        let mut at = 0;
-        while at + 1 < self.keys.len() {
-            let key = self.keys[at];
-            let run = self.keys[at..].iter().take_while(|k| **k == key).count();
-            if run > 1 {
-                let mut named: Vec<&[u8]> = entries
-                    .iter()
-                    .skip(1)
-                    .filter(|e| path_key(&e.path) == key)
-                    .map(|e| &e.path[..])
-                    .collect();
-                named.sort_unstable();
-                if let Some(w) = named.windows(2).find(|w| w[0] == w[1]) {
-                    return Err(ManifestError::Duplicate {
-                        path: display_path(w[0]),
-                    });
-                }
-            }
-            at += run;
-        }
-        Ok(())
+        self.flush()?;
+        Ok(Manifest {
+            stored: Arc::new(Stored {
+                table: self.table,
+                starts: self.starts,
+                len: self.checked,
+                total_bytes: self.total_bytes,
+                file_count: self.file_count,
+                cache: Mutex::new(VecDeque::new()),
+            }),
+        })
     }
 }
 
@@ -461,8 +718,8 @@ pub(crate) mod tests {
             dir(""),
             dir("a"),
             file("a/x y\nz", 5),
-            file("é", 0),
             link("l", "/etc/passwd"),
+            file("é", 0),
         ])
         .unwrap();
         assert_eq!(m.total_bytes(), 5);
@@ -498,7 +755,7 @@ pub(crate) mod tests {
     fn refuses_children_before_parents_duplicates_and_missing_root() {
         let err = Manifest::from_entries(vec![dir(""), file("a/x", 1), dir("a")]).unwrap_err();
         assert!(matches!(err, ManifestError::NoParent { .. }));
-        let err = Manifest::from_entries(vec![dir(""), file("x", 1), dir("x")]).unwrap_err();
+        let err = Manifest::from_entries(vec![dir(""), dir("x"), dir("x")]).unwrap_err();
         assert!(matches!(err, ManifestError::Duplicate { .. }));
         let err = Manifest::from_entries(vec![file("x", 1)]).unwrap_err();
         assert_eq!(err, ManifestError::NoRoot);
@@ -507,27 +764,111 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_path_named_twice_in_two_parts_is_refused_when_the_manifest_closes() {
+    fn entries_must_come_in_the_scans_order() {
+        // A directory's contents come before a sibling whose name extends its name: "a/x"
+        // before "a.b", though '.' < '/' as bytes.
+        Manifest::from_entries(vec![dir(""), dir("a"), file("a/x", 1), file("a.b", 1)]).unwrap();
+        let err = Manifest::from_entries(vec![dir(""), file("a.b", 1), dir("a")]).unwrap_err();
+        assert_eq!(
+            err,
+            ManifestError::OutOfOrder {
+                path: "a".into(),
+                after: "a.b".into()
+            }
+        );
+        let err = Manifest::from_entries(vec![dir(""), file("b", 1), file("a", 1)]).unwrap_err();
+        assert!(matches!(err, ManifestError::OutOfOrder { .. }), "{err}");
+        // A repeat that is not the entry just before breaks the order too.
+        let err =
+            Manifest::from_entries(vec![dir(""), dir("d"), file("d/x", 1), dir("d")]).unwrap_err();
+        assert!(matches!(err, ManifestError::OutOfOrder { .. }), "{err}");
+        // Down two levels and back up to the root's children.
+        let m = Manifest::from_entries(vec![
+            dir(""),
+            dir("a"),
+            dir("a/b"),
+            file("a/b/x", 1),
+            file("a/c", 1),
+            file("b", 1),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 6);
+    }
+
+    #[test]
+    fn a_path_named_twice_in_two_parts_is_refused_when_it_arrives() {
         let mut b = ManifestBuilder::new();
         b.push(vec![dir(""), dir("d"), file("d/x", 1)]).unwrap();
-        b.push(vec![file("y", 1), file("d/x", 2)]).unwrap();
-        let err = b.finish(5, 4).unwrap_err();
+        let err = b.push(vec![file("d/x", 2)]).unwrap_err();
         assert_eq!(err, ManifestError::Duplicate { path: "d/x".into() });
-        // Two different paths whose keys agree (forced here; 2^-64 by chance) are compared
-        // as paths, and pass.
-        let entries = vec![dir(""), file("a", 1), file("b", 1)];
-        let mut b = ManifestBuilder::new();
-        b.keys = vec![path_key(b"a"); 2];
-        b.check_unique(&entries).unwrap();
-        let mut b = ManifestBuilder::new();
-        b.keys = vec![path_key(b"a"); 2];
-        let err = b.check_unique(&[dir(""), file("a", 1), file("a", 1)]);
-        assert!(matches!(err, Err(ManifestError::Duplicate { .. })));
+        assert_eq!(b.len(), 3);
+    }
+
+    #[test]
+    fn entries_read_back_by_index_and_in_order_across_blocks() {
+        let mut entries = vec![dir(""), dir("d")];
+        for i in 0..(3 * BLOCK + 5) {
+            entries.push(file(&format!("d/f{i:05}"), i as u64));
+        }
+        entries.push(link("l", "d/f00001"));
+        let m = Manifest::from_entries(entries.clone()).unwrap();
+        assert_eq!(m.len(), entries.len());
+        assert_eq!(m.to_vec().unwrap(), entries);
+        assert_eq!(m.file_count(), 3 * BLOCK as u64 + 5);
+        // Lookups out of order, more blocks than the cache keeps.
+        for i in (0..entries.len()).rev().step_by(7) {
+            assert_eq!(m.get(i).unwrap(), entries[i]);
+            assert_eq!(m.file_size(i).unwrap(), entries[i].file_size());
+        }
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(m.position(&e.path).unwrap(), Some(i), "{e:?}");
+        }
+        for absent in ["a", "d/f", "d/f00001/x", "d/f99999", "m", "d.x"] {
+            assert_eq!(m.position(absent.as_bytes()).unwrap(), None, "{absent}");
+        }
+        let past = m.len();
+        assert_eq!(
+            m.get(past).unwrap_err(),
+            ManifestError::NoEntry {
+                index: past as u64,
+                len: past as u64
+            }
+        );
+        assert_eq!(m.file_size(past).unwrap(), None);
+    }
+
+    /// A table that fails every read: what a failing disk under the state directory does.
+    #[derive(Debug, Default)]
+    struct Unreadable(MemTable);
+
+    impl Table for Unreadable {
+        fn read_at(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+            Err(std::io::Error::other("injected read failure"))
+        }
+        fn write_at(&self, pos: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.write_at(pos, data)
+        }
+    }
+
+    #[test]
+    fn a_table_that_cannot_be_read_gives_an_error_not_fewer_entries() {
+        let m =
+            Manifest::from_entries_in(vec![dir(""), file("a", 1)], Arc::new(Unreadable::default()))
+                .unwrap();
+        assert_eq!(m.len(), 2);
+        let err = m.get(1).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::Store { why } if why.contains("injected")),
+            "{err}"
+        );
+        let all: Vec<_> = m.iter().collect();
+        assert_eq!(all.len(), 1, "the iteration ends after its error");
+        assert!(all[0].is_err());
     }
 
     #[test]
     fn entry_bound_refuses_the_part_that_crosses_it_before_storing_it() {
-        let mut b = ManifestBuilder::with_limits(10, u64::MAX);
+        let mut b = ManifestBuilder::with_limits(Arc::new(MemTable::default()), 10, u64::MAX);
         b.push(vec![dir("")]).unwrap();
         for i in 0..3 {
             b.push((0..3).map(|j| file(&format!("f{i}-{j}"), 1)).collect())
@@ -548,7 +889,7 @@ pub(crate) mod tests {
             assert_eq!(b.len(), 10);
         }
         // A huge part is refused from its length alone, before any entry is checked.
-        let mut b = ManifestBuilder::with_limits(10, u64::MAX);
+        let mut b = ManifestBuilder::with_limits(Arc::new(MemTable::default()), 10, u64::MAX);
         let err = b
             .push((0..11).map(|j| file(&format!("../{j}"), 1)).collect())
             .unwrap_err();
@@ -571,7 +912,7 @@ pub(crate) mod tests {
         };
         let root = dir("");
         let bound = (root.encoded_len() + 2 * big.encoded_len()) as u64;
-        let mut b = ManifestBuilder::with_limits(MAX_ENTRIES, bound);
+        let mut b = ManifestBuilder::with_limits(Arc::new(MemTable::default()), MAX_ENTRIES, bound);
         b.push(vec![root]).unwrap();
         let mut n = 0;
         let err = loop {

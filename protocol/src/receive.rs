@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::hash::{chunk_count, file_root, subtree_cv, TreeDigest};
-use crate::manifest::{display_path, EntryKind, Manifest};
+use crate::manifest::{display_path, Manifest, ManifestError};
 use crate::message::Chunk;
 use crate::table::{ChunkIndex, Hashes, MemTable, Table};
 
@@ -44,6 +44,8 @@ pub enum ChunkError {
          (the source changed it during the transfer)"
     )]
     Conflict { path: String, offset: u64 },
+    #[error("accept chunk: {0}")]
+    Manifest(#[from] ManifestError),
 }
 
 /// What to do with an admitted chunk.
@@ -169,19 +171,41 @@ struct FileTrack {
     folded: u64,
 }
 
-/// What a tracker keeps for one manifest entry: 16 bytes, and a [`FileTrack`] only while a
-/// file has chunks under way or held. A million small files copied cost 16 MB here, where a
-/// track for each cost 80.
+/// What a tracker knows of one manifest entry. Nothing is kept per entry but one bit (done
+/// or not): a file's size comes from the manifest, and a [`FileTrack`] exists only while a
+/// file has chunks under way or held. A million small files cost 125 KiB here.
 #[derive(Debug)]
-enum FileState {
+enum FileState<'a> {
     /// A directory or a symlink.
     NotFile,
     /// A file none of whose chunks has arrived, is under way or is held.
     Untouched,
-    Busy(Box<FileTrack>),
-    /// A file whose every chunk is done and every page folded, so nothing of it can change
-    /// any more: its root is in the tracker's [`Roots`].
+    Busy(&'a FileTrack),
+    /// A file whose every chunk is done and every page folded (or an empty file), so nothing
+    /// of it can change any more: its root is in the tracker's [`Roots`].
     Done,
+}
+
+/// One bit per manifest entry.
+#[derive(Debug)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(len: usize) -> Self {
+        Self(vec![0; len.div_ceil(64)])
+    }
+
+    fn get(&self, i: u32) -> bool {
+        self.0
+            .get(i as usize / 64)
+            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    fn set(&mut self, i: u32) {
+        if let Some(w) = self.0.get_mut(i as usize / 64) {
+            *w |= 1 << (i % 64);
+        }
+    }
 }
 
 /// Done files' roots, on their way into the transfer's tree digest: fed in manifest order as
@@ -361,9 +385,12 @@ impl FileTrack {
 #[derive(Debug)]
 pub struct Tracker {
     chunk_size: u32,
-    /// Indexed by manifest entry.
-    files: Vec<FileState>,
-    /// For the paths in error messages.
+    /// Files with chunks under way or held, by manifest index.
+    busy: BTreeMap<u32, Box<FileTrack>>,
+    /// Files done (see [`FileState::Done`]), by manifest index; an empty file is done from
+    /// the start, without its bit.
+    done: Bits,
+    /// Sizes, and paths for error messages.
     manifest: Arc<Manifest>,
     missing_chunks: u64,
     bytes_done: u64,
@@ -378,44 +405,44 @@ pub struct Tracker {
 type HeldOf<'a> = dyn Fn(u64) -> Option<[u8; 32]> + 'a;
 
 impl Tracker {
-    pub fn new(manifest: impl Into<Arc<Manifest>>, chunk_size: u32) -> Self {
+    /// A tracker for `manifest`, with every file missing. Reads the manifest through once.
+    pub fn new(manifest: impl Into<Arc<Manifest>>, chunk_size: u32) -> Result<Self, ManifestError> {
         let manifest = manifest.into();
-        let mut missing_chunks = 0;
+        let index = ChunkIndex::new(&manifest, chunk_size)?;
         let mut files_done = 0;
-        let files = manifest
-            .entries
-            .iter()
-            .map(|e| match e.kind {
-                EntryKind::File { size } => {
-                    let n = chunk_count(size, chunk_size);
-                    missing_chunks += n;
-                    files_done += u64::from(n == 0);
-                    if n == 0 {
-                        FileState::Done
-                    } else {
-                        FileState::Untouched
-                    }
-                }
-                _ => FileState::NotFile,
-            })
-            .collect();
-        let hashes = Hashes::new(
-            ChunkIndex::new(&manifest, chunk_size),
-            Arc::new(MemTable::default()),
-        );
+        for e in manifest.iter() {
+            files_done += u64::from(e?.file_size() == Some(0));
+        }
         let mut t = Self {
             chunk_size,
-            files,
+            busy: BTreeMap::new(),
+            done: Bits::new(manifest.len()),
+            missing_chunks: index.total(),
+            hashes: Hashes::new(index, Arc::new(MemTable::default())),
             manifest,
-            missing_chunks,
             bytes_done: 0,
             files_done,
             held_bytes: 0,
-            hashes,
             roots: Roots::default(),
         };
         t.feed_roots();
-        t
+        Ok(t)
+    }
+
+    /// What the tracker knows of entry `file`; `None` past the manifest's end.
+    fn state(&self, file: u32) -> Option<FileState<'_>> {
+        if let Some(t) = self.busy.get(&file) {
+            return Some(FileState::Busy(t));
+        }
+        if file as usize >= self.manifest.len() {
+            return None;
+        }
+        Some(match self.size_of(file) {
+            None => FileState::NotFile,
+            Some(0) => FileState::Done,
+            Some(_) if self.done.get(file) => FileState::Done,
+            Some(_) => FileState::Untouched,
+        })
     }
 
     /// The root of a file that is done: an empty file's, or the one waiting in `roots`.
@@ -431,7 +458,7 @@ impl Tracker {
     fn feed_roots(&mut self) {
         loop {
             let next = self.roots.next;
-            match self.files.get(next as usize) {
+            match self.state(next) {
                 Some(FileState::NotFile) => {}
                 Some(FileState::Done) => {
                     let Some(root) = self.done_root(next) else {
@@ -460,17 +487,20 @@ impl Tracker {
     }
 
     fn path(&self, file: u32) -> String {
-        display_path(&self.manifest.entries[file as usize].path)
+        self.manifest
+            .with(file as usize, |e| display_path(&e.path))
+            .unwrap_or_else(|e| format!("entry {file} ({e})"))
     }
 
-    /// The size of `file`, if it is a file.
+    /// The size of `file`, if it is a file (and the manifest can be read: [`Tracker::admit`]
+    /// refuses every chunk with the error if it cannot).
     fn size_of(&self, file: u32) -> Option<u64> {
-        self.manifest.entries.get(file as usize)?.file_size()
+        self.manifest.file_size(file as usize).ok().flatten()
     }
 
     /// The slot of chunk `idx` of `file`, if it is a file.
     fn slot(&self, file: u32, idx: u64) -> Option<Slot> {
-        match self.files.get(file as usize)? {
+        match self.state(file)? {
             FileState::NotFile => None,
             FileState::Untouched => Some(Slot::Missing),
             FileState::Busy(t) => Some(t.slot(idx)),
@@ -481,30 +511,29 @@ impl Tracker {
     /// `file`'s track, made for a file that had none. `None` for what is not a file, and for
     /// a file done (nothing of it changes any more).
     fn track_mut(&mut self, file: u32) -> Option<&mut FileTrack> {
-        let chunks = chunk_count(self.size_of(file)?, self.chunk_size);
-        let state = self.files.get_mut(file as usize)?;
-        if matches!(state, FileState::Untouched) {
-            *state = FileState::Busy(Box::new(FileTrack::new(chunks)));
+        if !self.busy.contains_key(&file) {
+            let chunks = chunk_count(self.size_of(file)?, self.chunk_size);
+            if chunks == 0 || self.done.get(file) {
+                return None;
+            }
+            self.busy.insert(file, Box::new(FileTrack::new(chunks)));
         }
-        match state {
-            FileState::Busy(t) => Some(t),
-            _ => None,
-        }
+        self.busy.get_mut(&file).map(|t| &mut **t)
     }
 
     /// After a change to `file`'s track: a file whose every page folded keeps only its root,
     /// and one that keeps nothing is untouched again.
     fn tidy(&mut self, file: u32) {
-        let Some(state) = self.files.get_mut(file as usize) else {
+        let Some(t) = self.busy.get(&file) else {
             return;
         };
-        let FileState::Busy(t) = state else { return };
         if let Some(root) = t.folded_root() {
-            *state = FileState::Done;
+            self.busy.remove(&file);
+            self.done.set(file);
             self.roots.waiting.insert(file, root);
             self.feed_roots();
         } else if t.pages.is_empty() && t.missing == t.chunks {
-            *state = FileState::Untouched;
+            self.busy.remove(&file);
         }
     }
 
@@ -519,15 +548,14 @@ impl Tracker {
     /// here, marks it as being processed.
     pub fn admit(&mut self, c: &Chunk) -> Result<Admit, ChunkError> {
         let chunk_size = u64::from(self.chunk_size);
-        let size = match self.files.get(c.file as usize) {
-            None => return Err(ChunkError::UnknownFile { file: c.file }),
-            Some(FileState::NotFile) => {
-                return Err(ChunkError::NotAFile {
-                    file: c.file,
-                    path: self.path(c.file),
-                })
-            }
-            Some(_) => self.size_of(c.file).unwrap_or(0),
+        if c.file as usize >= self.manifest.len() {
+            return Err(ChunkError::UnknownFile { file: c.file });
+        }
+        let Some(size) = self.manifest.file_size(c.file as usize)? else {
+            return Err(ChunkError::NotAFile {
+                file: c.file,
+                path: self.path(c.file),
+            });
         };
         if c.offset % chunk_size != 0 || c.offset >= size {
             return Err(ChunkError::BadOffset {
@@ -718,9 +746,9 @@ impl Tracker {
     pub fn held_from(&self, from: (u32, u64), max: usize) -> Vec<(u32, u64, [u8; 32])> {
         let cs = u64::from(self.chunk_size);
         let mut out = Vec::new();
-        for (i, t) in self.files.iter().enumerate().skip(from.0 as usize) {
-            // Only a file with a track can hold chunks.
-            let FileState::Busy(t) = t else { continue };
+        // Only a file with a track can hold chunks.
+        for (&i, t) in self.busy.range(from.0..) {
+            let i = i as usize;
             if t.pages.is_empty() {
                 continue;
             }
@@ -756,20 +784,23 @@ impl Tracker {
     pub fn missing(&self, max: usize) -> Vec<(u32, u64)> {
         let cs = u64::from(self.chunk_size);
         let mut out = Vec::new();
-        for (i, t) in self.files.iter().enumerate() {
-            let t = match t {
-                FileState::Busy(t) => t,
-                FileState::Untouched => {
-                    let chunks = chunk_count(self.size_of(i as u32).unwrap_or(0), self.chunk_size);
+        for i in 0..self.manifest.len() as u32 {
+            if self.done.get(i) {
+                continue;
+            }
+            let t = match self.state(i) {
+                Some(FileState::Busy(t)) => t,
+                Some(FileState::Untouched) => {
+                    let chunks = chunk_count(self.size_of(i).unwrap_or(0), self.chunk_size);
                     for idx in 0..chunks {
                         if out.len() >= max {
                             return out;
                         }
-                        out.push((i as u32, idx * cs));
+                        out.push((i, idx * cs));
                     }
                     continue;
                 }
-                FileState::NotFile | FileState::Done => continue,
+                _ => continue,
             };
             if t.missing == 0 {
                 continue;
@@ -790,7 +821,7 @@ impl Tracker {
                         None => held >> at & 1 == 0,
                     };
                     if missing {
-                        out.push((i as u32, (page * PAGE + at as u64) * cs));
+                        out.push((i, (page * PAGE + at as u64) * cs));
                     }
                 }
             }
@@ -822,9 +853,8 @@ impl Tracker {
         // The roots fed so far, then those of the files past them: done ones waiting, and
         // complete ones that still hold chunks from before (not read back).
         let mut digest = self.roots.digest.clone();
-        for (i, f) in self.files.iter().enumerate().skip(self.roots.next as usize) {
-            let i = i as u32;
-            let root = match f {
+        for i in self.roots.next..self.manifest.len() as u32 {
+            let root = match self.state(i)? {
                 FileState::NotFile => continue,
                 FileState::Done => self.done_root(i)?,
                 FileState::Busy(t) => t.root(&self.held_of(i))?,
@@ -842,6 +872,7 @@ mod tests {
     use super::*;
     use crate::hash::{chunk_hash, file_root};
     use crate::manifest::tests::{dir, file};
+    use crate::manifest::EntryKind;
     use crate::message::Encoding;
 
     fn chunk(file: u32, offset: u64, raw_len: u32) -> Chunk {
@@ -858,8 +889,8 @@ mod tests {
     #[test]
     fn tracks_chunks_to_completion_and_roots() {
         let m =
-            Manifest::from_entries(vec![dir(""), file("a", 5000), file("e", 0), dir("d")]).unwrap();
-        let mut t = Tracker::new(m.clone(), 4096);
+            Manifest::from_entries(vec![dir(""), file("a", 5000), file("c", 0), dir("d")]).unwrap();
+        let mut t = Tracker::new(m.clone(), 4096).unwrap();
         assert_eq!(t.missing_chunks(), 2);
         assert_eq!(t.files_done(), 1, "the empty file is done from the start");
         let data = vec![9u8; 5000];
@@ -890,7 +921,7 @@ mod tests {
             chunk_hash(&data[..4096], 0, 5000),
             chunk_hash(&data[4096..], 4096, 5000),
         );
-        let mut t = Tracker::new(m.clone(), 4096);
+        let mut t = Tracker::new(m.clone(), 4096).unwrap();
         assert!(t.held(1, 0, h0));
         assert!(!t.held(1, 0, h0), "held twice");
         assert!(!t.held(1, 100, h0), "not a chunk boundary");
@@ -945,9 +976,11 @@ mod tests {
         };
         let m = Manifest::from_entries(vec![dir(""), file("a", 10), file("f", size)]).unwrap();
         let table = Arc::new(MemTable::default());
-        let mut t = Tracker::new(m.clone(), CS as u32).with_table(table.clone());
+        let mut t = Tracker::new(m.clone(), CS as u32)
+            .unwrap()
+            .with_table(table.clone());
         // A hash the caller put in the table itself, and hashes given to `held`.
-        Hashes::new(ChunkIndex::new(&m, CS as u32), table)
+        Hashes::new(ChunkIndex::new(&m, CS as u32).unwrap(), table)
             .put(2, 0, &hash_at(0))
             .unwrap();
         assert!(t.held_in_table(2, 0));
@@ -1019,7 +1052,7 @@ mod tests {
         // Regression: a finished file's slots used to be dropped, so a chunk sent again was
         // admitted as new and the missing count underflowed.
         let m = Manifest::from_entries(vec![dir(""), file("a", 4096)]).unwrap();
-        let mut t = Tracker::new(m.clone(), 4096);
+        let mut t = Tracker::new(m.clone(), 4096).unwrap();
         let c = with_hash(chunk(1, 0, 4096), [3; 32]);
         t.admit(&c).unwrap();
         t.verified(1, 0, c.hash);
@@ -1033,7 +1066,7 @@ mod tests {
     #[test]
     fn refuses_chunks_that_break_the_manifest() {
         let m = Manifest::from_entries(vec![dir(""), file("a", 5000), dir("d")]).unwrap();
-        let mut t = Tracker::new(m.clone(), 4096);
+        let mut t = Tracker::new(m.clone(), 4096).unwrap();
         assert!(matches!(
             t.admit(&chunk(9, 0, 4096)),
             Err(ChunkError::UnknownFile { .. })
@@ -1070,22 +1103,22 @@ mod tests {
     #[test]
     fn a_file_keeps_a_track_only_while_chunks_of_it_are_under_way_or_held() {
         let m = Manifest::from_entries(vec![dir(""), file("a", 100), file("b", 5000)]).unwrap();
-        let mut t = Tracker::new(m, 4096);
-        assert!(matches!(t.files[0], FileState::NotFile));
-        assert!(matches!(t.files[1], FileState::Untouched));
+        let mut t = Tracker::new(m, 4096).unwrap();
+        assert!(matches!(t.state(0).unwrap(), FileState::NotFile));
+        assert!(matches!(t.state(1).unwrap(), FileState::Untouched));
         let a = with_hash(chunk(1, 0, 100), [1; 32]);
         assert_eq!(t.admit(&a), Ok(Admit::Write));
-        assert!(matches!(t.files[1], FileState::Busy(_)));
+        assert!(matches!(t.state(1).unwrap(), FileState::Busy(_)));
         t.failed(1, 0);
         assert!(
-            matches!(t.files[1], FileState::Untouched),
+            matches!(t.state(1).unwrap(), FileState::Untouched),
             "nothing is kept once the chunk failed"
         );
         assert_eq!(t.missing(10), vec![(1, 0), (2, 0), (2, 4096)]);
         assert_eq!(t.missing(2), vec![(1, 0), (2, 0)]);
         t.admit(&a).unwrap();
         t.verified(1, 0, a.hash);
-        assert!(matches!(t.files[1], FileState::Done));
+        assert!(matches!(t.state(1).unwrap(), FileState::Done));
         assert_eq!(t.roots.next, 2, "its root went into the digest at once");
         assert!(t.roots.waiting.is_empty());
         assert_eq!(t.admit(&a), Ok(Admit::Skip), "sent again for another node");
@@ -1098,10 +1131,10 @@ mod tests {
         assert_eq!(t.admit(&tail), Ok(Admit::Write));
         t.verified(2, 4096, tail.hash);
         assert!(t.is_complete());
-        assert!(matches!(t.files[2], FileState::Busy(_)));
+        assert!(matches!(t.state(2).unwrap(), FileState::Busy(_)));
         assert_eq!(t.held_from((0, 0), 10), vec![(2, 0, [2; 32])]);
         assert!(t.confirm(2, 0, [2; 32]));
-        assert!(matches!(t.files[2], FileState::Done));
+        assert!(matches!(t.state(2).unwrap(), FileState::Done));
         assert!(t.held_from((0, 0), 10).is_empty());
         let want = crate::hash::tree_digest([
             (1, &file_root(&[[1; 32]])),
@@ -1115,13 +1148,13 @@ mod tests {
         let m = Manifest::from_entries(vec![
             dir(""),
             file("a", 10),
-            file("empty", 0),
+            file("c-empty", 0),
             dir("d"),
             file("d/b", 20),
             file("d/c", 30),
         ])
         .unwrap();
-        let mut t = Tracker::new(m, 4096);
+        let mut t = Tracker::new(m, 4096).unwrap();
         assert_eq!(t.roots.next, 1, "the root directory is passed at once");
         let done = |t: &mut Tracker, file: u32, len: u32, h: u8| {
             let c = with_hash(chunk(file, 0, len), [h; 32]);
@@ -1158,7 +1191,7 @@ mod tests {
     }
 
     fn tracked(t: &Tracker, file: u32) -> &FileTrack {
-        match &t.files[file as usize] {
+        match t.state(file).unwrap() {
             FileState::Busy(f) => f,
             other => panic!("file {file} has no track: {other:?}"),
         }
@@ -1178,7 +1211,7 @@ mod tests {
                 };
                 let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
                 let m = Manifest::from_entries(vec![dir(""), file("f", size as u64)]).unwrap();
-                let mut t = Tracker::new(m.clone(), CS as u32);
+                let mut t = Tracker::new(m.clone(), CS as u32).unwrap();
                 let hash_at = |idx: u64| {
                     let at = idx as usize * CS;
                     let end = (at + CS).min(size);
@@ -1209,7 +1242,7 @@ mod tests {
                 // Pages are folded unless they keep a chunk held from before (which the final
                 // read-back checks by its own hash).
                 // A file all of whose pages folded keeps its root alone.
-                let f = match &t.files[1] {
+                let f = match t.state(1).unwrap() {
                     FileState::Busy(f) => Some(f),
                     FileState::Done => None,
                     other => panic!("{other:?}"),
@@ -1231,7 +1264,7 @@ mod tests {
         let chunks = 5 * PAGE + 3;
         let size = chunks * CS;
         let m = Manifest::from_entries(vec![dir(""), file("f", size)]).unwrap();
-        let mut t = Tracker::new(m.clone(), CS as u32);
+        let mut t = Tracker::new(m.clone(), CS as u32).unwrap();
         let hash = |idx: u64| {
             let mut h = [0u8; 32];
             h[..8].copy_from_slice(&idx.to_le_bytes());
@@ -1476,12 +1509,11 @@ mod tests {
                 entries.push(file(&format!("f{i}"), *size));
             }
             let m = Manifest::from_entries(entries).expect("a valid manifest");
-            let mut t = Tracker::new(m.clone(), CS as u32);
+            let mut t = Tracker::new(m.clone(), CS as u32).unwrap();
             let mut model = Model {
                 files: m
-                    .entries
                     .iter()
-                    .map(|e| match e.kind {
+                    .map(|e| match e.unwrap().kind {
                         EntryKind::File { size } => {
                             Some((size, vec![M::Missing; size.div_ceil(CS) as usize]))
                         }
@@ -1492,7 +1524,7 @@ mod tests {
             model.check(&t)?;
             // Entry 1 is a directory; 2.. are the files (entry ids past the end are unknown).
             for op in ops {
-                let file_of = |f: usize| (f + 1).min(m.entries.len());
+                let file_of = |f: usize| (f + 1).min(m.len());
                 match op {
                     Op::Send {
                         file: f,

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use crate::hash::chunk_count;
-use crate::manifest::{EntryKind, Manifest};
+use crate::manifest::{EntryKind, Manifest, ManifestError, BLOCK};
 
 /// Bytes at positions, as a file gives them. Bytes never written read as zeros.
 pub trait Table: Send + Sync + fmt::Debug {
@@ -51,29 +51,35 @@ impl Table for MemTable {
 }
 
 /// Each chunk's index in the whole manifest: the chunks of entry 0, then of entry 1, and so
-/// on (entries that are not files have none). Eight bytes per manifest entry.
+/// on (entries that are not files have none). Eight bytes per block of the manifest's
+/// entries ([`BLOCK`]); a file's first chunk adds up the sizes before it in its block.
 #[derive(Debug, Clone)]
 pub struct ChunkIndex {
     chunk_size: u64,
-    /// The index of each entry's first chunk, and the total after the last.
+    manifest: Manifest,
+    /// The index of each block's first chunk, and the total after the last.
     first: Vec<u64>,
 }
 
 impl ChunkIndex {
-    pub fn new(manifest: &Manifest, chunk_size: u32) -> Self {
-        let mut first = Vec::with_capacity(manifest.entries.len() + 1);
+    /// Reads `manifest` through once.
+    pub fn new(manifest: &Manifest, chunk_size: u32) -> Result<Self, ManifestError> {
+        let mut first = Vec::with_capacity(manifest.len().div_ceil(BLOCK) + 1);
         let mut next = 0u64;
-        for e in &manifest.entries {
-            first.push(next);
-            if let EntryKind::File { size } = e.kind {
+        for (i, e) in manifest.iter().enumerate() {
+            if i % BLOCK == 0 {
+                first.push(next);
+            }
+            if let EntryKind::File { size } = e?.kind {
                 next = next.saturating_add(chunk_count(size, chunk_size));
             }
         }
         first.push(next);
-        Self {
+        Ok(Self {
             chunk_size: u64::from(chunk_size.max(1)),
+            manifest: manifest.clone(),
             first,
-        }
+        })
     }
 
     /// The index of the chunk of `file` at `offset`; `None` unless `offset` is the start of a
@@ -87,13 +93,21 @@ impl ChunkIndex {
         (i < range.end).then_some(i)
     }
 
-    /// The indices of `file`'s chunks (empty for an entry that is not a file, or none at all).
+    /// The indices of `file`'s chunks (empty for an entry that is not a file, none at all,
+    /// or one the manifest cannot read back).
     pub fn chunks_of(&self, file: u32) -> Range<u64> {
         let f = file as usize;
-        match (self.first.get(f), self.first.get(f + 1)) {
-            (Some(&a), Some(&b)) => a..b,
-            _ => 0..0,
-        }
+        let (Ok((block, at)), Some(&start)) =
+            (self.manifest.block_of(f), self.first.get(f / BLOCK))
+        else {
+            return 0..0;
+        };
+        let chunks =
+            |e: &crate::manifest::Entry| e.file_size().map_or(0, |s| s.div_ceil(self.chunk_size));
+        let a = block[..at]
+            .iter()
+            .fold(start, |acc, e| acc.saturating_add(chunks(e)));
+        a..a.saturating_add(chunks(&block[at]))
     }
 
     /// Chunks in the whole manifest.
@@ -164,7 +178,7 @@ mod tests {
             file("d/f", 4096),
         ])
         .unwrap();
-        let ix = ChunkIndex::new(&m, 4096);
+        let ix = ChunkIndex::new(&m, 4096).unwrap();
         assert_eq!(ix.total(), 4);
         assert_eq!(ix.chunks_of(1), 0..3);
         assert_eq!(ix.chunks_of(2), 3..3);
@@ -185,7 +199,7 @@ mod tests {
     fn hashes_go_to_their_chunk_s_place_and_only_chunks_have_one() {
         let m = Manifest::from_entries(vec![dir(""), file("a", 10_000), file("b", 4096)]).unwrap();
         let table = Arc::new(MemTable::default());
-        let h = Hashes::new(ChunkIndex::new(&m, 4096), table.clone());
+        let h = Hashes::new(ChunkIndex::new(&m, 4096).unwrap(), table.clone());
         h.put(2, 0, &[7; 32]).unwrap();
         h.put(1, 4096, &[5; 32]).unwrap();
         assert_eq!(h.get(2, 0), Some([7; 32]));

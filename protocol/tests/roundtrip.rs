@@ -624,9 +624,17 @@ fn confinement_violation(entries: &[Entry]) -> Option<String> {
     }
     let mut dirs: HashSet<&[u8]> = HashSet::from([&b""[..]]);
     let mut seen: HashSet<&[u8]> = HashSet::from([&b""[..]]);
+    let mut last: Vec<&[u8]> = Vec::new();
     for e in rest {
         let p = &e.path[..];
         let show = String::from_utf8_lossy(p);
+        // The scan's order: path components compared one by one, so a directory's contents
+        // come right after it.
+        let comps: Vec<&[u8]> = p.split(|&b| b == b'/').collect();
+        if comps < last {
+            return Some(format!("{show:?} is out of the scan's order"));
+        }
+        last = comps;
         if p.is_empty() || p.len() > MAX_PATH_LEN || p[0] == b'/' || p.contains(&0) {
             return Some(format!("bad path {show:?}"));
         }
@@ -659,8 +667,9 @@ fn confinement_violation(entries: &[Entry]) -> Option<String> {
 }
 
 fn check_confined(m: &Manifest) -> TestCaseResult {
-    prop_assert!(!m.entries.is_empty(), "accepted an empty manifest");
-    if let Some(why) = confinement_violation(&m.entries) {
+    prop_assert!(!m.is_empty(), "accepted an empty manifest");
+    if let Some(why) = confinement_violation(&m.to_vec().expect("a manifest in memory reads back"))
+    {
         prop_assert!(false, "accepted a manifest that breaks confinement: {why}");
     }
     Ok(())
@@ -1164,6 +1173,12 @@ fn tree() -> impl Strategy<Value = Vec<Entry>> {
                 ..root()
             });
         }
+        // In the scan's order, as a sender lists them.
+        entries[1..].sort_by(|a, b| {
+            a.path
+                .split(|&c| c == b'/')
+                .cmp(b.path.split(|&c| c == b'/'))
+        });
         entries
     })
 }
@@ -1283,7 +1298,7 @@ proptest! {
         match result {
             Ok(m) => {
                 check_confined(&m)?;
-                prop_assert_eq!(&m.entries, &entries);
+                prop_assert_eq!(&m.to_vec().expect("a manifest in memory reads back"), &entries);
                 prop_assert_eq!(m.total_bytes(), total);
             }
             Err(e) => prop_assert!(
@@ -1454,7 +1469,7 @@ fn tracker_for_a_petabyte_file() {
     // A hostile manifest of two entries: either refused, or tracked without reserving a slot
     // per declared chunk (2^34 slots of 33 bytes, 544 GiB, at 64 KiB chunks).
     if let Ok(m) = Manifest::from_entries(entries) {
-        let t = Tracker::new(m, MIN_CHUNK_SIZE);
+        let t = Tracker::new(m, MIN_CHUNK_SIZE).unwrap();
         assert_eq!(
             t.missing_chunks(),
             MAX_FILE_SIZE / u64::from(MIN_CHUNK_SIZE)

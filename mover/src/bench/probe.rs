@@ -206,9 +206,8 @@ struct DataFile {
 /// Scans `root` and lists its regular files in the order a transfer sends them.
 fn files_of(root: &Path) -> Result<(Vec<DataFile>, u64), String> {
     let scan = crate::scan::scan(root).map_err(|e| e.to_string())?;
-    let files = scan
-        .manifest
-        .entries
+    let entries = scan.manifest.to_vec().map_err(|e| e.to_string())?;
+    let files = entries
         .iter()
         .filter_map(|e| match e.kind {
             EntryKind::File { size } => Some(DataFile {
