@@ -340,10 +340,12 @@ impl Bits {
 /// What seeding found.
 #[derive(Debug)]
 pub(crate) struct Seeded {
-    /// Per file, in manifest order, which chunks are held: a bit per chunk of the file. Their
-    /// hashes are in `hashes`, so that on a reseed onto an older copy (where nearly every
-    /// chunk is held) the process keeps one bit per chunk.
-    pub files: Vec<(u32, Bits)>,
+    /// Which chunks are held: a bit per chunk of the manifest, at its [`ChunkIndex`] place.
+    /// Their hashes are in `hashes`, so that on a reseed onto an older copy (where nearly
+    /// every chunk is held) the process keeps one bit per chunk, and nothing per file.
+    held: Bits,
+    /// Entries in the manifest.
+    entries: usize,
     pub hashes: Hashes,
     /// Chunks kept from an interrupted run.
     pub resumed: u64,
@@ -357,23 +359,24 @@ impl Seeded {
     /// Every chunk held, by file and offset, with its hash from `hashes`. A chunk whose hash
     /// cannot be read back is left out: it is then not held, and the source sends it.
     pub fn held(&self) -> impl Iterator<Item = Held> + '_ {
-        let cs = self.hashes.index().chunk_size();
-        self.files.iter().flat_map(move |(file, bits)| {
-            bits.iter().filter_map(move |i| {
-                let offset = i * cs;
-                let hash = self.hashes.get(*file, offset)?;
-                Some(Held {
-                    file: *file,
-                    offset,
-                    hash,
+        let index = self.hashes.index();
+        let cs = index.chunk_size();
+        (0..self.entries as u32)
+            .filter(move |_| self.held.count() > 0)
+            .flat_map(move |file| {
+                let chunks = index.chunks_of(file);
+                let first = chunks.start;
+                chunks.filter(|&c| self.held.get(c)).filter_map(move |c| {
+                    let offset = (c - first) * cs;
+                    let hash = self.hashes.get(file, offset)?;
+                    Some(Held { file, offset, hash })
                 })
             })
-        })
     }
 
     /// Chunks held.
     pub fn count(&self) -> u64 {
-        self.files.iter().map(|(_, b)| b.count()).sum()
+        self.held.count()
     }
 }
 
@@ -401,7 +404,7 @@ pub(crate) fn seed(
     // Threads take the manifest's entries in turn, by index.
     let manifest = staging.manifest();
     let next = AtomicUsize::new(0);
-    let held = Mutex::new(Vec::new());
+    let held = Mutex::new(Bits::with_len(index.total()));
     let (resumed, reused, damaged) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let failure: Mutex<Option<StagingError>> = Mutex::new(None);
     std::thread::scope(|s| {
@@ -444,11 +447,11 @@ pub(crate) fn seed(
                     resumed.fetch_add(job.held.count() - job.reused, Ordering::Relaxed);
                     reused.fetch_add(job.reused, Ordering::Relaxed);
                     damaged.fetch_add(job.damaged, Ordering::Relaxed);
-                    let chunks = std::mem::take(&mut job.held);
-                    if chunks.count() > 0 {
-                        held.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((file, chunks));
+                    if job.held.count() > 0 {
+                        let mut all = held.lock().unwrap_or_else(|p| p.into_inner());
+                        for i in job.held.iter() {
+                            all.set(job.first + i);
+                        }
                     }
                     if let Err(e) = result {
                         failure
@@ -464,10 +467,9 @@ pub(crate) fn seed(
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let mut files = held.into_inner().unwrap_or_else(|p| p.into_inner());
-    files.sort_unstable_by_key(|&(file, _)| file);
     Ok(Seeded {
-        files,
+        held: held.into_inner().unwrap_or_else(|p| p.into_inner()),
+        entries: manifest.len(),
         hashes,
         resumed: resumed.into_inner(),
         reused: reused.into_inner(),
