@@ -154,14 +154,45 @@ pub fn source_path(root: &Path, entry: &Entry) -> PathBuf {
     }
 }
 
-/// The names in `dir`, in descending byte order (the walk pops from the end).
-fn sorted_children(dir: &Path) -> Result<Vec<Vec<u8>>, ScanError> {
-    let mut names = Vec::new();
+/// A directory's names, to be visited in byte order. They are kept in one buffer, each
+/// ended by a NUL (which no name holds), with an offset per name: about 30 bytes a name
+/// rather than 60 with a `Vec` each, which counts while the walk is in a directory of a
+/// million tables.
+struct Names {
+    buf: Vec<u8>,
+    /// Where each name starts in `buf`, in descending order of the names (`pop` takes the
+    /// smallest).
+    order: Vec<usize>,
+}
+
+impl Names {
+    fn name_at(buf: &[u8], at: usize) -> &[u8] {
+        let rest = &buf[at..];
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    }
+
+    fn pop(&mut self) -> Option<Vec<u8>> {
+        let at = self.order.pop()?;
+        Some(Self::name_at(&self.buf, at).to_vec())
+    }
+}
+
+/// The names in `dir`, ready to be visited in ascending byte order.
+fn sorted_children(dir: &Path) -> Result<Names, ScanError> {
+    let mut names = Names {
+        buf: Vec::new(),
+        order: Vec::new(),
+    };
     for item in fs::read_dir(dir).map_err(|e| ScanError::from_io(dir, e))? {
         let item = item.map_err(|e| ScanError::from_io(dir, e))?;
-        names.push(item.file_name().into_vec());
+        names.order.push(names.buf.len());
+        names.buf.extend_from_slice(item.file_name().as_bytes());
+        names.buf.push(0);
     }
-    names.sort_unstable_by(|a, b| b.cmp(a));
+    let buf = &names.buf;
+    names
+        .order
+        .sort_unstable_by(|&a, &b| Names::name_at(buf, b).cmp(Names::name_at(buf, a)));
     Ok(names)
 }
 
