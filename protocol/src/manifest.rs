@@ -134,7 +134,8 @@ impl Entry {
     }
 }
 
-/// Why a manifest was refused. The peer sent it, so retrying will not help.
+/// Why a manifest was refused (the peer sent it, so retrying will not help), or why an entry
+/// of an accepted one could not be read back (`NoEntry`, `Store`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
     #[error("accept manifest: path {path:?} is not allowed: {why}")]

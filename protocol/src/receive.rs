@@ -171,9 +171,10 @@ struct FileTrack {
     folded: u64,
 }
 
-/// What a tracker knows of one manifest entry. Nothing is kept per entry but one bit (done
-/// or not): a file's size comes from the manifest, and a [`FileTrack`] exists only while a
-/// file has chunks under way or held. A million small files cost 125 KiB here.
+/// What a tracker knows of one manifest entry. Nothing is kept per entry but two bits (done,
+/// wholly held): a file's size comes from the manifest, and a [`FileTrack`] exists only while a
+/// file has chunks under way or held (but for a small file wholly held). A million
+/// small files cost 250 KiB here.
 #[derive(Debug)]
 enum FileState<'a> {
     /// A directory or a symlink.
@@ -181,6 +182,10 @@ enum FileState<'a> {
     /// A file none of whose chunks has arrived, is under way or is held.
     Untouched,
     Busy(&'a FileTrack),
+    /// A file of one page whose every chunk is held from before, and nothing else: on a
+    /// reseed of many small files onto an older copy that is nearly every file, so it costs
+    /// a bit rather than a track until the read-back confirms it.
+    Held,
     /// A file whose every chunk is done and every page folded (or an empty file), so nothing
     /// of it can change any more: its root is in the tracker's [`Roots`].
     Done,
@@ -206,6 +211,25 @@ impl Bits {
             *w |= 1 << (i % 64);
         }
     }
+
+    fn clear(&mut self, i: u32) {
+        if let Some(w) = self.0.get_mut(i as usize / 64) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    /// The first set bit at or after `from`.
+    fn next_set(&self, from: u32) -> Option<u32> {
+        let mut w = from as usize / 64;
+        let mut word = self.0.get(w)? & (!0u64 << (from % 64));
+        loop {
+            if word != 0 {
+                return Some((w * 64) as u32 + word.trailing_zeros());
+            }
+            w += 1;
+            word = *self.0.get(w)?;
+        }
+    }
 }
 
 /// Done files' roots, on their way into the transfer's tree digest: fed in manifest order as
@@ -215,11 +239,32 @@ struct Roots {
     /// Every entry before this one is a file whose root is in `digest`, or not a file.
     next: u32,
     digest: TreeDigest,
-    /// Roots of files done past `next`.
+    /// Roots of files done past `next`, the first [`WAITING_IN_MEMORY`] of them; the others
+    /// are in the tracker's table (see [`Tracker::keep_root`]).
     waiting: BTreeMap<u32, [u8; 32]>,
 }
 
+/// Roots kept in memory while they wait for an earlier file: one file that stays incomplete
+/// (damaged on disk, say, and fetched again at the end) makes every later root wait, so
+/// past these they go to the tracker's table.
+const WAITING_IN_MEMORY: usize = 4096;
+
 impl FileTrack {
+    /// The track of a file of one page whose every chunk is held.
+    fn all_held(chunks: u64) -> Self {
+        let mut t = Self::new(chunks);
+        t.pages.insert(0, Page::Held(full_mask(chunks)));
+        t.missing = 0;
+        t
+    }
+
+    /// Whether this is a file of one page whose every chunk is held, and nothing else.
+    fn is_all_held(&self) -> bool {
+        self.chunks <= PAGE
+            && self.missing == 0
+            && matches!(self.pages.get(&0), Some(Page::Held(m)) if *m == full_mask(self.chunks))
+    }
+
     fn new(chunks: u64) -> Self {
         Self {
             chunks,
@@ -381,6 +426,15 @@ impl FileTrack {
     }
 }
 
+/// The bits of a page's first `chunks` chunks (at most [`PAGE`]).
+fn full_mask(chunks: u64) -> u64 {
+    if chunks >= 64 {
+        !0
+    } else {
+        (1 << chunks) - 1
+    }
+}
+
 /// Progress of one receiver through one manifest.
 #[derive(Debug)]
 pub struct Tracker {
@@ -390,6 +444,9 @@ pub struct Tracker {
     /// Files done (see [`FileState::Done`]), by manifest index; an empty file is done from
     /// the start, without its bit.
     done: Bits,
+    /// Files of one page whose every chunk is held, and nothing else (see
+    /// [`FileState::Held`]).
+    held: Bits,
     /// Sizes, and paths for error messages.
     manifest: Arc<Manifest>,
     missing_chunks: u64,
@@ -398,6 +455,8 @@ pub struct Tracker {
     held_bytes: u64,
     /// Held chunks' hashes.
     hashes: Hashes,
+    /// Whether `hashes` is a table given by the caller, where roots may wait too.
+    roots_in_table: bool,
     roots: Roots,
 }
 
@@ -417,8 +476,10 @@ impl Tracker {
             chunk_size,
             busy: BTreeMap::new(),
             done: Bits::new(manifest.len()),
+            held: Bits::new(manifest.len()),
             missing_chunks: index.total(),
             hashes: Hashes::new(index, Arc::new(MemTable::default())),
+            roots_in_table: false,
             manifest,
             bytes_done: 0,
             files_done,
@@ -437,6 +498,9 @@ impl Tracker {
         if file as usize >= self.manifest.len() {
             return None;
         }
+        if self.held.get(file) {
+            return Some(FileState::Held);
+        }
         Some(match self.size_of(file) {
             None => FileState::NotFile,
             Some(0) => FileState::Done,
@@ -450,7 +514,43 @@ impl Tracker {
         if self.size_of(file)? == 0 {
             return Some(file_root(&[]));
         }
-        self.roots.waiting.get(&file).copied()
+        if let Some(root) = self.roots.waiting.get(&file) {
+            return Some(*root);
+        }
+        if !self.roots_in_table {
+            return None;
+        }
+        let mut root = [0u8; 32];
+        self.hashes
+            .table()
+            .read_at(self.root_at(file), &mut root)
+            .ok()?;
+        Some(root)
+    }
+
+    /// Where the root of a file done out of order is kept in the table: after the held
+    /// chunks' hashes, at the file's index.
+    fn root_at(&self, file: u32) -> u64 {
+        (self.hashes.index().total() + u64::from(file)) * 32
+    }
+
+    /// Keeps the root of `file`, done past `roots.next`, until the files before it are done:
+    /// in memory, or past [`WAITING_IN_MEMORY`] in the table given to
+    /// [`Tracker::with_table`] (in memory after all if there is none or it cannot take it;
+    /// the tracker's own table is memory, where a root far along would cost a slot for
+    /// every chunk and entry before it).
+    fn keep_root(&mut self, file: u32, root: [u8; 32]) {
+        let spilled = self.roots_in_table
+            && self.roots.waiting.len() >= WAITING_IN_MEMORY
+            && file != self.roots.next
+            && self
+                .hashes
+                .table()
+                .write_at(self.root_at(file), &root)
+                .is_ok();
+        if !spilled {
+            self.roots.waiting.insert(file, root);
+        }
     }
 
     /// Feeds the roots of the done files from `roots.next` on into the digest, up to the
@@ -475,8 +575,11 @@ impl Tracker {
 
     /// Keeps held chunks' hashes in `table` (which must read as zeros, or hold the hashes of
     /// chunks then given to [`Tracker::held_in_table`]) rather than in memory.
+    /// Roots of files done out of order wait there too, past the first
+    /// [`WAITING_IN_MEMORY`], after the chunks' places.
     pub fn with_table(mut self, table: Arc<dyn Table>) -> Self {
         self.hashes = Hashes::new(self.hashes.index().clone(), table);
+        self.roots_in_table = true;
         self
     }
 
@@ -504,6 +607,7 @@ impl Tracker {
             FileState::NotFile => None,
             FileState::Untouched => Some(Slot::Missing),
             FileState::Busy(t) => Some(t.slot(idx)),
+            FileState::Held => Some(Slot::Held),
             FileState::Done => Some(Slot::Folded),
         }
     }
@@ -513,16 +617,22 @@ impl Tracker {
     fn track_mut(&mut self, file: u32) -> Option<&mut FileTrack> {
         if !self.busy.contains_key(&file) {
             let chunks = chunk_count(self.size_of(file)?, self.chunk_size);
-            if chunks == 0 || self.done.get(file) {
+            let track = if self.held.get(file) {
+                self.held.clear(file);
+                FileTrack::all_held(chunks)
+            } else if chunks == 0 || self.done.get(file) {
                 return None;
-            }
-            self.busy.insert(file, Box::new(FileTrack::new(chunks)));
+            } else {
+                FileTrack::new(chunks)
+            };
+            self.busy.insert(file, Box::new(track));
         }
         self.busy.get_mut(&file).map(|t| &mut **t)
     }
 
     /// After a change to `file`'s track: a file whose every page folded keeps only its root,
-    /// and one that keeps nothing is untouched again.
+    /// a small one whose every chunk is held only a bit, and one that keeps nothing is
+    /// untouched again.
     fn tidy(&mut self, file: u32) {
         let Some(t) = self.busy.get(&file) else {
             return;
@@ -530,8 +640,11 @@ impl Tracker {
         if let Some(root) = t.folded_root() {
             self.busy.remove(&file);
             self.done.set(file);
-            self.roots.waiting.insert(file, root);
+            self.keep_root(file, root);
             self.feed_roots();
+        } else if t.is_all_held() {
+            self.busy.remove(&file);
+            self.held.set(file);
         } else if t.pages.is_empty() && t.missing == t.chunks {
             self.busy.remove(&file);
         }
@@ -746,8 +859,28 @@ impl Tracker {
     pub fn held_from(&self, from: (u32, u64), max: usize) -> Vec<(u32, u64, [u8; 32])> {
         let cs = u64::from(self.chunk_size);
         let mut out = Vec::new();
-        // Only a file with a track can hold chunks.
-        for (&i, t) in self.busy.range(from.0..) {
+        // Only a file with a track, or one wholly held, can hold chunks: the two, merged in
+        // file order.
+        let mut busy = self.busy.range(from.0..).peekable();
+        let mut next_held = self.held.next_set(from.0);
+        loop {
+            let wholly = match (busy.peek(), next_held) {
+                (Some((&b, _)), Some(h)) => h < b,
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (None, None) => break,
+            };
+            let made;
+            let (i, t) = if wholly {
+                let Some(h) = next_held else { break };
+                next_held = self.held.next_set(h + 1);
+                made =
+                    FileTrack::all_held(chunk_count(self.size_of(h).unwrap_or(0), self.chunk_size));
+                (h, &made)
+            } else {
+                let Some((&b, t)) = busy.next() else { break };
+                (b, &**t)
+            };
             let i = i as usize;
             if t.pages.is_empty() {
                 continue;
@@ -858,6 +991,10 @@ impl Tracker {
                 FileState::NotFile => continue,
                 FileState::Done => self.done_root(i)?,
                 FileState::Busy(t) => t.root(&self.held_of(i))?,
+                FileState::Held => {
+                    let chunks = chunk_count(self.size_of(i)?, self.chunk_size);
+                    FileTrack::all_held(chunks).root(&self.held_of(i))?
+                }
                 FileState::Untouched => return None,
             };
             digest.add(i, &root);
@@ -1101,6 +1238,72 @@ mod tests {
     }
 
     #[test]
+    fn a_small_file_wholly_held_keeps_a_bit_until_it_is_confirmed_or_lost() {
+        let m = Manifest::from_entries(vec![
+            dir(""),
+            file("a", 5000),
+            file("b", 100),
+            file("c", 4096),
+            file("d", 10),
+        ])
+        .unwrap();
+        let mut t = Tracker::new(m, 4096).unwrap();
+        // One chunk of two held: a track. Both: a bit.
+        assert!(t.held(1, 0, [1; 32]));
+        assert!(matches!(t.state(1).unwrap(), FileState::Busy(_)));
+        assert!(t.held(1, 4096, [2; 32]));
+        assert!(matches!(t.state(1).unwrap(), FileState::Held));
+        for (f, h) in [(2, 3), (3, 4), (4, 5)] {
+            assert!(t.held(f, 0, [h; 32]));
+            assert!(matches!(t.state(f).unwrap(), FileState::Held));
+        }
+        assert!(t.busy.is_empty());
+        assert!(!t.held(2, 0, [3; 32]), "held already");
+        assert_eq!(
+            (t.is_complete(), t.held_bytes()),
+            (true, 5000 + 100 + 4096 + 10)
+        );
+        assert_eq!(t.hash_of(1, 4096), Some([2; 32]));
+        // The read-back lists them in file order, from where it stopped.
+        assert_eq!(
+            t.held_from((1, 1), 3),
+            vec![(1, 4096, [2; 32]), (2, 0, [3; 32]), (3, 0, [4; 32])]
+        );
+        // The same bytes sent for another node are skipped; others replace the held ones.
+        assert_eq!(
+            t.admit(&with_hash(chunk(2, 0, 100), [3; 32])),
+            Ok(Admit::Skip)
+        );
+        assert_eq!(
+            t.admit(&with_hash(chunk(3, 0, 4096), [9; 32])),
+            Ok(Admit::Write)
+        );
+        assert!(matches!(t.state(3).unwrap(), FileState::Busy(_)));
+        assert_eq!(t.missing_chunks(), 1);
+        t.verified(3, 0, [9; 32]);
+        assert!(matches!(t.state(3).unwrap(), FileState::Done));
+        // Confirmed: done. Damaged on disk: missing again.
+        assert!(t.confirm(2, 0, [3; 32]));
+        assert!(matches!(t.state(2).unwrap(), FileState::Done));
+        assert!(t.lost(4, 0));
+        assert!(matches!(t.state(4).unwrap(), FileState::Untouched));
+        assert_eq!(t.missing(10), vec![(4, 0)]);
+        assert_eq!(t.digest(), None);
+        assert!(t.confirm(1, 0, [1; 32]) && t.confirm(1, 4096, [2; 32]));
+        let d = with_hash(chunk(4, 0, 10), [6; 32]);
+        assert_eq!(t.admit(&d), Ok(Admit::Write));
+        t.verified(4, 0, d.hash);
+        let want = crate::hash::tree_digest([
+            (1, &file_root(&[[1; 32], [2; 32]])),
+            (2, &file_root(&[[3; 32]])),
+            (3, &file_root(&[[9; 32]])),
+            (4, &file_root(&[[6; 32]])),
+        ]);
+        assert_eq!(t.digest(), Some(want));
+        assert!(t.busy.is_empty() && t.held.next_set(0).is_none());
+    }
+
+    #[test]
     fn a_file_keeps_a_track_only_while_chunks_of_it_are_under_way_or_held() {
         let m = Manifest::from_entries(vec![dir(""), file("a", 100), file("b", 5000)]).unwrap();
         let mut t = Tracker::new(m, 4096).unwrap();
@@ -1245,6 +1448,11 @@ mod tests {
                 let f = match t.state(1).unwrap() {
                     FileState::Busy(f) => Some(f),
                     FileState::Done => None,
+                    // A file of one chunk, held from before with the right bytes: a bit.
+                    FileState::Held => {
+                        assert_eq!(chunks, 1);
+                        continue;
+                    }
                     other => panic!("{other:?}"),
                 };
                 for page in 0..chunks.div_ceil(PAGE) {
