@@ -10,11 +10,13 @@
 //! The source is expected to be quiet (a stopped database or a snapshot); an entry that
 //! vanishes or changes kind while the walk runs is reported as an error, not skipped.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::ffi::OsStr;
-use std::fs::{self, Metadata};
+use std::fs::{self, File, Metadata};
 use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -67,12 +69,24 @@ impl ScanError {
 /// Scans the directory `root` into a validated manifest kept in memory (for tests and tools
 /// that look at small trees).
 pub fn scan(root: &Path) -> Result<Scan, ScanError> {
-    scan_in(root, Arc::new(MemTable::default()))
+    scan_in(root, Arc::new(MemTable::default()), &std::env::temp_dir())
 }
 
 /// Scans the directory `root` into a validated manifest kept in `table`: each entry is
-/// checked and stored as it is found, so the process holds only the walk's open directories.
-pub fn scan_in(root: &Path, table: Arc<dyn Table>) -> Result<Scan, ScanError> {
+/// checked and stored as it is found, so the process holds only the walk's open
+/// directories. A directory of more than [`NAMES_IN_MEMORY`] names is sorted through an
+/// unnamed file in `spill_dir`.
+pub fn scan_in(root: &Path, table: Arc<dyn Table>, spill_dir: &Path) -> Result<Scan, ScanError> {
+    walk(root, table, spill_dir, NAMES_IN_MEMORY)
+}
+
+fn walk(
+    root: &Path,
+    table: Arc<dyn Table>,
+    spill_dir: &Path,
+    max_names: usize,
+) -> Result<Scan, ScanError> {
+    let children = |dir: &Path| sorted_children(dir, spill_dir, max_names);
     let meta = fs::symlink_metadata(root).map_err(|e| ScanError::from_io(root, e))?;
     if !meta.is_dir() {
         return Err(ScanError::NotADirectory {
@@ -93,9 +107,9 @@ pub fn scan_in(root: &Path, table: Arc<dyn Table>) -> Result<Scan, ScanError> {
 
     // One frame per open directory: its path, its manifest path, and its children still to
     // visit (reversed, so `pop` yields them in ascending order).
-    let mut stack = vec![(root.to_path_buf(), Vec::new(), sorted_children(root)?)];
-    while let Some((dir, rel, children)) = stack.last_mut() {
-        let Some(name) = children.pop() else {
+    let mut stack = vec![(root.to_path_buf(), Vec::new(), children(root)?)];
+    while let Some((dir, rel, names)) = stack.last_mut() {
+        let Some(name) = names.pop().map_err(|e| ScanError::from_io(dir, e))? else {
             stack.pop();
             continue;
         };
@@ -113,7 +127,7 @@ pub fn scan_in(root: &Path, table: Arc<dyn Table>) -> Result<Scan, ScanError> {
             entries
                 .add(entry(child_rel.clone(), EntryKind::Dir, &meta))
                 .map_err(refused)?;
-            let grandchildren = sorted_children(&abs)?;
+            let grandchildren = children(&abs)?;
             stack.push((abs, child_rel, grandchildren));
         } else if ft.is_file() {
             let kind = EntryKind::File { size: meta.len() };
@@ -154,15 +168,56 @@ pub fn source_path(root: &Path, entry: &Entry) -> PathBuf {
     }
 }
 
-/// A directory's names, to be visited in byte order. They are kept in one buffer, each
-/// ended by a NUL (which no name holds), with an offset per name: about 30 bytes a name
-/// rather than 60 with a `Vec` each, which counts while the walk is in a directory of a
-/// million tables.
-struct Names {
+/// Names of one directory sorted in memory (about 30 bytes each); a directory with more is
+/// sorted in runs of this many, written to an unnamed file and merged, so that a directory
+/// of tens of millions of names costs about 30 MiB, and 64 KiB per run.
+pub const NAMES_IN_MEMORY: usize = 1 << 20;
+
+/// Bytes read from a run at a time while runs are merged.
+const RUN_READ: usize = 64 << 10;
+
+/// A directory's names, to be visited in byte order.
+enum Names {
+    /// In one buffer, each ended by a NUL (which no name holds), with an offset per name in
+    /// descending order of the names (`pop` takes the smallest): about 30 bytes a name
+    /// rather than 60 with a `Vec` each.
+    Memory { buf: Vec<u8>, order: Vec<usize> },
+    /// Sorted runs in a file, merged: the next name of each run, smallest first.
+    Runs {
+        runs: Vec<Run>,
+        next: BinaryHeap<Reverse<(Vec<u8>, usize)>>,
+    },
+}
+
+/// One sorted run of NUL-ended names, read from its file a piece at a time.
+struct Run {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
     buf: Vec<u8>,
-    /// Where each name starts in `buf`, in descending order of the names (`pop` takes the
-    /// smallest).
-    order: Vec<usize>,
+    at: usize,
+}
+
+impl Run {
+    fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(n) = self.buf[self.at..].iter().position(|&b| b == 0) {
+                let name = self.buf[self.at..self.at + n].to_vec();
+                self.at += n + 1;
+                return Ok(Some(name));
+            }
+            if self.pos >= self.end {
+                return Ok(None);
+            }
+            self.buf.drain(..self.at);
+            self.at = 0;
+            let have = self.buf.len();
+            let want = (self.end - self.pos).min(RUN_READ as u64) as usize;
+            self.buf.resize(have + want, 0);
+            self.file.read_exact_at(&mut self.buf[have..], self.pos)?;
+            self.pos += want as u64;
+        }
+    }
 }
 
 impl Names {
@@ -171,29 +226,116 @@ impl Names {
         &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
     }
 
-    fn pop(&mut self) -> Option<Vec<u8>> {
-        let at = self.order.pop()?;
-        Some(Self::name_at(&self.buf, at).to_vec())
+    /// The next name in byte order.
+    fn pop(&mut self) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            Self::Memory { buf, order } => {
+                Ok(order.pop().map(|at| Self::name_at(buf, at).to_vec()))
+            }
+            Self::Runs { runs, next } => {
+                let Some(Reverse((name, r))) = next.pop() else {
+                    return Ok(None);
+                };
+                if let Some(run) = runs.get_mut(r) {
+                    if let Some(following) = run.next()? {
+                        next.push(Reverse((following, r)));
+                    }
+                }
+                Ok(Some(name))
+            }
+        }
     }
 }
 
-/// The names in `dir`, ready to be visited in ascending byte order.
-fn sorted_children(dir: &Path) -> Result<Names, ScanError> {
-    let mut names = Names {
-        buf: Vec::new(),
-        order: Vec::new(),
-    };
+/// Runs written so far: the file, where it ends, and each run's place.
+struct Spill {
+    file: File,
+    end: u64,
+    runs: Vec<(u64, u64)>,
+}
+
+/// Sorts the names in `buf` (NUL-ended, starting at `order`) and appends them in order to
+/// `file` at `*end` as one run, which it returns; empties `buf` and `order`.
+fn write_run(
+    file: &File,
+    end: &mut u64,
+    buf: &mut Vec<u8>,
+    order: &mut Vec<usize>,
+) -> io::Result<(u64, u64)> {
+    order.sort_unstable_by(|&a, &b| Names::name_at(buf, a).cmp(Names::name_at(buf, b)));
+    let start = *end;
+    let mut out = Vec::with_capacity(RUN_READ);
+    for &at in order.iter() {
+        out.extend_from_slice(Names::name_at(buf, at));
+        out.push(0);
+        if out.len() >= RUN_READ {
+            file.write_all_at(&out, *end)?;
+            *end += out.len() as u64;
+            out.clear();
+        }
+    }
+    file.write_all_at(&out, *end)?;
+    *end += out.len() as u64;
+    buf.clear();
+    order.clear();
+    Ok((start, *end))
+}
+
+/// The names in `dir`, ready to be visited in ascending byte order; past `max_names`, sorted
+/// through an unnamed file in `spill_dir`.
+fn sorted_children(dir: &Path, spill_dir: &Path, max_names: usize) -> Result<Names, ScanError> {
+    let (mut buf, mut order) = (Vec::new(), Vec::new());
+    let mut spill: Option<Spill> = None;
+    let spill_err = |e| ScanError::from_io(spill_dir, e);
     for item in fs::read_dir(dir).map_err(|e| ScanError::from_io(dir, e))? {
         let item = item.map_err(|e| ScanError::from_io(dir, e))?;
-        names.order.push(names.buf.len());
-        names.buf.extend_from_slice(item.file_name().as_bytes());
-        names.buf.push(0);
+        order.push(buf.len());
+        buf.extend_from_slice(item.file_name().as_bytes());
+        buf.push(0);
+        if order.len() >= max_names.max(1) {
+            if spill.is_none() {
+                fs::create_dir_all(spill_dir).map_err(spill_err)?;
+                spill = Some(Spill {
+                    file: tempfile::tempfile_in(spill_dir).map_err(spill_err)?,
+                    end: 0,
+                    runs: Vec::new(),
+                });
+            }
+            if let Some(sp) = spill.as_mut() {
+                let run = write_run(&sp.file, &mut sp.end, &mut buf, &mut order);
+                sp.runs.push(run.map_err(spill_err)?);
+            }
+        }
     }
-    let buf = &names.buf;
-    names
-        .order
-        .sort_unstable_by(|&a, &b| Names::name_at(buf, b).cmp(Names::name_at(buf, a)));
-    Ok(names)
+    let Some(Spill {
+        file,
+        mut end,
+        runs: mut ranges,
+    }) = spill
+    else {
+        order.sort_unstable_by(|&a, &b| Names::name_at(&buf, b).cmp(Names::name_at(&buf, a)));
+        return Ok(Names::Memory { buf, order });
+    };
+    if !order.is_empty() {
+        ranges.push(write_run(&file, &mut end, &mut buf, &mut order).map_err(spill_err)?);
+    }
+    let file = Arc::new(file);
+    let mut runs = Vec::with_capacity(ranges.len());
+    let mut next = BinaryHeap::with_capacity(ranges.len());
+    for (r, (pos, end)) in ranges.into_iter().enumerate() {
+        let mut run = Run {
+            file: file.clone(),
+            pos,
+            end,
+            buf: Vec::new(),
+            at: 0,
+        };
+        if let Some(first) = run.next().map_err(spill_err)? {
+            next.push(Reverse((first, r)));
+        }
+        runs.push(run);
+    }
+    Ok(Names::Runs { runs, next })
 }
 
 fn entry(path: Vec<u8>, kind: EntryKind, meta: &Metadata) -> Entry {
@@ -407,5 +549,38 @@ pub(crate) mod tests {
         assert_eq!(s.manifest.len(), 1);
         assert!(s.manifest.get(0).unwrap().path.is_empty());
         assert!(s.skipped.is_empty());
+    }
+
+    #[test]
+    fn a_directory_past_the_names_kept_in_memory_is_sorted_through_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("d");
+        fs::create_dir(&root).unwrap();
+        // Names that are prefixes of others, and names around '/' and '.' in byte order.
+        let mut names: Vec<String> = (0..200)
+            .map(|i| format!("t{:03}", (i * 37) % 200))
+            .collect();
+        names.extend(["a", "a.b", "a0", "ab", "t", "t1", "\u{e9}", "Z"].map(String::from));
+        for n in &names {
+            fs::write(root.join(n), n.as_bytes()).unwrap();
+        }
+        fs::create_dir(root.join("a-dir")).unwrap();
+        fs::write(root.join("a-dir/inner"), b"x").unwrap();
+        let spill = tmp.path().join("spill");
+        let mut sorted = sorted_children(&root, &spill, 7).unwrap();
+        assert!(matches!(sorted, Names::Runs { .. }), "sorted in runs");
+        let mut got = Vec::new();
+        while let Some(n) = sorted.pop().unwrap() {
+            got.push(n);
+        }
+        let mut want: Vec<Vec<u8>> = names.iter().map(|n| n.as_bytes().to_vec()).collect();
+        want.push(b"a-dir".to_vec());
+        want.sort();
+        assert_eq!(got, want);
+        // The whole walk gives the same manifest either way, nothing left in the spill
+        // directory (its file has no name).
+        let in_runs = walk(&root, Arc::new(MemTable::default()), &spill, 3).unwrap();
+        assert_eq!(in_runs.manifest, scan(&root).unwrap().manifest);
+        assert_eq!(fs::read_dir(&spill).unwrap().count(), 0);
     }
 }

@@ -99,9 +99,11 @@ async fn run_inner(
 ) -> Result<(), TransferError> {
     let scan_root = root.clone();
     let table = Arc::from(crate::table::table_in(&ctx.cfg.state_dir, "the manifest"));
-    let scan = tokio::task::spawn_blocking(move || crate::scan::scan_in(&scan_root, table))
-        .await
-        .map_err(|e| TransferError::Internal(e.to_string()))??;
+    let spill_dir = ctx.cfg.state_dir.clone();
+    let scan =
+        tokio::task::spawn_blocking(move || crate::scan::scan_in(&scan_root, table, &spill_dir))
+            .await
+            .map_err(|e| TransferError::Internal(e.to_string()))??;
     for p in &scan.skipped {
         tracing::warn!(path = %p.display(), "skipping a socket, FIFO or device file");
     }
