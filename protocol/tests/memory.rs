@@ -235,26 +235,10 @@ fn a_four_tib_reseed_keeps_a_bit_per_held_chunk_on_the_target() {
     }
     assert!(tracker.is_complete());
     let held = LIVE.load(Ordering::Relaxed) - base;
-    // The read-back, a batch at a time; one chunk in 1,000 was damaged on disk.
-    let mut from = (0, 0);
-    let mut seen = 0u64;
-    loop {
-        let batch = tracker.held_from(from, 4096);
-        let Some(&(file, offset, _)) = batch.last() else {
-            break;
-        };
-        from = (file, offset + 1);
-        for (file, offset, hash) in batch {
-            let i = (u64::from(file - 1) << 18) | (offset / u64::from(CHUNK));
-            assert_eq!(hash, hash_of(i), "the table gives back the hash put there");
-            if seen % 1000 == 7 {
-                assert!(tracker.lost(file, offset));
-            } else {
-                assert!(tracker.confirm(file, offset, hash));
-            }
-            seen += 1;
-        }
-    }
+    let seen = read_back(&mut tracker, |file, offset, hash| {
+        let i = (u64::from(file - 1) << 18) | (offset / u64::from(CHUNK));
+        assert_eq!(hash, hash_of(i), "the table gives back the hash put there");
+    });
     assert_eq!(seen, CHUNKS);
     assert_eq!(tracker.missing_chunks(), CHUNKS.div_ceil(1000));
     let peak = PEAK.load(Ordering::Relaxed) - base;
@@ -269,6 +253,30 @@ fn a_four_tib_reseed_keeps_a_bit_per_held_chunk_on_the_target() {
         "{held} bytes for {CHUNKS} held chunks"
     );
     assert!(peak < 8 << 20, "the tracker peaked at {peak} bytes");
+}
+
+/// The final read-back of every held chunk, a batch at a time, as a receiver does it: each
+/// chunk listed goes through `check`, and one in 1,000 was damaged on disk (lost), the rest
+/// confirmed. Returns how many were listed.
+fn read_back(tracker: &mut Tracker, check: impl Fn(u32, u64, [u8; 32])) -> u64 {
+    let mut from = (0, 0);
+    let mut seen = 0u64;
+    loop {
+        let batch = tracker.held_from(from, 4096);
+        let Some(&(file, offset, _)) = batch.last() else {
+            return seen;
+        };
+        from = (file, offset + 1);
+        for (file, offset, hash) in batch {
+            check(file, offset, hash);
+            if seen % 1000 == 7 {
+                assert!(tracker.lost(file, offset));
+            } else {
+                assert!(tracker.confirm(file, offset, hash));
+            }
+            seen += 1;
+        }
+    }
 }
 
 /// What grows with the number of files rather than bytes: a million small files (a schema of
@@ -382,24 +390,9 @@ fn a_reseed_of_a_million_small_files_keeps_a_bit_per_held_file() {
     }
     assert!(tracker.is_complete());
     let held = LIVE.load(Ordering::Relaxed) - base - listed;
-    let mut from = (0, 0);
-    let mut seen = 0u64;
-    loop {
-        let batch = tracker.held_from(from, 4096);
-        let Some(&(file, offset, _)) = batch.last() else {
-            break;
-        };
-        from = (file, offset + 1);
-        for (file, offset, hash) in batch {
-            assert_eq!((offset, hash), (0, hash_of(file)));
-            if seen % 1000 == 7 {
-                assert!(tracker.lost(file, offset));
-            } else {
-                assert!(tracker.confirm(file, offset, hash));
-            }
-            seen += 1;
-        }
-    }
+    let seen = read_back(&mut tracker, |file, offset, hash| {
+        assert_eq!((offset, hash), (0, hash_of(file)));
+    });
     assert_eq!(seen, files.len() as u64);
     assert_eq!(tracker.missing_chunks(), seen.div_ceil(1000));
     let peak = PEAK.load(Ordering::Relaxed) - base - listed;
