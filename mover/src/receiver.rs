@@ -1171,13 +1171,19 @@ impl Writer {
             // Damaged "in transit": before anything was hashed.
             hashed = None;
         }
-        let entry = self.staging.manifest().get(chunk.file as usize)?;
-        let size = entry.size();
+        // The path only for a warning: no copy of it per chunk.
+        let manifest = self.staging.manifest();
+        let size = manifest.file_size(chunk.file as usize)?.unwrap_or(0);
+        let shown = || {
+            manifest
+                .with(chunk.file as usize, |e| display_path(&e.path))
+                .unwrap_or_else(|e| format!("file {} ({e})", chunk.file))
+        };
         let decoded = crate::chunk::decompress(&chunk, &self.pool);
         let raw = match decoded {
             Ok(raw) => raw,
             Err(e) => {
-                tracing::warn!(path = %display_path(&entry.path), error = %e, "chunk failed verification; it will be fetched again");
+                tracing::warn!(path = %shown(), error = %e, "chunk failed verification; it will be fetched again");
                 self.refetch(&chunk);
                 return Ok(None);
             }
@@ -1194,7 +1200,7 @@ impl Writer {
                     None => holds(&raw, len, chunk.offset, size, &chunk.hash),
                 };
                 if !held {
-                    tracing::warn!(path = %display_path(&entry.path), offset = chunk.offset,
+                    tracing::warn!(path = %shown(), offset = chunk.offset,
                         "chunk failed verification: as received it did not match its hash (damaged in transit); it will be fetched again");
                     self.refetch(&chunk);
                     return Ok(None);
@@ -1229,7 +1235,7 @@ impl Writer {
                 },
             ))),
             Ok(false) => {
-                tracing::warn!(path = %display_path(&entry.path), offset = chunk.offset,
+                tracing::warn!(path = %shown(), offset = chunk.offset,
                     "chunk failed verification: read back from staging, it did not match its hash (damaged in transit, or the disk returned other bytes than were written); it will be fetched again");
                 self.refetch(&chunk);
                 Ok(None)

@@ -326,6 +326,12 @@ impl Manifest {
         let s = &self.stored;
         {
             let mut cache = s.cache.lock().unwrap_or_else(|p| p.into_inner());
+            // Most lookups fall in the block looked at last: no reordering then.
+            if let Some((n, entries)) = cache.front() {
+                if *n == b {
+                    return Ok((entries.clone(), i % BLOCK));
+                }
+            }
             if let Some(pos) = cache.iter().position(|(n, _)| *n == b) {
                 let hit = cache.remove(pos).map(|(_, e)| e);
                 if let Some(entries) = hit {
